@@ -1,0 +1,167 @@
+"""Factor operators ``K_a``: the output-metric rows pulled back to one module's parameters.
+
+Rows are indexed by (factor row ``r``, sample ``s``), ``d = R * B`` in all, ``r``-major. A module's
+parameters are a dict ``{leaf name: array}``. Every factor offers the four products the composer
+needs: ``gram`` (``K D^{-1} K^T``), ``matvec`` (``K v``), ``rmatvec`` (``K^T t``) and ``rows``
+(``K`` itself, for parameter-space solves and tests).
+
+``DenseFactor`` keeps ``K`` implicit. For a dense layer the row of ``(r, s)`` is
+``(x_s outer c_rs, c_rs)``, so ``(K K^T)[(r,s),(r',s')] = (c_rs . c_r's') (x_s . x_s' / m_W + 1 / m_b)``:
+a Hadamard product of two small Gram matrices (``METHOD.md`` sec. 3). Convolutions have the same
+structure summed over output positions.
+
+Reference: Pehle & Slotine, *Riemannian Optimization in Modular Systems* (arXiv 2603.03610).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from riemod.nn.structure import DenseStructure
+
+Leaves = Mapping[str, jax.Array]
+
+
+def _scalar(inv_mass) -> bool:
+  return jnp.ndim(inv_mass) == 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DenseFactor:
+  """Implicit ``K`` of a dense-structured layer (dense or 2-D conv).
+
+  Attributes:
+    features: layer inputs as ``(B, P, fan_in)`` (patches for convolutions).
+    cotangents: factor rows pulled back to the layer output, ``(R, B, P, fan_out)``.
+    structure: the layer's static :class:`~riemod.nn.DenseStructure`.
+  """
+
+  features: jax.Array
+  cotangents: jax.Array
+  structure: DenseStructure = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def num_rows(self) -> int:
+    return self.cotangents.shape[0] * self.cotangents.shape[1]
+
+  @property
+  def leaf_names(self) -> tuple[str, ...]:
+    return ("bias", "kernel") if self.structure.has_bias else ("kernel",)
+
+  @property
+  def num_params(self) -> int:
+    return math.prod(self.structure.kernel_shape) + (
+        self.structure.fan_out if self.structure.has_bias else 0)
+
+  def _bias_rows(self) -> jax.Array:
+    return self.cotangents.sum(axis=2)  # (R, B, out)
+
+  def gram(self, inv_mass: Leaves) -> jax.Array:
+    """``K D^{-1} K^T`` as ``(d, d)``; Gram-Hadamard when the masses are scalars per leaf."""
+    if not all(_scalar(inv_mass[name]) for name in self.leaf_names):
+      rows = self.rows()
+      return _gram_of_rows(rows, inv_mass)
+    x, c = self.features, self.cotangents
+    r, b, p, _ = c.shape
+    if p == 1:
+      xx = x[:, 0] @ x[:, 0].T
+      cc = jnp.einsum("rbf,qcf->rbqc", c[:, :, 0], c[:, :, 0])
+      weight = xx * inv_mass["kernel"]
+      if self.structure.has_bias:
+        weight = weight + inv_mass["bias"]
+      kernel = cc * weight[None, :, None, :]
+    else:
+      fan_in, fan_out = self.structure.fan_in, self.structure.fan_out
+      # Position-summed Hadamard costs d^2 P^2 (in + out); materialised rows cost d P in out.
+      if p * p * (fan_in + fan_out) <= p * fan_in * fan_out + self.num_rows * fan_in * fan_out:
+        kernel = inv_mass["kernel"] * jnp.einsum("bpi,cqi,rbpf,ucqf->rbuc", x, x, c, c,
+                                                 optimize=True)
+      else:
+        flat = jnp.einsum("bpi,rbpf->rbif", x, c).reshape(r * b, -1)
+        kernel = (inv_mass["kernel"] * (flat @ flat.T)).reshape(r, b, r, b)
+      if self.structure.has_bias:
+        cb = self._bias_rows()
+        kernel = kernel + inv_mass["bias"] * jnp.einsum("rbf,qcf->rbqc", cb, cb)
+    return kernel.reshape(r * b, r * b)
+
+  def matvec(self, v: Leaves) -> jax.Array:
+    """``K v`` for a parameter dict ``v``: ``(d,)``."""
+    w = self.structure.kernel_to_flat(v["kernel"])
+    out = jnp.einsum("bpi,if,rbpf->rb", self.features, w, self.cotangents, optimize=True)
+    if self.structure.has_bias:
+      out = out + jnp.einsum("f,rbf->rb", v["bias"], self._bias_rows())
+    return out.reshape(-1)
+
+  def rmatvec(self, t: jax.Array) -> dict[str, jax.Array]:
+    """``K^T t`` for ``t`` of shape ``(d,)``, as a parameter dict."""
+    r, b = self.cotangents.shape[:2]
+    t = t.reshape(r, b)
+    w = jnp.einsum("rb,bpi,rbpf->if", t, self.features, self.cotangents, optimize=True)
+    out = {"kernel": self.structure.flat_to_kernel(w)}
+    if self.structure.has_bias:
+      out["bias"] = jnp.einsum("rb,rbf->f", t, self._bias_rows())
+    return out
+
+  def rows(self) -> dict[str, jax.Array]:
+    """``K`` materialised, ``{name: (d, *leaf shape)}`` (for tests and small blocks)."""
+    r, b = self.cotangents.shape[:2]
+    w = jnp.einsum("bpi,rbpf->rbif", self.features, self.cotangents)
+    out = {"kernel": self.structure.flat_to_kernel(w).reshape(
+        (r * b,) + self.structure.kernel_shape)}
+    if self.structure.has_bias:
+      out["bias"] = self._bias_rows().reshape(r * b, -1)
+    return out
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowsFactor:
+  """Materialised ``K`` of a module on the generic path: ``{name: (R, B, *leaf shape)}``."""
+
+  leaf_rows: dict[str, jax.Array]
+
+  @property
+  def num_rows(self) -> int:
+    first = next(iter(self.leaf_rows.values()))
+    return first.shape[0] * first.shape[1]
+
+  @property
+  def leaf_names(self) -> tuple[str, ...]:
+    return tuple(sorted(self.leaf_rows))
+
+  @property
+  def num_params(self) -> int:
+    return sum(math.prod(v.shape[2:]) for v in self.leaf_rows.values())
+
+  def rows(self) -> dict[str, jax.Array]:
+    return {k: v.reshape((-1,) + v.shape[2:]) for k, v in self.leaf_rows.items()}
+
+  def gram(self, inv_mass: Leaves) -> jax.Array:
+    return _gram_of_rows(self.rows(), inv_mass)
+
+  def matvec(self, v: Leaves) -> jax.Array:
+    d = self.num_rows
+    return sum(rows.reshape(d, -1) @ v[name].reshape(-1) for name, rows in self.rows().items())
+
+  def rmatvec(self, t: jax.Array) -> dict[str, jax.Array]:
+    return {name: jnp.tensordot(t, rows, axes=1) for name, rows in self.rows().items()}
+
+
+def _gram_of_rows(rows: Leaves, inv_mass: Leaves) -> jax.Array:
+  total = None
+  for name, k in rows.items():
+    flat = k.reshape(k.shape[0], -1)
+    scaled = flat * jnp.reshape(inv_mass[name], (1, -1)) if not _scalar(inv_mass[name]) else (
+        flat * inv_mass[name])
+    term = scaled @ flat.T
+    total = term if total is None else total + term
+  return total
+
+
+Factor = DenseFactor | RowsFactor

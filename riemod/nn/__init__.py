@@ -1,0 +1,9 @@
+"""Riemannian modules: layers that carry their metric declaration, and their compositions."""
+
+from riemod.nn.composition import Parallel, Sequential
+from riemod.nn.declaration import KINDS, MetricDeclaration
+from riemod.nn.layers import Conv, Dense
+from riemod.nn.structure import DenseStructure
+
+__all__ = ["Conv", "Dense", "DenseStructure", "KINDS", "MetricDeclaration", "Parallel",
+           "Sequential"]

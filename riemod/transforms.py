@@ -1,0 +1,261 @@
+"""optax transformations: layerwise and full natural-gradient steps with the Woodbury composer.
+
+For a batch-mean loss with output-metric rows ``L_o`` (each divided by ``sqrt(B)``), module ``a``
+with gradient ``g_a``, ``K_a = L_o J_a`` and mass ``D_a``:
+
+* :func:`layerwise_natural_gradient`: ``-lr (K_a^T K_a + D_a)^{-1} g_a`` for every module;
+* :func:`natural_gradient`: the same with the whole network as one block (cross-module blocks of
+  ``K^T K`` included), from summed per-module kernels in sample space;
+* ``euclidean`` modules get ``-lr D_a^{-1} g_a`` and ``frozen`` modules zero.
+
+Curvature enters as the keyword extra argument ``curvature`` (from
+:func:`riemod.value_grad_and_curvature`). The state tracks the terms of the action functional
+(``METHOD.md`` sec. 6): per step ``g^T G^{-1} g`` and the cumulative discrete action
+``S = sum_k lr_k g_k^T G_k^{-1} g_k``: on the Riemannian gradient flow both terms of the integrand
+``0.5 |w'|_G^2 + 0.5 g^T G^{-1} g`` equal ``0.5 g^T G^{-1} g`` and ``dt = lr``.
+
+Reference: Pehle & Slotine, *Riemannian Optimization in Modular Systems* (arXiv 2603.03610).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from riemod.composer.metric import STRUCTURES, compose_metric
+
+NONFINITE_POLICIES = ("error", "skip", "ignore")
+
+
+class LayerwiseMetricState(NamedTuple):
+  """State of :func:`scale_by_layerwise_metric`.
+
+  Per-leaf diagnostics are flat arrays over ``jax.tree.leaves(params)``; the block a leaf belongs to
+  gives its ``condition`` (lower-bound estimate of the factored matrix's condition number),
+  ``residual`` (relative residual of the small solve) and ``jitter``. Use
+  :func:`riemod.module_diagnostics` to read them per module.
+  """
+
+  count: jax.Array
+  action: jax.Array
+  metric_grad_norm_sq: jax.Array
+  initial_loss: jax.Array
+  last_loss: jax.Array
+  skipped_steps: jax.Array
+  condition: jax.Array
+  residual: jax.Array
+  jitter: jax.Array
+  step_norm: jax.Array
+
+
+def _float():
+  return jnp.result_type(float)
+
+
+def _raise_nonfinite(bad_grads, bad_curvature, bad_step):
+  what = [name for name, bad in (("updates (the gradient)", bad_grads),
+                                 ("curvature", bad_curvature),
+                                 ("the solved step", bad_step)) if bad]
+  if what:
+    raise FloatingPointError(
+        f"riemod: non-finite values in {', '.join(what)}. Check the loss and inputs for NaN/inf, "
+        "raise the mass if the metric is near-singular, or pass on_nonfinite='skip' to skip such "
+        "steps (parameters unchanged, state.skipped_steps counts them).")
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def scale_by_layerwise_metric(
+    mass: float = 1e-2,
+    *,
+    structure: str = "layerwise",
+    space: str = "auto",
+    on_nonfinite: str = "error",
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+) -> optax.GradientTransformationExtraArgs:
+  """Preconditions gradients by ``G^{-1}``, ``G = K^T K + D`` (no learning rate, no sign flip).
+
+  Args:
+    mass: default mass ``D`` for modules that declare none (> 0). ``mass -> inf`` gives
+      ``g / mass``, i.e. SGD with learning rate ``lr / mass``.
+    structure: ``"layerwise"`` (block diagonal over modules) or ``"full"`` (one block).
+    space: ``"auto"``, ``"sample"`` (Woodbury) or ``"parameter"`` solves per block.
+    on_nonfinite: ``"error"`` raises on non-finite gradients, curvature or steps; ``"skip"``
+      returns a zero update and counts it in ``skipped_steps``; ``"ignore"`` checks nothing.
+    learning_rate: used only to accumulate the action ``sum lr_k g^T G^{-1} g`` (the aliases
+      pass theirs).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``curvature=`` and accepts
+    ``value=`` (the loss) for the action bookkeeping.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, riemod
+    >>> tx = optax.chain(riemod.scale_by_layerwise_metric(mass=1e-2), optax.scale(-0.1))
+    >>> state = tx.init({"w": jnp.zeros((3, 2))})
+  """
+  if structure not in STRUCTURES:
+    raise ValueError(f"structure={structure!r}: use one of {STRUCTURES}.")
+  if on_nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f"on_nonfinite={on_nonfinite!r}: use one of {NONFINITE_POLICIES}.")
+  if isinstance(mass, (int, float)) and not (mass > 0 and mass < float("inf")):
+    raise ValueError(f"mass={mass!r}: the mass must be a finite positive number, e.g. 1e-2.")
+
+  def init_fn(params):
+    n = len(jax.tree.leaves(params))
+    zero = jnp.zeros((), _float())
+    nan = jnp.full((), jnp.nan, _float())
+    per_leaf = jnp.zeros((n,), _float())
+    return LayerwiseMetricState(
+        count=jnp.zeros((), jnp.int32), action=zero, metric_grad_norm_sq=zero,
+        initial_loss=nan, last_loss=nan, skipped_steps=jnp.zeros((), jnp.int32),
+        condition=per_leaf, residual=per_leaf, jitter=per_leaf, step_norm=per_leaf)
+
+  def update_fn(updates, state, params=None, *, curvature=None, value=None, **extra_args):
+    del params, extra_args
+    if curvature is None:
+      raise ValueError(
+          "riemod's natural-gradient transforms need the curvature: call "
+          "tx.update(grads, state, params, curvature=curvature) (or "
+          "optimizer.update(model, grads, curvature=curvature)) with the curvature from "
+          "riemod.value_grad_and_curvature. Without it there is no metric to solve with.")
+    metric = compose_metric(curvature, mass=mass, structure=structure, space=space)
+    direction, residuals = metric.solve_with_residuals(updates)
+
+    leaves = jax.tree.leaves(updates)
+    dir_leaves = jax.tree.leaves(direction)
+    dtype = _float()
+    g_ginv_g = sum(jnp.vdot(g, d).real for g, d in zip(leaves, dir_leaves)).astype(dtype)
+
+    condition = jnp.zeros((len(leaves),), dtype)
+    residual = jnp.zeros((len(leaves),), dtype)
+    jitter = jnp.zeros((len(leaves),), dtype)
+    for block, members, res in zip(metric.blocks, metric.block_modules, residuals):
+      idx = jnp.asarray([i for m in members for i in curvature.modules[m].leaf_indices])
+      condition = condition.at[idx].set(block.condition_estimate().astype(dtype))
+      residual = residual.at[idx].set(res.astype(dtype))
+      jitter = jitter.at[idx].set(block.jitter.astype(dtype))
+    step_norm = jnp.stack([jnp.linalg.norm(d).astype(dtype) for d in dir_leaves]) if (
+        dir_leaves) else jnp.zeros((0,), dtype)
+
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    loss = jnp.asarray(jnp.nan if value is None else value, dtype)
+    new_state = LayerwiseMetricState(
+        count=optax.safe_increment(state.count),
+        action=state.action + jnp.asarray(lr, dtype) * g_ginv_g,
+        metric_grad_norm_sq=g_ginv_g,
+        initial_loss=jnp.where(state.count == 0, loss, state.initial_loss),
+        last_loss=loss, skipped_steps=state.skipped_steps, condition=condition,
+        residual=residual, jitter=jitter, step_norm=step_norm)
+
+    if on_nonfinite == "ignore":
+      return direction, new_state
+    ok_grads = _all_finite(updates)
+    ok_curvature = _all_finite(curvature)
+    ok_step = _all_finite(direction)
+    ok = ok_grads & ok_curvature & ok_step
+    if on_nonfinite == "error":
+      jax.lax.cond(ok, lambda: None, lambda: jax.debug.callback(
+          _raise_nonfinite, ~ok_grads, ~ok_curvature, ~ok_step))
+      return direction, new_state
+    # Skip: parameters unchanged, only the skip counter moves.
+    direction = jax.tree.map(lambda d: jnp.where(ok, d, jnp.zeros_like(d)), direction)
+    skipped_state = state._replace(skipped_steps=state.skipped_steps + 1)
+    new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, skipped_state)
+    return direction, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def layerwise_natural_gradient(
+    learning_rate: optax.ScalarOrSchedule,
+    mass: float = 1e-2,
+    *,
+    space: str = "auto",
+    on_nonfinite: str = "error",
+) -> optax.GradientTransformationExtraArgs:
+  """Layerwise Riemannian (natural-gradient / Gauss-Newton) descent: ``-lr (K_a^T K_a + D_a)^{-1} g_a``.
+
+  Args:
+    learning_rate: step size or optax schedule.
+    mass: default mass for modules that declare none.
+    space: per-block solve space (``"auto"``, ``"sample"``, ``"parameter"``).
+    on_nonfinite: ``"error"``, ``"skip"`` or ``"ignore"`` (see :func:`scale_by_layerwise_metric`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, riemod
+    >>> f = lambda p, x: x @ p["w"]
+    >>> params = {"w": jnp.zeros((3, 1))}
+    >>> x, t = jnp.ones((8, 3)), jnp.ones((8, 1))
+    >>> loss, g, curv = riemod.value_grad_and_curvature(
+    ...     f, x, lambda y: 0.5 * jnp.mean(jnp.sum((y - t) ** 2, -1)),
+    ...     riemod.metrics.identity(), params=params)
+    >>> tx = riemod.layerwise_natural_gradient(learning_rate=1.0, mass=1e-3)
+    >>> updates, state = tx.update(g, tx.init(params), params, curvature=curv)
+    >>> bool(jnp.all(updates["w"] > 0))
+    True
+  """
+  return optax.chain(
+      scale_by_layerwise_metric(mass, structure="layerwise", space=space,
+                                on_nonfinite=on_nonfinite, learning_rate=learning_rate),
+      optax.scale_by_learning_rate(learning_rate))
+
+
+def natural_gradient(
+    learning_rate: optax.ScalarOrSchedule,
+    mass: float = 1e-2,
+    *,
+    space: str = "auto",
+    on_nonfinite: str = "error",
+) -> optax.GradientTransformationExtraArgs:
+  """Whole-network damped natural-gradient / Gauss-Newton descent: ``-lr (K^T K + D)^{-1} g``.
+
+  One block for all layerwise modules; the kernel is the sum of per-module kernels, so no
+  ``n x n`` matrix is formed. Arguments as :func:`layerwise_natural_gradient`.
+  """
+  return optax.chain(
+      scale_by_layerwise_metric(mass, structure="full", space=space,
+                                on_nonfinite=on_nonfinite, learning_rate=learning_rate),
+      optax.scale_by_learning_rate(learning_rate))
+
+
+def module_diagnostics(state: Any, curvature: Any) -> dict[str, dict[str, float]]:
+  """Per-module diagnostics from an optimizer state (searched inside chains) and its curvature.
+
+  Returns ``{module name: {"condition", "residual", "jitter", "step_norm"}}``; the step norm is
+  the norm of the module's preconditioned gradient ``G^{-1} g``.
+  """
+  inner = _find_state(state)
+  if inner is None:
+    raise ValueError("No riemod LayerwiseMetricState inside this optimizer state.")
+  out = {}
+  for module in curvature.modules:
+    idx = list(module.leaf_indices)
+    out[module.name] = {
+        "condition": float(jnp.max(inner.condition[idx])),
+        "residual": float(jnp.max(inner.residual[idx])),
+        "jitter": float(jnp.max(inner.jitter[idx])),
+        "step_norm": float(jnp.sqrt(jnp.sum(inner.step_norm[idx] ** 2))),
+    }
+  return out
+
+
+def _find_state(state: Any) -> LayerwiseMetricState | None:
+  if isinstance(state, LayerwiseMetricState):
+    return state
+  if isinstance(state, (tuple, list)):
+    for item in state:
+      found = _find_state(item)
+      if found is not None:
+        return found
+  inner = getattr(state, "inner_state", None)
+  if inner is not None:
+    return _find_state(inner)
+  return None
