@@ -1,0 +1,1 @@
+"""The ``riemod`` command line: one file per subcommand, thin over the library."""
