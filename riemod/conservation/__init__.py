@@ -1,0 +1,8 @@
+"""Conservation laws of gradient/momentum flows and computational inertia (see docs/conservation.md)."""
+
+from riemod.conservation.flows import (FieldFamily, gradient_fields, integrate_gradient_flow,
+                                       integrate_momentum_flow, momentum_lift)
+from riemod.conservation.lie import AmbiguousRankWarning, LawCount, count_laws, lie_rank
+from riemod.conservation.reparametrizations import (Reparametrization, as_reparametrization, factorization,
+                                                    homogeneous_neuron, linear_network, relu_network,
+                                                    residual_block, two_layer_relu)

@@ -1,0 +1,357 @@
+"""Counting conservation laws: ``N - dim Lie(W)(z)`` by numerical Lie brackets.
+
+Marcotte, Gribonval & Peyre (NeurIPS 2023, arXiv 2307.00144): a law is annihilated by every field of
+the family and by all their iterated brackets ``[a, b] = Db a - Da b``; by Frobenius the maximal number
+of independent laws near a generic point ``z`` is ``N - dim Lie(W)(z)``.
+
+Algorithm (no computer algebra): at a random point, take an orthonormal basis of the generators'
+span as constant-coefficient fields ``a_i``; each round brackets every ``a_i`` with the fields added
+by the previous round (right-nested brackets ``[a_i1, [a_i2, ... a_ik]]`` span the Lie algebra),
+evaluated by nested ``jax.jvp``; keep only candidates that raise the rank; stop when a round adds
+nothing. Because the generic rank is locally constant, dropped candidates are smooth combinations of
+kept ones, whose brackets the later rounds cover. Ranks are computed in float64 (``jax.enable_x64``
+around the field evaluation, numpy SVDs) with a relative tolerance on scaled candidates, at several
+random points that must agree; singular values near the tolerance raise a warning.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from riemod.conservation import count_laws
+  >>> count_laws(lambda x: jnp.prod(x)[None], 3).count
+  2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+
+from riemod.conservation.flows import FieldFamily, gradient_fields, momentum_lift
+
+__all__ = ["LawCount", "count_laws", "lie_rank", "AmbiguousRankWarning"]
+
+
+_SCALE_FLOOR = 1e-3
+
+
+class AmbiguousRankWarning(RuntimeWarning):
+  """A rank decision was close to the tolerance or differed between random points."""
+
+
+@dataclasses.dataclass
+class LawCount:
+  """Result of ``count_laws``.
+
+  Attributes:
+    count: maximal number of independent conservation laws, ``dimension - lie_dimension``.
+    dimension: ``N`` (``D`` parameters, or ``2D + 1`` in phase space).
+    lie_dimension: ``dim Lie(W)`` at generic points (maximum over the points).
+    generator_rank: ``dim W(z)`` before any bracket.
+    rank_history: per point, the rank after round 0 (generators), 1, 2, ...
+    points: the evaluation points (flat float64 arrays).
+    smallest_kept: per point, smallest singular value accepted (scaled units).
+    largest_dropped: per point, largest singular value rejected.
+    ambiguous: whether any decision fell near the tolerance or the points disagreed.
+    seconds: wall-clock time.
+    description: what was counted.
+  """
+
+  count: int
+  dimension: int
+  lie_dimension: int
+  generator_rank: int
+  rank_history: list
+  points: list
+  smallest_kept: list
+  largest_dropped: list
+  ambiguous: bool
+  seconds: float
+  description: str
+
+  def as_dict(self) -> dict:
+    return {
+        "count": self.count, "parameters": self.dimension, "lie_dimension": self.lie_dimension,
+        "generator_rank": self.generator_rank, "rank_history": self.rank_history,
+        "ambiguous": self.ambiguous, "seconds": self.seconds, "description": self.description,
+        "smallest_kept": self.smallest_kept, "largest_dropped": self.largest_dropped,
+    }
+
+
+def _chain_evaluator(field, depth: int):
+  """Batched evaluation of right-nested brackets ``[a_i1, [a_i2, ... [a_ik, a_ik+1]]]``.
+
+  Returns the two terms ``Db a`` and ``Da b`` of the outermost bracket separately, because their size
+  (not the size of their difference) sets the round-off level of the result.
+  """
+
+  def generator(coefficients):
+    return lambda z: field(z, coefficients)
+
+  def nested(coefficient_rows, start):
+    if start == depth:
+      return generator(coefficient_rows[start])
+    outer, inner = generator(coefficient_rows[start]), nested(coefficient_rows, start + 1)
+
+    def bracket(z):
+      outer_z = outer(z)
+      inner_z, d_inner_outer = jax.jvp(inner, (z,), (outer_z,))
+      _, d_outer_inner = jax.jvp(outer, (z,), (inner_z,))
+      return d_inner_outer - d_outer_inner
+
+    return bracket
+
+  def terms(z, coefficient_rows):
+    outer, inner = generator(coefficient_rows[0]), nested(coefficient_rows, 1)
+    outer_z = outer(z)
+    inner_z, d_inner_outer = jax.jvp(inner, (z,), (outer_z,))
+    _, d_outer_inner = jax.jvp(outer, (z,), (inner_z,))
+    return d_inner_outer, d_outer_inner
+
+  return jax.jit(jax.vmap(terms, in_axes=(None, 0)))
+
+
+def _evaluate_chains(evaluator, z, basis_coefficients, chains, chunk):
+  """Evaluates chains (index arrays into the generator basis) in fixed-size chunks."""
+  results_first, results_second = [], []
+  total = chains.shape[0]
+  for start in range(0, total, chunk):
+    block = chains[start:start + chunk]
+    padded = np.concatenate([block, np.repeat(block[:1], chunk - block.shape[0], axis=0)])
+    first, second = evaluator(z, jnp.asarray(basis_coefficients)[jnp.asarray(padded)])
+    results_first.append(np.asarray(first)[:block.shape[0]])
+    results_second.append(np.asarray(second)[:block.shape[0]])
+  return np.concatenate(results_first), np.concatenate(results_second)
+
+
+class _RankTracker:
+  """Orthonormal basis of a growing span, with scaled relative-tolerance decisions."""
+
+  def __init__(self, dimension, rtol, ambiguity):
+    self.basis = np.zeros((dimension, 0))
+    self.rtol, self.ambiguity = rtol, ambiguity
+    self.smallest_kept, self.largest_dropped = np.inf, 0.0
+
+  @property
+  def rank(self):
+    return self.basis.shape[1]
+
+  def add(self, rows: np.ndarray) -> np.ndarray:
+    """Adds the rows (already scaled to their round-off level) that enlarge the span.
+
+    Returns the indices of the rows kept.
+    """
+    kept = []
+    remaining = np.arange(rows.shape[0])
+    residual = rows - (rows @ self.basis) @ self.basis.T
+    while remaining.size:
+      residual = residual - (residual @ self.basis) @ self.basis.T
+      singular = np.linalg.svd(residual, compute_uv=False)
+      new_rank = int(np.sum(singular > self.rtol))
+      if singular.size > new_rank:
+        self.largest_dropped = max(self.largest_dropped, float(singular[new_rank]))
+      if new_rank == 0:
+        break
+      self.smallest_kept = min(self.smallest_kept, float(singular[new_rank - 1]))
+      _, _, pivots = scipy.linalg.qr(residual.T, mode="economic", pivoting=True)
+      chosen = pivots[:new_rank]
+      q, _ = np.linalg.qr(residual[chosen].T)
+      q = q - self.basis @ (self.basis.T @ q)
+      q, _ = np.linalg.qr(q)
+      self.basis = np.concatenate([self.basis, q], axis=1)
+      kept.extend(remaining[chosen].tolist())
+      mask = np.ones(remaining.size, bool)
+      mask[chosen] = False
+      remaining, residual = remaining[mask], residual[mask]
+      if self.rank >= self.basis.shape[0]:
+        break
+    return np.asarray(kept, dtype=int)
+
+  def near_tolerance(self) -> bool:
+    low, high = self.rtol / self.ambiguity, self.rtol * self.ambiguity
+    return bool(low < self.largest_dropped or (self.smallest_kept < high))
+
+
+def _finite_or_raise(values: np.ndarray, what: str):
+  if not np.all(np.isfinite(values)):
+    raise ValueError(f"{what} produced NaN/inf at a random point: phi (or the metric) is not "
+                     "differentiable there. Use a smooth reparametrization (e.g. the path-lifting on a "
+                     "fixed activation region instead of relu itself).")
+
+
+def lie_rank(family: FieldFamily, point, *, rtol: float = 1e-8, ambiguity: float = 1e2,
+             max_rounds: Optional[int] = None, chunk: int = 1024, _cache: Optional[dict] = None) -> dict:
+  """``dim Lie(W)(z)`` at one point, with the rank after every bracket round.
+
+  Args:
+    family: the fields (see ``gradient_fields`` / ``momentum_lift``).
+    point: flat ``z`` (converted to float64).
+    rtol: singular values of the candidates, each scaled by its own round-off level, below ``rtol``
+      count as zero.
+    ambiguity: singular values within a factor ``ambiguity`` of ``rtol`` flag the decision as ambiguous.
+    max_rounds: bracket rounds at most (default ``dimension``, i.e. until a round adds nothing).
+    chunk: candidates evaluated per vectorised batch.
+
+  Returns:
+    dict with ``rank``, ``generator_rank``, ``history``, ``smallest_kept``, ``largest_dropped``,
+    ``ambiguous``, ``complete`` (False when ``max_rounds`` stopped the search early).
+  """
+  dimension = family.dimension
+  cache = {} if _cache is None else _cache
+  max_rounds = dimension if max_rounds is None else int(max_rounds)
+  with jax.enable_x64(True):
+    z = jnp.asarray(point, jnp.float64)
+    try:
+      if "generators" not in cache:
+        cache["generators"] = jax.jit(jax.vmap(family.field, in_axes=(None, 0)))
+      generators = np.asarray(cache["generators"](z, jnp.eye(family.num_fields, dtype=jnp.float64)))
+    except (TypeError, jax.errors.JAXTypeError) as err:
+      raise ValueError(f"phi is not differentiable by JAX ({type(err).__name__}: {err}). Write phi with "
+                       "jax.numpy operations, without Python control flow on parameter values.") from err
+    _finite_or_raise(generators, "The Jacobian of phi")
+    tracker = _RankTracker(dimension, rtol, ambiguity)
+    left, singular, right = np.linalg.svd(generators, full_matrices=False)
+    if singular.size == 0 or singular[0] == 0.0:
+      warnings.warn("All fields vanish at this point (phi has a zero Jacobian): every function is "
+                    "conserved locally. Is phi constant or piecewise constant?", AmbiguousRankWarning,
+                    stacklevel=3)
+      return dict(rank=0, generator_rank=0, history=[0], smallest_kept=float("inf"),
+                  largest_dropped=0.0, ambiguous=True, complete=True)
+    generator_rank = int(np.sum(singular > rtol * singular[0]))
+    if generator_rank < singular.size:
+      tracker.largest_dropped = float(singular[generator_rank] / singular[0])
+    tracker.smallest_kept = float(singular[generator_rank - 1] / singular[0])
+    # Constant combinations whose fields are orthonormal at z: well-conditioned generators.
+    basis_coefficients = (left[:, :generator_rank] / singular[:generator_rank]).T
+    tracker.basis = right[:generator_rank].T.copy()
+    history = [generator_rank]
+    newest = np.arange(generator_rank)[:, None]
+    complete = True
+    for round_index in range(1, max_rounds + 1):
+      if tracker.rank >= dimension or newest.shape[0] == 0:
+        break
+      outer = np.repeat(np.arange(generator_rank), newest.shape[0])
+      chains = np.concatenate([outer[:, None], np.tile(newest, (generator_rank, 1))], axis=1)
+      if round_index == 1:
+        # Antisymmetry: [a_i, a_j] = -[a_j, a_i] and [a_i, a_i] = 0.
+        chains = chains[chains[:, 0] < chains[:, 1]]
+      if round_index not in cache:
+        cache[round_index] = _chain_evaluator(family.field, round_index)
+      evaluator = cache[round_index]
+      # Power-of-two batch sizes keep the number of distinct compilations small.
+      batch = min(chunk, 1 << int(np.ceil(np.log2(max(len(chains), 1)))))
+      first, second = _evaluate_chains(evaluator, z, basis_coefficients, chains, batch)
+      candidates = first - second
+      _finite_or_raise(candidates, "A Lie bracket of the fields")
+      scale = np.linalg.norm(first, axis=1) + np.linalg.norm(second, axis=1)
+      # Both terms can vanish only up to round-off inherited from larger intermediate values, so the
+      # per-candidate scale is floored relative to the round's largest one.
+      scale = np.maximum(scale, _SCALE_FLOOR * scale.max())
+      nonzero = scale > 0
+      rows = candidates[nonzero] / scale[nonzero, None]
+      kept = tracker.add(rows)
+      newest = chains[np.flatnonzero(nonzero)[kept]] if kept.size else chains[:0]
+      history.append(tracker.rank)
+      if kept.size == 0:
+        break
+    else:
+      complete = tracker.rank >= dimension
+  return dict(rank=tracker.rank, generator_rank=generator_rank, history=history,
+              smallest_kept=tracker.smallest_kept, largest_dropped=tracker.largest_dropped,
+              ambiguous=tracker.near_tolerance(), complete=complete)
+
+
+def _as_family(phi, theta_or_shapes, flow, metric, tau) -> tuple[FieldFamily, Any]:
+  if isinstance(phi, FieldFamily):
+    return phi, None
+  from riemod.conservation.reparametrizations import as_reparametrization  # pylint: disable=g-import-not-at-top
+  rep, point = as_reparametrization(phi, theta_or_shapes)
+  if flow == "gradient":
+    return gradient_fields(rep, metric=metric), (None if point is None else rep.ravel(point))
+  if flow == "momentum":
+    if metric is not None:
+      raise ValueError("metric is only supported with flow='gradient'; for metric-aware momentum pass "
+                       "momentum_lift(phi, position_rate=...) as phi.")
+    lifted_point = None
+    if point is not None:
+      flat = rep.ravel(point)
+      lifted_point = jnp.concatenate([jnp.zeros((1,), flat.dtype), flat,
+                                      jax.random.normal(jax.random.PRNGKey(7), flat.shape, flat.dtype)])
+    return momentum_lift(rep, tau=tau), lifted_point
+  raise ValueError(f"flow='{flow}' is unknown; use 'gradient' or 'momentum'.")
+
+
+def count_laws(phi, theta_or_shapes=None, *, flow: str = "gradient", metric=None, tau: float = 1.0,
+               num_points: int = 3, seed: int = 0, rtol: float = 1e-8, ambiguity: float = 1e2,
+               max_rounds: Optional[int] = None, warn: bool = True) -> LawCount:
+  """Maximal number of independent conservation laws, ``N - dim Lie(W_phi)``.
+
+  Args:
+    phi: a ``Reparametrization``, a ``FieldFamily`` or a JAX function ``phi(theta)``.
+    theta_or_shapes: parameters (first evaluation point), a pytree of shapes, or the flat size.
+    flow: ``"gradient"`` (optionally with ``metric``) or ``"momentum"`` (phase-space lift).
+    metric: ``None``, ``"entropic"`` or ``metric(params, grad)`` (see ``gradient_fields``).
+    tau: momentum time constant (the count does not depend on it).
+    num_points: random points; their ranks must agree (the maximum, the generic rank, is used).
+    seed: PRNG seed of the random points.
+    rtol: relative singular-value tolerance (float64 arithmetic).
+    ambiguity: warn when a singular value lies within this factor of ``rtol``.
+    max_rounds: cap on bracket rounds (default: until a round adds nothing).
+    warn: emit ``AmbiguousRankWarning`` when the decision is ambiguous.
+
+  Returns:
+    ``LawCount`` (``count``, ``lie_dimension``, ``rank_history``, ``points``, ...).
+
+  Raises:
+    ValueError / TypeError: bad shapes, non-differentiable ``phi``, ``num_points < 1``.
+
+  Example:
+    >>> from riemod.conservation import factorization
+    >>> count_laws(factorization(4, 3, 2)).count  # r (r + 1) / 2
+    3
+  """
+  if int(num_points) < 1:
+    raise ValueError(f"num_points={num_points} must be >= 1.")
+  started = time.perf_counter()
+  family, first_point = _as_family(phi, theta_or_shapes, flow, metric, tau)
+  keys = jax.random.split(jax.random.PRNGKey(seed), num_points)
+  points = []
+  with jax.enable_x64(True):
+    for index in range(num_points):
+      if index == 0 and first_point is not None:
+        point = np.asarray(first_point, np.float64)
+      else:
+        point = np.asarray(family.sample_point(keys[index]), np.float64)
+      points.append(point)
+  cache = {}
+  results = [lie_rank(family, point, rtol=rtol, ambiguity=ambiguity, max_rounds=max_rounds, _cache=cache)
+             for point in points]
+  ranks = [result["rank"] for result in results]
+  ambiguous = any(result["ambiguous"] for result in results) or len(set(ranks)) > 1
+  if warn and len(set(ranks)) > 1:
+    warnings.warn(f"Lie-algebra rank differs between random points ({ranks}); using the maximum, the "
+                  "generic rank. A lower rank means a non-generic point.", AmbiguousRankWarning,
+                  stacklevel=2)
+  elif warn and ambiguous:
+    kept = min(result["smallest_kept"] for result in results)
+    dropped = max(result["largest_dropped"] for result in results)
+    warnings.warn(f"Rank decision is ambiguous: smallest kept singular value {kept:.2e}, largest "
+                  f"dropped {dropped:.2e}, tolerance {rtol:.1e}. Try other points (seed) or rtol.",
+                  AmbiguousRankWarning, stacklevel=2)
+  if warn and not all(result["complete"] for result in results):
+    warnings.warn(f"max_rounds={max_rounds} stopped the bracket search before it converged; the count "
+                  "is an upper bound.", AmbiguousRankWarning, stacklevel=2)
+  lie_dimension = max(ranks)
+  return LawCount(count=family.dimension - lie_dimension, dimension=family.dimension,
+                  lie_dimension=lie_dimension,
+                  generator_rank=max(result["generator_rank"] for result in results),
+                  rank_history=[result["history"] for result in results], points=points,
+                  smallest_kept=[result["smallest_kept"] for result in results],
+                  largest_dropped=[result["largest_dropped"] for result in results],
+                  ambiguous=ambiguous, seconds=time.perf_counter() - started,
+                  description=family.description)
