@@ -387,10 +387,11 @@ def value_grad_and_curvature(
   if outputs.shape[0] != batch:
     raise ValueError(f"The model output has leading size {outputs.shape[0]} but x has {batch} "
                      "samples; riemod needs one output per sample along axis 0.")
+  loss_shape = jax.eval_shape(loss_fn, outputs)
+  if getattr(loss_shape, "shape", None) != ():
+    raise ValueError(f"loss_fn must return a scalar (a mean over the batch); got "
+                     f"{getattr(loss_shape, 'shape', loss_shape)}.")
   loss, loss_cotangent = jax.value_and_grad(loss_fn)(outputs)
-  if jnp.ndim(loss) != 0:
-    raise ValueError(f"loss_fn must return a scalar (a mean over the batch); got shape "
-                     f"{jnp.shape(loss)}.")
   grads = vjp(loss_cotangent)[0]
 
   factor_rows = output_metric(outputs, key) / jnp.sqrt(jnp.asarray(batch, outputs.dtype))

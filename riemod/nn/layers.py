@@ -17,7 +17,8 @@ def _declare(layer: nnx.Module, mass: Any, kind: str) -> None:
   declaration = MetricDeclaration(mass=mass, kind=kind)
   layer.riemod_kind = declaration.kind
   # Scalar masses are static (part of the graph definition); per-parameter arrays are state.
-  layer.riemod_mass = declaration.mass
+  mass = declaration.mass
+  layer.riemod_mass = mass if mass is None or isinstance(mass, float) else nnx.data(mass)
 
 
 class Dense(nnx.Linear):
