@@ -1,0 +1,124 @@
+"""Generalised Lanczos for the spectrum of ``G^{-1} H`` (matrix free).
+
+``G^{-1} H`` is not symmetric, but it is self-adjoint in the ``G`` inner product
+``<u, v>_G = u^T G v``. Lanczos in that inner product needs one Hessian-vector product (``H q``),
+one metric solve (``G^{-1} H q``) and one metric product (``G q``, to keep the basis
+``G``-orthonormal) per step. The Ritz values are taken from the projected pencil
+``Q^T H Q`` (with ``Q^T G Q = I``) rather than from the three-term recurrence: every Ritz value is
+then a Rayleigh quotient of ``(H, G)``, so the extreme Ritz values bracket the spectrum from inside
+(``lam_min <= ritz_min``, ``ritz_max <= lam_max``) even after a breakdown or a loss of
+orthogonality. The basis is fully reorthogonalised (two Gram-Schmidt passes), which is cheap at the
+20 or so steps a certificate uses.
+
+References:
+  Pehle & Slotine, *Riemannian Optimization in Modular Systems* (arXiv 2603.03610), sec. 5
+  (spectra of ``G^{-1} H`` by Hessian-vector products and Woodbury solves).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Operator = Callable[[jax.Array], jax.Array]
+
+
+class LanczosResult(NamedTuple):
+  """Ritz values of ``G^{-1} H``.
+
+  Attributes:
+    eigenvalues: the ``m`` Ritz values, ascending.
+    lam_min: the smallest Ritz value (an upper estimate of the smallest eigenvalue).
+    lam_max: the largest Ritz value (a lower estimate of the largest eigenvalue).
+    orthogonality: ``max |Q G Q^T - I|``, the loss of ``G``-orthonormality of the basis.
+  """
+
+  eigenvalues: jax.Array
+  lam_min: jax.Array
+  lam_max: jax.Array
+  orthogonality: jax.Array
+
+
+def generalized_lanczos(hvp: Operator, solve: Operator, matvec: Operator, start: jax.Array,
+                        num_steps: int, *, key: jax.Array | None = None) -> LanczosResult:
+  """Ritz values of ``G^{-1} H`` on flat vectors.
+
+  Args:
+    hvp: ``v -> H v`` (symmetric ``H``, e.g. a Hessian-vector product).
+    solve: ``v -> G^{-1} v`` (``G`` symmetric positive definite).
+    matvec: ``v -> G v``.
+    start: the starting vector ``(n,)`` (any nonzero vector; random is best).
+    num_steps: Krylov dimension ``m``; capped at ``n``. With ``m = n`` the Ritz values are the
+      eigenvalues.
+    key: PRNG key for the fresh directions used after a breakdown (invariant subspace found).
+
+  Returns:
+    A :class:`LanczosResult`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> h, g = jnp.diag(jnp.array([1.0, 4.0])), jnp.diag(jnp.array([1.0, 2.0]))
+    >>> r = generalized_lanczos(lambda v: h @ v, lambda v: jnp.linalg.solve(g, v),
+    ...                         lambda v: g @ v, jnp.ones(2), 2)
+    >>> [round(float(e), 4) for e in r.eigenvalues]
+    [1.0, 2.0]
+  """
+  start = jnp.asarray(start)
+  if start.ndim != 1:
+    raise ValueError(f"start must be a flat vector; got shape {start.shape}.")
+  n = start.shape[0]
+  m = int(min(num_steps, n))
+  if m < 1:
+    raise ValueError(f"num_steps={num_steps}: Lanczos needs at least one step.")
+  dtype = start.dtype
+  key = jax.random.key(0) if key is None else key
+  eps = jnp.finfo(dtype).eps
+
+  def orthogonalise(w, basis, gbasis):
+    # Two classical Gram-Schmidt passes in the G inner product: rows beyond the current step are
+    # zero and contribute nothing.
+    for _ in range(2):
+      w = w - basis.T @ (gbasis @ w)
+    return w
+
+  gstart = matvec(start)
+  norm = jnp.sqrt(jnp.maximum(jnp.vdot(start, gstart), jnp.finfo(dtype).tiny))
+  basis = jnp.zeros((m, n), dtype).at[0].set(start / norm)
+  gbasis = jnp.zeros((m, n), dtype).at[0].set(gstart / norm)
+  hbasis = jnp.zeros((m, n), dtype)
+
+  def body(j, carry):
+    basis, gbasis, hbasis = carry
+    hq = hvp(basis[j])
+    hbasis = hbasis.at[j].set(hq)
+    w0 = solve(hq)
+    scale = jnp.sqrt(jnp.abs(jnp.vdot(w0, hq)))
+    w = orthogonalise(w0, basis, gbasis)
+    # G w = H q - G Q^T c without a metric product, to decide on a restart.
+    beta_sq = jnp.vdot(w, hq - gbasis.T @ (gbasis @ w0))
+    fresh = orthogonalise(jax.random.normal(jax.random.fold_in(key, j), (n,), dtype),
+                          basis, gbasis)
+    breakdown = ~(beta_sq > (jnp.sqrt(eps) * scale) ** 2)
+    w = jnp.where(breakdown, fresh, w)
+    gw = matvec(w)
+    wnorm = jnp.sqrt(jnp.maximum(jnp.vdot(w, gw), jnp.finfo(dtype).tiny))
+    nxt = jnp.minimum(j + 1, m - 1)
+    keep = j + 1 < m
+    basis = basis.at[nxt].set(jnp.where(keep, w / wnorm, basis[nxt]))
+    gbasis = gbasis.at[nxt].set(jnp.where(keep, gw / wnorm, gbasis[nxt]))
+    return basis, gbasis, hbasis
+
+  basis, gbasis, hbasis = jax.lax.fori_loop(0, m, body, (basis, gbasis, hbasis))
+  projected = basis @ hbasis.T
+  projected = 0.5 * (projected + projected.T)
+  gram = basis @ gbasis.T
+  # Rayleigh-Ritz on the pencil (Q^T H Q, Q^T G Q): Q^T G Q = I up to round-off; solving the small
+  # generalised problem keeps the Ritz values exact Rayleigh quotients even if it is not.
+  gram = 0.5 * (gram + gram.T)
+  chol = jnp.linalg.cholesky(gram)
+  inv_chol = jax.scipy.linalg.solve_triangular(chol, jnp.eye(m, dtype=dtype), lower=True)
+  eigenvalues = jnp.linalg.eigvalsh(inv_chol @ projected @ inv_chol.T)
+  orthogonality = jnp.max(jnp.abs(gram - jnp.eye(m, dtype=dtype)))
+  return LanczosResult(eigenvalues, eigenvalues[0], eigenvalues[-1], orthogonality)
