@@ -237,7 +237,7 @@ def module_diagnostics(state: Any, curvature: Any) -> dict[str, dict[str, float]
     raise ValueError("No riemod LayerwiseMetricState inside this optimizer state.")
   out = {}
   for module in curvature.modules:
-    idx = list(module.leaf_indices)
+    idx = jnp.asarray(module.leaf_indices)
     out[module.name] = {
         "condition": float(jnp.max(inner.condition[idx])),
         "residual": float(jnp.max(inner.residual[idx])),

@@ -1,0 +1,250 @@
+"""Steps against dense damped Gauss-Newton solves; optax, NNX, Linen and plain-function paths."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen, nnx
+
+import riemod
+from conftest import assert_close, dense_factor_rows, dense_metric, flat
+
+
+class _MLP(linen.Module):
+  @linen.compact
+  def __call__(self, x):
+    hidden = jnp.tanh(linen.Dense(5)(x))
+    return linen.Dense(3)(hidden)
+
+
+def _problem(dtype, batch=6):
+  x = jax.random.normal(jax.random.key(1), (batch, 4), dtype)
+  targets = jax.random.normal(jax.random.key(2), (batch, 3), dtype)
+  loss_fn = lambda y: 0.5 * jnp.mean(jnp.sum((y - targets) ** 2, -1))
+  variables = jax.tree.map(lambda a: a.astype(dtype), _MLP().init(jax.random.key(0), x))
+  return x, loss_fn, variables
+
+
+def _dense_reference(variables, x, loss_fn, masses, structure):
+  apply = _MLP().apply
+  outputs = apply(variables, x)
+  rows = riemod.metrics.identity()(outputs) / jnp.sqrt(jnp.asarray(x.shape[0], outputs.dtype))
+  k = dense_factor_rows(apply, variables, x, rows)
+  g = flat(jax.grad(lambda p: loss_fn(apply(p, x)))(variables))
+  leaves = jax.tree.leaves(variables)
+  inv = [jnp.asarray(1.0 / m, leaf.dtype) for m, leaf in zip(masses, leaves)]
+  if structure == "full":
+    return jnp.linalg.solve(dense_metric(k, inv), g)
+  # Layerwise: one block per module (bias + kernel of each Dense), solved separately.
+  out, start = [], 0
+  for block in ((0, 1), (2, 3)):
+    size = sum(leaves[i].size for i in block)
+    gm = dense_metric([k[i] for i in block], [inv[i] for i in block])
+    out.append(jnp.linalg.solve(gm, g[start:start + size]))
+    start += size
+  return jnp.concatenate(out)
+
+
+@pytest.mark.parametrize("structure", ["layerwise", "full"])
+@pytest.mark.parametrize("space", ["sample", "parameter"])
+def test_step_equals_dense_damped_gauss_newton(structure, space, dtype):
+  x, loss_fn, variables = _problem(dtype)
+  tx = riemod.scale_by_layerwise_metric(0.3, structure=structure, space=space)
+
+  @jax.jit
+  def step(variables):
+    _, grads, curv = riemod.value_grad_and_curvature(
+        _MLP().apply, x, loss_fn, riemod.metrics.identity(), params=variables)
+    return tx.update(grads, tx.init(variables), variables, curvature=curv)
+
+  updates, state = step(variables)
+  expected = _dense_reference(variables, x, loss_fn, [0.3] * 4, structure)
+  assert_close(flat(updates), expected, dtype)
+  assert float(state.residual.max()) < (1e-4 if dtype == jnp.float32 else 1e-10)
+  g = flat(jax.grad(lambda p: loss_fn(_MLP().apply(p, x)))(variables))
+  assert_close(state.metric_grad_norm_sq, jnp.vdot(g, expected), dtype)
+
+
+def test_per_parameter_masses_match_dense(dtype):
+  x, loss_fn, variables = _problem(dtype)
+  leaves = jax.tree.leaves(variables)
+  masses = [np.linspace(0.1, 2.0, leaf.size).reshape(leaf.shape) for leaf in leaves]
+  names = jax.tree.map(lambda _: None, variables)
+  del names
+  declarations = {
+      "params/Dense_0": {"mass": {"bias": masses[0], "kernel": masses[1]}},
+      "params/Dense_1": {"mass": {"bias": masses[2], "kernel": masses[3]}},
+  }
+  tx = riemod.scale_by_layerwise_metric(1.0)
+  _, grads, curv = jax.jit(lambda p: riemod.value_grad_and_curvature(
+      _MLP().apply, x, loss_fn, riemod.metrics.identity(), params=p,
+      declarations=declarations))(variables)
+  updates, _ = tx.update(grads, tx.init(variables), variables, curvature=curv)
+  expected = _dense_reference(variables, x, loss_fn, [jnp.asarray(m, dtype) for m in masses],
+                              "layerwise")
+  assert_close(flat(updates), expected, dtype)
+
+
+def test_kinds_euclidean_frozen_and_large_mass_is_sgd():
+  rngs = nnx.Rngs(0)
+  model = riemod.nn.Sequential(
+      riemod.nn.Dense(4, 5, rngs=rngs), jnp.tanh,
+      riemod.nn.Dense(5, 5, kind="euclidean", mass=4.0, rngs=rngs),
+      riemod.nn.Dense(5, 3, kind="frozen", rngs=rngs))
+  x = jax.random.normal(jax.random.key(1), (6, 4))
+  loss_fn = lambda y: 0.5 * jnp.mean(jnp.sum(y**2, -1))
+  _, grads, curv = riemod.value_grad_and_curvature(model, x, loss_fn, riemod.metrics.identity())
+  pure = nnx.as_pure(grads)
+  tx = riemod.layerwise_natural_gradient(learning_rate=0.5, mass=1e-2)
+  updates, _ = tx.update(pure, tx.init(pure), curvature=curv)
+  np.testing.assert_allclose(updates["layers"][2]["kernel"], -0.5 * pure["layers"][2]["kernel"] / 4.0,
+                             rtol=1e-6)
+  assert not np.any(updates["layers"][3]["kernel"]) and not np.any(updates["layers"][3]["bias"])
+  # mass -> infinity: the Riemannian step becomes SGD with learning rate lr / mass.
+  big = 1e6
+  tx = riemod.layerwise_natural_gradient(learning_rate=0.5, mass=big)
+  updates, _ = tx.update(pure, tx.init(pure), curvature=curv)
+  sgd = jax.tree.map(lambda g: -0.5 / big * g, pure["layers"][0])
+  for name in ("kernel", "bias"):
+    np.testing.assert_allclose(updates["layers"][0][name], sgd[name], rtol=1e-4)
+
+
+def test_nnx_linen_and_plain_function_give_the_same_update():
+  x, loss_fn, variables = _problem(jnp.float32)
+  dense0, dense1 = variables["params"]["Dense_0"], variables["params"]["Dense_1"]
+
+  class NNXMLP(nnx.Module):
+    def __init__(self):
+      self.a = riemod.nn.Dense(4, 5, rngs=nnx.Rngs(0))
+      self.b = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
+      self.a.kernel.value, self.a.bias.value = dense0["kernel"], dense0["bias"]
+      self.b.kernel.value, self.b.bias.value = dense1["kernel"], dense1["bias"]
+
+    def __call__(self, x):
+      return self.b(jnp.tanh(self.a(x)))
+
+  def plain(p, x):
+    h = jnp.tanh(x @ p["params"]["Dense_0"]["kernel"] + p["params"]["Dense_0"]["bias"])
+    return h @ p["params"]["Dense_1"]["kernel"] + p["params"]["Dense_1"]["bias"]
+
+  tx = riemod.natural_gradient(learning_rate=0.1, mass=0.05)
+  results = []
+  for model, params in ((_MLP().apply, variables), (plain, variables)):
+    _, grads, curv = riemod.value_grad_and_curvature(model, x, loss_fn, riemod.metrics.identity(),
+                                                     params=params)
+    updates, _ = tx.update(grads, tx.init(params), params, curvature=curv)
+    u = updates["params"]
+    results.append(jnp.concatenate([u["Dense_0"]["bias"], u["Dense_0"]["kernel"].ravel(),
+                                    u["Dense_1"]["bias"], u["Dense_1"]["kernel"].ravel()]))
+  model = NNXMLP()
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  before = nnx.as_pure(nnx.state(model, nnx.Param))
+
+  @nnx.jit
+  def train_step(model, opt, x):
+    _, grads, curv = riemod.value_grad_and_curvature(model, x, loss_fn, riemod.metrics.identity())
+    opt.update(model, grads, curvature=curv)
+
+  train_step(model, opt, x)
+  after = nnx.as_pure(nnx.state(model, nnx.Param))
+  u = jax.tree.map(lambda a, b: a - b, after, before)
+  results.append(jnp.concatenate([u["a"]["bias"], u["a"]["kernel"].ravel(), u["b"]["bias"],
+                                  u["b"]["kernel"].ravel()]))
+  scale = float(jnp.abs(results[0]).max())
+  np.testing.assert_allclose(results[1] / scale, results[0] / scale, atol=2e-5)
+  np.testing.assert_allclose(results[2] / scale, results[0] / scale, atol=2e-5)
+
+
+def test_jit_chain_inject_hyperparams_and_training_decreases_loss():
+  x, loss_fn, variables = _problem(jnp.float32, batch=16)
+  schedule = optax.linear_schedule(0.5, 0.2, 20)
+
+  def run(tx, params):
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+      loss, grads, curv = riemod.value_grad_and_curvature(
+          _MLP().apply, x, loss_fn, riemod.metrics.identity(), params=params)
+      updates, state = tx.update(grads, state, params, curvature=curv, value=loss)
+      return optax.apply_updates(params, updates), state, loss
+
+    losses = []
+    for _ in range(20):
+      params, state, loss = step(params, state)
+      losses.append(float(loss))
+    return params, state, losses
+
+  injected = optax.chain(optax.clip_by_global_norm(10.0), optax.add_decayed_weights(1e-4),
+                         optax.inject_hyperparams(riemod.layerwise_natural_gradient)(
+                             learning_rate=schedule, mass=0.1))
+  direct = optax.chain(optax.clip_by_global_norm(10.0), optax.add_decayed_weights(1e-4),
+                       riemod.layerwise_natural_gradient(learning_rate=schedule, mass=0.1))
+  params_a, state, losses = run(injected, variables)
+  params_b, _, losses_b = run(direct, variables)
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert all(b <= a for a, b in zip(losses, losses[1:]))  # damped Gauss-Newton descends here
+  inner = riemod.transforms._find_state(state)
+  assert int(inner.count) == 20
+  assert float(inner.initial_loss) == pytest.approx(losses[0])
+  assert float(inner.last_loss) == pytest.approx(losses[-1])
+  assert float(inner.action) > 0
+
+
+def test_missing_or_foreign_curvature_and_bad_arguments():
+  x, loss_fn, variables = _problem(jnp.float32)
+  tx = riemod.layerwise_natural_gradient(0.1)
+  state = tx.init(variables)
+  grads = jax.tree.map(jnp.ones_like, variables)
+  with pytest.raises(ValueError, match="curvature"):
+    tx.update(grads, state, variables)
+  other = {"w": jnp.ones((4, 2))}
+  _, _, foreign = riemod.value_grad_and_curvature(
+      lambda p, x: x @ p["w"], x, lambda y: jnp.mean(y**2), riemod.metrics.identity(), params=other)
+  with pytest.raises(ValueError, match="does not belong"):
+    tx.update(grads, state, variables, curvature=foreign)
+  for bad in (dict(mass=0.0), dict(mass=-2.0), dict(mass=float("inf"))):
+    with pytest.raises(ValueError, match="mass"):
+      riemod.layerwise_natural_gradient(0.1, **bad)
+  with pytest.raises(ValueError, match="on_nonfinite"):
+    riemod.layerwise_natural_gradient(0.1, on_nonfinite="warn")
+
+
+def test_nonfinite_error_and_skip():
+  x, loss_fn, variables = _problem(jnp.float32)
+  _, grads, curv = riemod.value_grad_and_curvature(
+      _MLP().apply, x, loss_fn, riemod.metrics.identity(), params=variables)
+  bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads)
+
+  tx = riemod.layerwise_natural_gradient(0.1)
+  update = jax.jit(lambda g, s: tx.update(g, s, variables, curvature=curv))
+  with pytest.raises(Exception, match="non-finite values in updates"):
+    jax.block_until_ready(update(bad, tx.init(variables)))
+
+  tx = riemod.layerwise_natural_gradient(0.1, on_nonfinite="skip")
+  update = jax.jit(lambda g, s: tx.update(g, s, variables, curvature=curv))
+  state = tx.init(variables)
+  updates, state = update(bad, state)
+  assert all(not np.any(u) for u in jax.tree.leaves(updates))
+  inner = riemod.transforms._find_state(state)
+  assert int(inner.skipped_steps) == 1 and int(inner.count) == 0
+  updates, state = update(grads, state)
+  inner = riemod.transforms._find_state(state)
+  assert int(inner.skipped_steps) == 1 and int(inner.count) == 1
+  assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+
+
+def test_module_diagnostics_report_each_module():
+  x, loss_fn, variables = _problem(jnp.float32)
+  _, grads, curv = riemod.value_grad_and_curvature(
+      _MLP().apply, x, loss_fn, riemod.metrics.identity(), params=variables)
+  tx = riemod.layerwise_natural_gradient(0.1, mass=0.01)
+  _, state = tx.update(grads, tx.init(variables), variables, curvature=curv)
+  diag = riemod.module_diagnostics(state, curv)
+  assert set(diag) == {"params/Dense_0", "params/Dense_1"}
+  for entry in diag.values():
+    assert entry["condition"] >= 1.0 and entry["residual"] < 1e-4 and entry["step_norm"] > 0
