@@ -6,3 +6,5 @@ from riemod.conservation.lie import AmbiguousRankWarning, LawCount, count_laws, 
 from riemod.conservation.reparametrizations import (Reparametrization, as_reparametrization, factorization,
                                                     homogeneous_neuron, linear_network, relu_network,
                                                     residual_block, two_layer_relu)
+from riemod.conservation.polynomial import (PolynomialLaw, PolynomialLaws, find_polynomial_laws,
+                                            monomial_exponents, verify_laws)
