@@ -8,3 +8,8 @@ from riemod.conservation.reparametrizations import (Reparametrization, as_repara
                                                     residual_block, two_layer_relu)
 from riemod.conservation.polynomial import (PolynomialLaw, PolynomialLaws, find_polynomial_laws,
                                             monomial_exponents, verify_laws)
+from riemod.conservation.monitors import (ChargeMonitorState, DriftMonitorState, charge_monitor, drift_monitor,
+                                          drift_scaling, find_state, track_laws)
+from riemod.conservation.inertia import (HeavyBallState, Mass, diagonal_mass, heavy_ball, identity_mass,
+                                         inertia_trajectory, operator_mass, scale_by_heavy_ball,
+                                         stationary_velocity_sq)

@@ -1,0 +1,255 @@
+"""Monitors of conserved quantities during optax training.
+
+Gradient flow keeps the laws of ``CONSERVATION.md`` section 1 exactly; a discrete gradient step
+``theta - eta g`` changes a law ``h`` by ``eta^2 / 2 g^T (Hess h) g + O(eta^3)`` because
+``<grad h, g> = 0`` (exactly that for quadratic ``h``), so the per-step drift scales as ``eta^2``.
+Heavy-ball momentum ``theta_{k+1} = theta_k + beta (theta_k - theta_{k-1}) - eta g_k`` breaks these laws,
+but for rotation-invariant models (``U V^T``) it keeps a decaying charge exactly: with ``W = [U; V]``,
+``A_k = W_k^T W_{k+1} - W_{k+1}^T W_k`` obeys ``A_{k+1} = beta A_k``, the discrete form of
+``exp(t / tau) (W^T W' - W'^T W)`` (Keep the Momentum, ICML 2024, arXiv 2405.12888; time step
+``h = eta / (1 - beta)``, ``tau = eta / (1 - beta)^2``, ``exp(t_k / tau) = exp(k (1 - beta)) ~ beta^{-k}``).
+
+Both monitors are optax transforms placed last in a chain: they pass updates through unchanged and
+record the quantities in their state.
+
+Example:
+  >>> import jax, jax.numpy as jnp, optax
+  >>> from riemod.conservation import factorization, drift_monitor
+  >>> rep = factorization(3, 2, 2)
+  >>> opt = optax.chain(optax.sgd(1e-2), drift_monitor(rep.known_laws))
+  >>> params = rep.sample(0)
+  >>> state = opt.init(params)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = [
+    "ChargeMonitorState",
+    "DriftMonitorState",
+    "charge_monitor",
+    "drift_monitor",
+    "drift_scaling",
+    "find_state",
+    "track_laws",
+]
+
+PyTree = Any
+
+
+class DriftMonitorState(NamedTuple):
+  """State of ``drift_monitor``.
+
+  Attributes:
+    initial: law values at the first monitored step.
+    current: law values after the latest update.
+    step_drift: change of the laws made by the latest update.
+    max_step_drift: largest ``|step_drift|`` seen so far (scalar).
+    count: number of updates monitored.
+  """
+
+  initial: jax.Array
+  current: jax.Array
+  step_drift: jax.Array
+  max_step_drift: jax.Array
+  count: jax.Array
+
+
+def _law_shape(laws, params):
+  out = jax.eval_shape(laws, params)
+  if not jnp.issubdtype(out.dtype, jnp.floating):
+    raise TypeError(f"laws must return floating values; got {out.dtype}.")
+  return out.shape, out.dtype
+
+
+def drift_monitor(laws: Callable[[PyTree], jax.Array]) -> optax.GradientTransformationExtraArgs:
+  """Records the drift of conserved quantities ``laws(params)`` caused by each update.
+
+  Put it last in an ``optax.chain`` so that it sees the final updates; it needs ``params`` in
+  ``update``. Updates are returned unchanged.
+
+  Args:
+    laws: ``params -> (K,)`` conserved quantities (e.g. ``Reparametrization.known_laws`` or
+      ``PolynomialLaws.as_function()``).
+
+  Returns:
+    An optax transform with state ``DriftMonitorState``.
+
+  Example:
+    >>> import optax
+    >>> from riemod.conservation import factorization
+    >>> rep = factorization(3, 2, 2)
+    >>> opt = optax.chain(optax.sgd(0.1), drift_monitor(rep.known_laws))
+  """
+
+  def init(params):
+    shape, dtype = _law_shape(laws, params)
+    values = jnp.asarray(laws(params))
+    return DriftMonitorState(initial=values, current=values, step_drift=jnp.zeros(shape, dtype),
+                             max_step_drift=jnp.zeros((), dtype), count=jnp.zeros((), jnp.int32))
+
+  def update(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError("drift_monitor needs params: call update(updates, state, params).")
+    before = laws(params)
+    after = laws(optax.apply_updates(params, updates))
+    step = after - before
+    initial = jnp.where(state.count == 0, before, state.initial)
+    new_state = DriftMonitorState(initial=initial, current=after, step_drift=step,
+                                  max_step_drift=jnp.maximum(state.max_step_drift, jnp.max(jnp.abs(step))),
+                                  count=state.count + 1)
+    return updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+class ChargeMonitorState(NamedTuple):
+  """State of ``charge_monitor``: ``charge = beta^{-k} (W_k^T W_{k+1} - W_{k+1}^T W_k)`` (upper triangle)."""
+
+  charge: jax.Array
+  initial: jax.Array
+  count: jax.Array
+
+
+def _stacked_factors(params):
+  return jnp.concatenate([params["U"], params["V"]], axis=0)
+
+
+def charge_monitor(beta: float, stack: Optional[Callable[[PyTree], jax.Array]] = None
+                   ) -> optax.GradientTransformationExtraArgs:
+  """Tracks the decaying momentum charge of heavy-ball training on a rotation-invariant model.
+
+  Args:
+    beta: the heavy-ball momentum (``optax.sgd(lr, momentum=beta)``).
+    stack: ``params -> W`` (rows = all factor rows; default ``[U; V]`` of ``factorization``).
+
+  Returns:
+    An optax transform (place it last in the chain) with state ``ChargeMonitorState``; the charge is
+    constant up to round-off for heavy ball on ``U V^T`` models.
+
+  Example:
+    >>> import optax
+    >>> opt = optax.chain(optax.sgd(0.05, momentum=0.9), charge_monitor(0.9))
+  """
+  if not 0 < beta < 1:
+    raise ValueError(f"beta={beta} must be in (0, 1).")
+  stack = stack or _stacked_factors
+
+  def charge(params, next_params, count):
+    current, following = stack(params), stack(next_params)
+    antisymmetric = current.T @ following - following.T @ current
+    rows, cols = np.triu_indices(antisymmetric.shape[0], k=1)
+    return antisymmetric[rows, cols] * jnp.asarray(beta, antisymmetric.dtype) ** (-count.astype(
+        antisymmetric.dtype))
+
+  def init(params):
+    width = stack(params).shape[1]
+    zeros = jnp.zeros((width * (width - 1) // 2,), stack(params).dtype)
+    return ChargeMonitorState(charge=zeros, initial=zeros, count=jnp.zeros((), jnp.int32))
+
+  def update(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError("charge_monitor needs params: call update(updates, state, params).")
+    value = charge(params, optax.apply_updates(params, updates), state.count)
+    initial = jnp.where(state.count == 0, value, state.initial)
+    return updates, ChargeMonitorState(charge=value, initial=initial, count=state.count + 1)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def find_state(opt_state, state_type):
+  """The first sub-state of ``state_type`` inside a (chained) optax state, or ``None``."""
+  found = []
+
+  def visit(node):
+    if isinstance(node, state_type):
+      found.append(node)
+      return True
+    return False
+
+  jax.tree_util.tree_map(lambda x: x, opt_state, is_leaf=visit)
+  return found[0] if found else None
+
+
+def track_laws(loss_fn: Callable[[PyTree], jax.Array], optimizer: optax.GradientTransformation,
+               params: PyTree, laws: Callable[[PyTree], jax.Array], steps: int) -> dict:
+  """Trains with ``optimizer`` for ``steps`` full-batch steps and records the laws at every step.
+
+  Args:
+    loss_fn: scalar loss of the parameters; optimizer: any optax transformation.
+    params: initial parameters; laws: ``params -> (K,)``; steps: number of updates.
+
+  Returns:
+    dict with ``laws`` ``(steps + 1, K)``, ``loss`` ``(steps + 1,)`` and ``params`` (final).
+
+  Example:
+    >>> import optax, jax.numpy as jnp
+    >>> from riemod.conservation import factorization
+    >>> rep = factorization(3, 2, 2)
+    >>> out = track_laws(lambda p: jnp.sum((rep.phi(p) - 1.0) ** 2), optax.sgd(1e-2), rep.sample(0),
+    ...                  rep.known_laws, steps=5)
+    >>> out["laws"].shape
+    (6, 3)
+  """
+  if steps < 1:
+    raise ValueError(f"steps={steps} must be >= 1.")
+
+  def step(carry, _):
+    current, state = carry
+    loss, grads = jax.value_and_grad(loss_fn)(current)
+    updates, state = optimizer.update(grads, state, current)
+    current = optax.apply_updates(current, updates)
+    return (current, state), (laws(current), loss)
+
+  @jax.jit
+  def run(start):
+    (final, _), (values, losses) = jax.lax.scan(step, (start, optimizer.init(start)), None, length=steps)
+    values = jnp.concatenate([laws(start)[None], values])
+    losses = jnp.concatenate([losses, loss_fn(final)[None]])
+    return final, values, losses
+
+  final, values, losses = run(params)
+  if not bool(jnp.all(jnp.isfinite(values))):
+    raise FloatingPointError("training diverged (non-finite law values); lower the learning rate.")
+  return {"laws": values, "loss": losses, "params": final}
+
+
+def drift_scaling(loss_fn: Callable[[PyTree], jax.Array], params: PyTree,
+                  laws: Callable[[PyTree], jax.Array], learning_rates: Sequence[float]) -> dict:
+  """One plain gradient step per learning rate: the law drift and its log-log slope in ``eta``.
+
+  Returns:
+    dict with ``learning_rates``, ``drift`` (max abs change of the laws) and ``exponent`` (least-squares
+    slope of ``log drift`` vs ``log eta``; 2 for gradient descent, since ``<grad h, g> = 0``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from riemod.conservation import factorization
+    >>> rep = factorization(3, 2, 2)
+    >>> out = drift_scaling(lambda p: jnp.sum(jnp.cos(rep.phi(p))), rep.sample(0), rep.known_laws,
+    ...                     [1e-2, 5e-3])
+    >>> round(out["exponent"])
+    2
+  """
+  rates = np.asarray(learning_rates, dtype=np.float64)
+  if rates.size < 2 or np.any(rates <= 0):
+    raise ValueError("learning_rates must hold at least two positive values.")
+  grads = jax.grad(loss_fn)(params)
+  before = laws(params)
+
+  @jax.jit
+  def drift(rate):
+    moved = jax.tree_util.tree_map(lambda p, g: p - rate * g, params, grads)
+    return jnp.max(jnp.abs(laws(moved) - before))
+
+  values = np.asarray([float(drift(jnp.asarray(rate, jnp.result_type(float)))) for rate in rates])
+  slope = float(np.polyfit(np.log(rates), np.log(values), 1)[0])
+  return {"learning_rates": rates, "drift": values, "exponent": slope}
