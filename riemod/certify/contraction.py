@@ -86,36 +86,36 @@ def contraction_of(result: LanczosResult, learning_rate) -> Contraction:
                      max_stable_learning_rate(result.lam_max))
 
 
-def spectrum(hvp: Operator, solve: Operator, matvec: Operator, size: int, num_steps: int,
-             key: jax.Array, dtype, mask: np.ndarray | None = None) -> LanczosResult:
+def spectrum(hvp: Operator, solve: Operator, matvec: Operator, start: jax.Array, num_steps: int,
+             mask: jax.Array | np.ndarray | None = None) -> LanczosResult:
   """Ritz values of ``G^{-1} H``, or of ``G_a^{-1} H_aa`` for the block selected by ``mask``.
 
   Args:
     hvp, solve, matvec: flat-vector operators ``H v``, ``G^{-1} v``, ``G v``; with ``mask``,
       ``solve`` and ``matvec`` must be block diagonal (a layerwise metric).
-    size: the flat parameter count.
-    num_steps: Lanczos steps (capped at the block size).
-    key: PRNG key for the start vector.
-    dtype: the parameters' dtype.
-    mask: a static 0/1 numpy vector selecting the block, or ``None`` for the whole network.
+    start: a flat start vector (random).
+    num_steps: Lanczos steps; with a ``mask`` it must not exceed the block size (a static numpy
+      mask caps it; a traced mask, e.g. under ``vmap`` over blocks, leaves that to the caller).
+    mask: a 0/1 vector selecting the block, or ``None`` for the whole network.
   """
-  start = jax.random.normal(key, (size,), dtype)
   if mask is None:
-    return generalized_lanczos(hvp, solve, matvec, start, num_steps, key=key)
-  m = jnp.asarray(mask, dtype)
-  steps = int(min(num_steps, int(np.sum(mask))))
+    return generalized_lanczos(hvp, solve, matvec, start, num_steps)
+  if isinstance(mask, np.ndarray):
+    num_steps = int(min(num_steps, int(np.sum(mask))))
+  m = jnp.asarray(mask, start.dtype)
   return generalized_lanczos(lambda v: m * hvp(m * v), lambda v: m * solve(m * v),
-                             lambda v: m * matvec(m * v), m * start, steps, key=key)
+                             lambda v: m * matvec(m * v), m * start, num_steps)
 
 
-def coupling_norm(hvp: Operator, solve: Operator, mask_a: np.ndarray, mask_b: np.ndarray,
-                  num_iterations: int, key: jax.Array, dtype) -> jax.Array:
+def coupling_norm(hvp: Operator, solve: Operator, mask_a, mask_b, start: jax.Array,
+                  num_iterations: int) -> jax.Array:
   """``||G_a^{-1/2} H_ab G_b^{-1/2}||_2`` by power iteration (two HVPs per iteration).
 
   Iterates ``v_b <- G_b^{-1} H_ba G_a^{-1} H_ab v_b`` normalised in ``G_b``; the ``G``-norms come
   from the right-hand sides already at hand (``G_a u_a = H_ab v_b``), so no metric product is needed.
   ``solve`` must be block diagonal (a layerwise metric).
   """
+  dtype = start.dtype
   ma, mb = jnp.asarray(mask_a, dtype), jnp.asarray(mask_b, dtype)
   tiny = jnp.finfo(dtype).tiny
 
@@ -130,7 +130,7 @@ def coupling_norm(hvp: Operator, solve: Operator, mask_a: np.ndarray, mask_b: np
     return w / jnp.sqrt(jnp.maximum(w_norm_sq, tiny))
 
   # Start from G_b^{-1} z: its G_b-norm squared is z^T G_b^{-1} z, no metric product needed.
-  z = mb * jax.random.normal(key, mask_b.shape, dtype)
+  z = mb * start
   v = mb * solve(z)
   v = v / jnp.sqrt(jnp.maximum(jnp.vdot(v, z), tiny))
   v = jax.lax.fori_loop(0, num_iterations, body, v)

@@ -26,6 +26,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
@@ -58,6 +59,12 @@ class LipschitzSummary(NamedTuple):
   measured_param: jax.Array
 
 
+def _start(shape, salt: int, dtype) -> jax.Array:
+  """A deterministic start vector (no RNG to compile; any generic direction will do)."""
+  k = jnp.arange(int(np.prod(shape)), dtype=dtype) + 1
+  return jnp.cos(k * 0.7548776662466927 + 0.5698402909980532 * (salt + 1)).reshape(shape)
+
+
 def _per_sample_norm(v: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.sum(v.reshape(v.shape[0], -1) ** 2, axis=1))
 
@@ -78,10 +85,10 @@ def state_lipschitz(f: Callable[[jax.Array], jax.Array], x: jax.Array, *, num_it
     >>> round(float(state_lipschitz(lambda x: x @ w, jnp.ones((4, 2)))), 4)
     3.0
   """
-  key = jax.random.key(0) if key is None else key
   _, forward = jax.linearize(f, x)
   backward = jax.linear_transpose(forward, x)
-  v = _normalise(jax.random.normal(key, x.shape, x.dtype))
+  v = _normalise(_start(x.shape, 0, x.dtype) if key is None else
+                 jax.random.normal(key, x.shape, x.dtype))
 
   def body(_, v):
     return _normalise(backward(forward(v))[0])
@@ -100,7 +107,6 @@ def param_lipschitz(f: Callable[[Any, jax.Array], jax.Array], params: Any, x: ja
     >>> round(float(param_lipschitz(lambda p, x: x @ p, jnp.ones((2, 1)), x)), 4)
     5.0
   """
-  key = jax.random.key(0) if key is None else key
   flat, unravel = ravel_pytree(params)
   if flat.size == 0:
     return jnp.zeros((), x.dtype)
@@ -119,7 +125,9 @@ def param_lipschitz(f: Callable[[Any, jax.Array], jax.Array], params: Any, x: ja
     forward, _ = one(sample)
     return jnp.linalg.norm(forward(v).ravel())
 
-  v = _normalise(jax.random.normal(key, (x.shape[0], flat.size), flat.dtype))
+  shape = (x.shape[0], flat.size)
+  v = _normalise(_start(shape, 1, flat.dtype) if key is None else
+                 jax.random.normal(key, shape, flat.dtype))
   v = jax.lax.fori_loop(0, num_iterations, lambda _, v: _normalise(jax.vmap(apply)(x, v)), v)
   return jnp.max(jax.vmap(norm_of)(x, v))
 
@@ -137,7 +145,6 @@ def _walk(layer: Any, path: tuple, x: jax.Array, iters: int, key: jax.Array, out
   """Returns ``(state bound, param bound, output)`` of ``layer`` at ``x``; appends leaf entries."""
   from riemod.nn import Parallel, Sequential
 
-  key = jax.random.fold_in(key, len(out))
   if isinstance(layer, Sequential):
     state, param = jnp.ones((), x.dtype), jnp.zeros((), x.dtype)
     for i, child in enumerate(layer.layers):
@@ -164,7 +171,7 @@ def _walk(layer: Any, path: tuple, x: jax.Array, iters: int, key: jax.Array, out
   apply = lambda p, v: nnx.merge(graphdef, p, rest)(v)
   y = apply(params, x)
   state = state_lipschitz(lambda v: apply(params, v), x, num_iterations=iters, key=key)
-  param = param_lipschitz(apply, params, x, num_iterations=iters, key=jax.random.fold_in(key, 1))
+  param = param_lipschitz(apply, params, x, num_iterations=iters, key=key)
   size = sum(l.size for l in jax.tree.leaves(params))
   out.append(ModuleLipschitz(name, "parametric", state, param, size))
   return state, param, y
@@ -186,7 +193,6 @@ def network_lipschitz(model: Any, x: jax.Array, *, params: Any = None, num_itera
     >>> bool(s.composed_state >= s.measured_state * (1 - 1e-4))
     True
   """
-  key = jax.random.key(0) if key is None else key
   x = jnp.asarray(x)
   entries: list[ModuleLipschitz] = []
   if isinstance(model, nnx.Module):
@@ -201,15 +207,14 @@ def network_lipschitz(model: Any, x: jax.Array, *, params: Any = None, num_itera
     apply = getattr(model, "apply", model)
     full = params
     state = state_lipschitz(lambda v: apply(full, v), x, num_iterations=num_iterations, key=key)
-    param = param_lipschitz(apply, full, x, num_iterations=num_iterations,
-                            key=jax.random.fold_in(key, 1))
+    param = param_lipschitz(apply, full, x, num_iterations=num_iterations, key=key)
     size = sum(l.size for l in jax.tree.leaves(full))
     entries.append(ModuleLipschitz("<model>", "parametric", state, param, size))
     composed_state, composed_param = state, param
-  end_key = jax.random.fold_in(key, 10_000)
+  end_key = None if key is None else jax.random.fold_in(key, 10_000)
   measured_state = state_lipschitz(lambda v: apply(full, v), x, num_iterations=num_iterations,
                                    key=end_key)
   measured_param = param_lipschitz(apply, full, x, num_iterations=num_iterations,
-                                   key=jax.random.fold_in(end_key, 1))
+                                   key=end_key)
   return LipschitzSummary(tuple(entries), composed_state, composed_param, measured_state,
                           measured_param)
