@@ -240,6 +240,9 @@ def lie_rank(family: FieldFamily, point, *, rtol: float = 1e-8, ambiguity: float
       if round_index == 1:
         # Antisymmetry: [a_i, a_j] = -[a_j, a_i] and [a_i, a_i] = 0.
         chains = chains[chains[:, 0] < chains[:, 1]]
+      if chains.shape[0] == 0:
+        history.append(tracker.rank)
+        break
       if round_index not in cache:
         cache[round_index] = _chain_evaluator(family.field, round_index)
       evaluator = cache[round_index]
