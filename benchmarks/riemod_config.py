@@ -1,0 +1,72 @@
+"""riemod's configuration per task: one small dict of keyword arguments, turned into a step.
+
+A configuration looks like::
+
+    {"structure": "layerwise", "learning_rate": 0.3, "mass": 1e-2,
+     "output_metric": "softmax_fisher", "curvature_batch": 32, "momentum": 0.8, "clip": 10.0}
+
+* ``structure``: ``"layerwise"`` -> :func:`riemod.layerwise_natural_gradient`, ``"full"`` ->
+  :func:`riemod.natural_gradient`.
+* ``output_metric``: a name from :mod:`riemod.metrics`, optionally with a count after a colon
+  (``"sampled_softmax_fisher:1"``, ``"gaussian_sketch:4"``).
+* ``curvature_batch`` is passed to :func:`riemod.value_grad_and_curvature` and ``momentum`` (and any
+  other unknown key) to the transform, *only if riemod's signature accepts them*; otherwise the
+  configuration is reported as unsupported (never silently dropped).
+* ``clip``: ``optax.clip_by_global_norm`` before the transform (``None``: no clipping).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import optax
+
+import riemod
+
+TRANSFORM_KEYS = ("learning_rate", "mass", "space", "on_nonfinite")
+LOCAL_KEYS = ("structure", "output_metric", "clip", "curvature_batch")
+
+
+def _transform_fn(structure: str):
+  if structure == "layerwise":
+    return riemod.layerwise_natural_gradient
+  if structure == "full":
+    return riemod.natural_gradient
+  raise ValueError(f"structure={structure!r}")
+
+
+def output_metric(name: str) -> riemod.metrics.OutputMetric:
+  base, _, count = name.partition(":")
+  fn = getattr(riemod.metrics, base)
+  return fn(int(count)) if count else fn()
+
+
+def supported(config: dict[str, Any]) -> tuple[bool, str]:
+  """Whether this riemod accepts every option of ``config`` (and the reason if not)."""
+  vgc = inspect.signature(riemod.value_grad_and_curvature).parameters
+  if config.get("curvature_batch") is not None and "curvature_batch" not in vgc:
+    return False, "riemod.value_grad_and_curvature has no curvature_batch= option"
+  tparams = inspect.signature(_transform_fn(config.get("structure", "layerwise"))).parameters
+  for key, value in config.items():
+    if key in LOCAL_KEYS or value is None:
+      continue
+    if key not in tparams:
+      return False, f"the riemod transform has no {key}= option"
+  return True, ""
+
+
+def build(config: dict[str, Any]):
+  """``(transform, metric, vgc_kwargs)`` for a configuration (see module docstring)."""
+  ok, why = supported(config)
+  if not ok:
+    raise NotImplementedError(why)
+  structure = config.get("structure", "layerwise")
+  kwargs = {k: v for k, v in config.items() if k not in LOCAL_KEYS and v is not None}
+  tx = _transform_fn(structure)(**kwargs)
+  if config.get("clip") is not None:
+    tx = optax.chain(optax.clip_by_global_norm(config["clip"]), tx)
+  vgc_kwargs = {}
+  if config.get("curvature_batch") is not None:
+    vgc_kwargs["curvature_batch"] = config["curvature_batch"]
+  return tx, output_metric(config.get("output_metric", "identity")), vgc_kwargs
