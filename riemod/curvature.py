@@ -303,6 +303,47 @@ def _mass_leaves(group: _Group, leaves: list[jax.Array]) -> dict[str, jax.Array]
   return out
 
 
+def _tapped_pass(frontend: _Frontend, params: Any, x: Any, structured: dict[tuple, _Group]):
+  """Forward pass with zero taps on the structured layers: ``(outputs, vjp, inputs, taps)``."""
+
+  def shape_pass(p):
+    tape = _tape.Tape(owners={})
+    with _tape.recording(tape):
+      frontend.apply(p, x, tape)
+    found.update(shapes=dict(tape.output_shapes), structures=dict(tape.structures))
+    return 0.0
+
+  found: dict[str, Any] = {}
+  jax.eval_shape(shape_pass, params)  # traces only: which tapped layers run, and their shapes
+  for path, structure in found["structures"].items():
+    if path in structured:
+      structured[path].structure = structure
+  taps = {path: [jnp.zeros(s.shape, s.dtype) for s in calls]
+          for path, calls in found["shapes"].items()
+          if path in structured and structured[path].structure is not None}
+
+  def forward(p, t):
+    tape = _tape.Tape(owners={}, taps=t)
+    with _tape.recording(tape):
+      y = frontend.apply(p, x, tape)
+    return y, {k: v for k, v in tape.inputs.items() if k in t}
+
+  outputs, vjp, inputs = jax.vjp(forward, params, taps, has_aux=True)
+  return outputs, vjp, inputs, taps
+
+
+def _check_outputs(outputs: jax.Array, batch: int, loss_fn: Callable) -> None:
+  if not jnp.issubdtype(outputs.dtype, jnp.floating):
+    raise TypeError(f"The model output has dtype {outputs.dtype}; it must be floating point.")
+  if outputs.shape[0] != batch:
+    raise ValueError(f"The model output has leading size {outputs.shape[0]} but x has {batch} "
+                     "samples; riemod needs one output per sample along axis 0.")
+  loss_shape = jax.eval_shape(loss_fn, outputs)
+  if getattr(loss_shape, "shape", None) != ():
+    raise ValueError(f"loss_fn must return a scalar (a mean over the batch); got "
+                     f"{getattr(loss_shape, 'shape', loss_shape)}.")
+
+
 def value_grad_and_curvature(
     model: Any,
     x: Any,
@@ -312,6 +353,7 @@ def value_grad_and_curvature(
     params: Any = None,
     key: jax.Array | None = None,
     declarations: Mapping[str, Any] | None = None,
+    curvature_batch: int | None = None,
 ) -> tuple[jax.Array, Any, Curvature]:
   """Loss, gradient and curvature of ``loss_fn(model(x))`` in one forward and backward pass.
 
@@ -327,6 +369,9 @@ def value_grad_and_curvature(
     declarations: ``{module name: MetricDeclaration or dict(mass=..., kind=...)}``; module names
       are parameter parent paths joined by ``/`` (e.g. ``"params/Dense_0"``). For NNX models they
       override the modules' own declarations.
+    curvature_batch: compute the factor rows on the first ``m`` samples only (rows scaled by
+      ``1/sqrt(m)``) while the loss and gradient use the whole batch. With the exact softmax
+      Fisher, ``m = 16..32`` keeps the capacitance small (``d = k m``) at full gradient accuracy.
 
   Returns:
     ``(loss, grads, curvature)``: ``grads`` has the structure of the parameters (an ``nnx.State``
@@ -353,55 +398,35 @@ def value_grad_and_curvature(
                 if g.declaration.kind == "layerwise"
                 and (g.structure is not None or isinstance(frontend, _LinenFrontend))}
 
-  # Shape pass: which tapped layers run, their output shapes (and, for Linen, their structure).
-  def shape_pass(p):
-    tape = _tape.Tape(owners={})
-    with _tape.recording(tape):
-      frontend.apply(p, x, tape)
-    return {k: v for k, v in tape.output_shapes.items()}, tape.structures
+  if curvature_batch is not None:
+    if not isinstance(curvature_batch, int) or not 0 < curvature_batch <= batch:
+      raise ValueError(f"curvature_batch={curvature_batch!r}: use an int in [1, {batch}] (the "
+                       "number of leading samples of the batch the curvature is computed on).")
+  if curvature_batch is None or curvature_batch == batch:
+    outputs, vjp, inputs, taps = _tapped_pass(frontend, params, x, structured)
+    _check_outputs(outputs, batch, loss_fn)
+    loss, loss_cotangent = jax.value_and_grad(loss_fn)(outputs)
+    grads = vjp(loss_cotangent)[0]
+    x_curv, outputs_curv, num_curv = x, outputs, batch
+  else:
+    # Gradient from every sample; factor rows from the leading samples only (a cheaper, still
+    # unbiased estimate of the batch-mean metric).
+    outputs = frontend.apply(params, x, None)
+    _check_outputs(outputs, batch, loss_fn)
+    loss, grads = jax.value_and_grad(lambda p: loss_fn(frontend.apply(p, x, None)))(params)
+    x_curv = jax.tree.map(lambda a: a[:curvature_batch], x)
+    outputs_curv, vjp, inputs, taps = _tapped_pass(frontend, params, x_curv, structured)
+    num_curv = curvature_batch
 
-  shapes_box = {}
-
-  def traced_shapes(p):
-    shapes, structures = shape_pass(p)
-    shapes_box.update(shapes=shapes, structures=structures)
-    return 0.0
-
-  jax.eval_shape(traced_shapes, params)
-  for key_, structure in shapes_box["structures"].items():
-    if key_ in structured:
-      structured[key_].structure = structure
-  taps = {k: [jnp.zeros(s.shape, s.dtype) for s in calls]
-          for k, calls in shapes_box["shapes"].items()
-          if k in structured and structured[k].structure is not None}
-
-  def forward(p, t):
-    tape = _tape.Tape(owners={}, taps=t)
-    with _tape.recording(tape):
-      y = frontend.apply(p, x, tape)
-    return y, {k: v for k, v in tape.inputs.items() if k in t}
-
-  outputs, vjp, inputs = jax.vjp(forward, params, taps, has_aux=True)
-  if not jnp.issubdtype(outputs.dtype, jnp.floating):
-    raise TypeError(f"The model output has dtype {outputs.dtype}; it must be floating point.")
-  if outputs.shape[0] != batch:
-    raise ValueError(f"The model output has leading size {outputs.shape[0]} but x has {batch} "
-                     "samples; riemod needs one output per sample along axis 0.")
-  loss_shape = jax.eval_shape(loss_fn, outputs)
-  if getattr(loss_shape, "shape", None) != ():
-    raise ValueError(f"loss_fn must return a scalar (a mean over the batch); got "
-                     f"{getattr(loss_shape, 'shape', loss_shape)}.")
-  loss, loss_cotangent = jax.value_and_grad(loss_fn)(outputs)
-  grads = vjp(loss_cotangent)[0]
-
-  factor_rows = output_metric(outputs, key) / jnp.sqrt(jnp.asarray(batch, outputs.dtype))
+  factor_rows = output_metric(outputs_curv, key) / jnp.sqrt(
+      jnp.asarray(num_curv, outputs_curv.dtype))
   rows = jnp.moveaxis(factor_rows, 1, 0)  # (k, B, *out)
-  num_rows = rows.shape[0] * batch
+  num_rows = rows.shape[0] * num_curv
   tap_cotangents = jax.vmap(lambda r: vjp(r)[1])(rows) if taps else {}
 
   generic = [g for g in frontend.groups
              if g.declaration.kind == "layerwise" and g.path not in taps]
-  generic_rows = _generic_rows(frontend, params, x, rows, generic) if generic else {}
+  generic_rows = _generic_rows(frontend, params, x_curv, rows, generic) if generic else {}
 
   modules = []
   for group in frontend.groups:

@@ -8,6 +8,11 @@ with gradient ``g_a``, ``K_a = L_o J_a`` and mass ``D_a``:
   ``K^T K`` included), from summed per-module kernels in sample space;
 * ``euclidean`` modules get ``-lr D_a^{-1} g_a`` and ``frozen`` modules zero.
 
+Momentum (``momentum=mu``) is SPRING (Goldshlager, Abrahamsen & Lin, arXiv 2401.10190):
+``phi_k = mu phi_{k-1} + G^{-1}(g - mu K^T K phi_{k-1})``. Since ``K^T K = G - D`` this is
+``phi_k = G^{-1}(g + mu D phi_{k-1})``: one solve with the already factored ``G``, no extra
+factorisation. For euclidean modules (``G = D``) it is heavy-ball momentum.
+
 Curvature enters as the keyword extra argument ``curvature`` (from
 :func:`riemod.value_grad_and_curvature`). The state tracks the terms of the action functional
 (``METHOD.md`` sec. 6): per step ``g^T G^{-1} g`` and the cumulative discrete action
@@ -49,6 +54,7 @@ class LayerwiseMetricState(NamedTuple):
   residual: jax.Array
   jitter: jax.Array
   step_norm: jax.Array
+  momentum_buffer: Any = None
 
 
 def _float():
@@ -79,6 +85,7 @@ def scale_by_layerwise_metric(
     space: str = "auto",
     on_nonfinite: str = "error",
     learning_rate: optax.ScalarOrSchedule = 1.0,
+    momentum: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients by ``G^{-1}``, ``G = K^T K + D`` (no learning rate, no sign flip).
 
@@ -91,6 +98,7 @@ def scale_by_layerwise_metric(
       returns a zero update and counts it in ``skipped_steps``; ``"ignore"`` checks nothing.
     learning_rate: used only to accumulate the action ``sum lr_k g^T G^{-1} g`` (the aliases
       pass theirs).
+    momentum: SPRING momentum ``mu`` in ``[0, 1)`` (``None``: off, no buffer in the state).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``curvature=`` and accepts
@@ -107,6 +115,8 @@ def scale_by_layerwise_metric(
     raise ValueError(f"on_nonfinite={on_nonfinite!r}: use one of {NONFINITE_POLICIES}.")
   if isinstance(mass, (int, float)) and not (mass > 0 and mass < float("inf")):
     raise ValueError(f"mass={mass!r}: the mass must be a finite positive number, e.g. 1e-2.")
+  if isinstance(momentum, (int, float)) and not 0 <= momentum < 1:
+    raise ValueError(f"momentum={momentum!r}: SPRING momentum must lie in [0, 1), e.g. 0.8.")
 
   def init_fn(params):
     n = len(jax.tree.leaves(params))
@@ -116,7 +126,8 @@ def scale_by_layerwise_metric(
     return LayerwiseMetricState(
         count=jnp.zeros((), jnp.int32), action=zero, metric_grad_norm_sq=zero,
         initial_loss=nan, last_loss=nan, skipped_steps=jnp.zeros((), jnp.int32),
-        condition=per_leaf, residual=per_leaf, jitter=per_leaf, step_norm=per_leaf)
+        condition=per_leaf, residual=per_leaf, jitter=per_leaf, step_norm=per_leaf,
+        momentum_buffer=None if momentum is None else jax.tree.map(jnp.zeros_like, params))
 
   def update_fn(updates, state, params=None, *, curvature=None, value=None, **extra_args):
     del params, extra_args
@@ -127,12 +138,18 @@ def scale_by_layerwise_metric(
           "optimizer.update(model, grads, curvature=curvature)) with the curvature from "
           "riemod.value_grad_and_curvature. Without it there is no metric to solve with.")
     metric = compose_metric(curvature, mass=mass, structure=structure, space=space)
-    direction, residuals = metric.solve_with_residuals(updates)
+    natural, residuals = metric.solve_with_residuals(updates)
+    if momentum is None:
+      direction = natural
+    else:
+      carried = metric.solve(metric.mass_times(state.momentum_buffer))
+      direction = jax.tree.map(lambda a, b: a + momentum * b, natural, carried)
 
     leaves = jax.tree.leaves(updates)
     dir_leaves = jax.tree.leaves(direction)
     dtype = _float()
-    g_ginv_g = sum(jnp.vdot(g, d).real for g, d in zip(leaves, dir_leaves)).astype(dtype)
+    g_ginv_g = sum(jnp.vdot(g, d).real
+                   for g, d in zip(leaves, jax.tree.leaves(natural))).astype(dtype)
 
     condition = jnp.zeros((len(leaves),), dtype)
     residual = jnp.zeros((len(leaves),), dtype)
@@ -153,7 +170,8 @@ def scale_by_layerwise_metric(
         metric_grad_norm_sq=g_ginv_g,
         initial_loss=jnp.where(state.count == 0, loss, state.initial_loss),
         last_loss=loss, skipped_steps=state.skipped_steps, condition=condition,
-        residual=residual, jitter=jitter, step_norm=step_norm)
+        residual=residual, jitter=jitter, step_norm=step_norm,
+        momentum_buffer=None if momentum is None else direction)
 
     if on_nonfinite == "ignore":
       return direction, new_state
@@ -178,6 +196,7 @@ def layerwise_natural_gradient(
     learning_rate: optax.ScalarOrSchedule,
     mass: float = 1e-2,
     *,
+    momentum: float | None = None,
     space: str = "auto",
     on_nonfinite: str = "error",
 ) -> optax.GradientTransformationExtraArgs:
@@ -186,6 +205,7 @@ def layerwise_natural_gradient(
   Args:
     learning_rate: step size or optax schedule.
     mass: default mass for modules that declare none.
+    momentum: SPRING momentum in ``[0, 1)`` (``None``: off).
     space: per-block solve space (``"auto"``, ``"sample"``, ``"parameter"``).
     on_nonfinite: ``"error"``, ``"skip"`` or ``"ignore"`` (see :func:`scale_by_layerwise_metric`).
 
@@ -204,7 +224,8 @@ def layerwise_natural_gradient(
   """
   return optax.chain(
       scale_by_layerwise_metric(mass, structure="layerwise", space=space,
-                                on_nonfinite=on_nonfinite, learning_rate=learning_rate),
+                                on_nonfinite=on_nonfinite, learning_rate=learning_rate,
+                                momentum=momentum),
       optax.scale_by_learning_rate(learning_rate))
 
 
@@ -212,6 +233,7 @@ def natural_gradient(
     learning_rate: optax.ScalarOrSchedule,
     mass: float = 1e-2,
     *,
+    momentum: float | None = None,
     space: str = "auto",
     on_nonfinite: str = "error",
 ) -> optax.GradientTransformationExtraArgs:
@@ -222,7 +244,8 @@ def natural_gradient(
   """
   return optax.chain(
       scale_by_layerwise_metric(mass, structure="full", space=space,
-                                on_nonfinite=on_nonfinite, learning_rate=learning_rate),
+                                on_nonfinite=on_nonfinite, learning_rate=learning_rate,
+                                momentum=momentum),
       optax.scale_by_learning_rate(learning_rate))
 
 

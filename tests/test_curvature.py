@@ -264,3 +264,25 @@ def test_bad_inputs_name_the_argument():
   with pytest.raises(ValueError, match="logits"):
     riemod.value_grad_and_curvature(lambda p, x: (x @ p)[..., None], jnp.ones((2, 3)), loss,
                                     riemod.metrics.softmax_fisher(), params=jnp.ones((3, 2)))
+
+
+def test_curvature_batch_uses_leading_samples_for_rows_and_all_for_gradient():
+  rngs = nnx.Rngs(0)
+  model = riemod.nn.Sequential(riemod.nn.Dense(3, 5, rngs=rngs), jnp.tanh, _Scale(5, jnp.float32),
+                               nnx.Linear(5, 4, rngs=rngs))
+  x = jax.random.normal(jax.random.key(1), (8, 3))
+  labels = jnp.arange(8) % 4
+  metric = riemod.metrics.softmax_fisher()
+  loss, grads, curv = nnx.jit(lambda m, x: riemod.value_grad_and_curvature(
+      m, x, _ce(labels), metric, curvature_batch=3))(model, x)
+  full_loss, full_grads, _ = riemod.value_grad_and_curvature(model, x, _ce(labels), metric)
+  _, _, subset = riemod.value_grad_and_curvature(model, x[:3], _ce(labels[:3]), metric)
+  assert_close(loss, full_loss, jnp.float32)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads)):
+    assert_close(a, b, jnp.float32)
+  assert curv.num_rows == 4 * 3
+  for ours, ref in zip(curv.modules, subset.modules):
+    for name in ours.leaf_names:
+      assert_close(ours.factor.rows()[name], ref.factor.rows()[name], jnp.float32)
+  with pytest.raises(ValueError, match="curvature_batch"):
+    riemod.value_grad_and_curvature(model, x, _ce(labels), metric, curvature_batch=9)

@@ -248,3 +248,35 @@ def test_module_diagnostics_report_each_module():
   assert set(diag) == {"params/Dense_0", "params/Dense_1"}
   for entry in diag.values():
     assert entry["condition"] >= 1.0 and entry["residual"] < 1e-4 and entry["step_norm"] > 0
+
+
+@pytest.mark.parametrize("structure", ["layerwise", "full"])
+def test_spring_momentum_matches_its_defining_formula(structure, dtype):
+  """``phi_k = mu phi_{k-1} + G^{-1}(g_k - mu K^T K phi_{k-1})`` with dense matrices."""
+  x, loss_fn, variables = _problem(dtype)
+  mu, mass = 0.7, 0.2
+  _, _, curv = jax.jit(lambda p: riemod.value_grad_and_curvature(
+      _MLP().apply, x, loss_fn, riemod.metrics.identity(), params=p))(variables)
+  tx = riemod.scale_by_layerwise_metric(mass, structure=structure, momentum=mu)
+  update = jax.jit(lambda g, s: tx.update(g, s, variables, curvature=curv))
+  outputs = _MLP().apply(variables, x)
+  rows = riemod.metrics.identity()(outputs) / jnp.sqrt(jnp.asarray(x.shape[0], dtype))
+  k = dense_factor_rows(_MLP().apply, variables, x, rows)
+  sizes = [leaf.size for leaf in jax.tree.leaves(variables)]
+  blocks = [(0, 1), (2, 3)] if structure == "layerwise" else [(0, 1, 2, 3)]
+  kk = jnp.zeros((sum(sizes), sum(sizes)), dtype)
+  offsets = np.cumsum([0] + sizes)
+  for block in blocks:
+    kb = jnp.concatenate([k[i].reshape(k[i].shape[0], -1) for i in block], axis=1)
+    lo, hi = offsets[block[0]], offsets[block[-1] + 1]
+    kk = kk.at[lo:hi, lo:hi].set(kb.T @ kb)
+  g_matrix = kk + jnp.eye(sum(sizes), dtype=dtype) * mass
+  state, phi = tx.init(variables), jnp.zeros(sum(sizes), dtype)
+  for step in range(3):
+    g_tree = jax.tree.map(lambda v, s=step: jax.random.normal(jax.random.key(10 + s), v.shape, dtype),
+                          variables)
+    updates, state = update(g_tree, state)
+    phi = mu * phi + jnp.linalg.solve(g_matrix, flat(g_tree) - mu * kk @ phi)
+    assert_close(flat(updates), phi, dtype)
+  with pytest.raises(ValueError, match="momentum"):
+    riemod.layerwise_natural_gradient(0.1, momentum=1.0)

@@ -94,6 +94,16 @@ class ComposedMetric:
         tree, lambda block, v: (block.matvec(v), None),
         lambda m, inv, g, _: jnp.zeros_like(g) if m.kind == "frozen" else g / inv)[0]
 
+  def mass_times(self, tree: Any) -> Any:
+    """``D v``: the mass alone (frozen modules: zero)."""
+    leaves, treedef = _checked_leaves(tree, self.curvature)
+    out = list(leaves)
+    for module, inverse in zip(self.curvature.modules, self.inverse_masses):
+      for name, index in zip(module.leaf_names, module.leaf_indices):
+        out[index] = (jnp.zeros_like(leaves[index]) if module.kind == "frozen"
+                      else leaves[index] / inverse[name])
+    return jax.tree.unflatten(treedef, out)
+
   def sample(self, key: jax.Array, like: Any) -> Any:
     """An exact draw from ``N(0, G^{-1})`` shaped like ``like`` (frozen modules: zero).
 
