@@ -322,6 +322,6 @@ def inertia_trajectory(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, s
   history = {name: value for name, value in history.items()}
   history["time"] = time_step * jnp.arange(steps)
   history["params"] = final
-  if not bool(jnp.all(jnp.isfinite(history["inertia"]))):
+  if not isinstance(history["inertia"], jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(history["inertia"]))):
     raise FloatingPointError("the heavy-ball run diverged (non-finite inertia); lower time_step.")
   return history
