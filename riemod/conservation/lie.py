@@ -60,6 +60,7 @@ class LawCount:
     ambiguous: whether any decision fell near the tolerance or the points disagreed.
     seconds: wall-clock time.
     description: what was counted.
+    parameters: ``D``, the number of network parameters (``dimension`` is ``2D + 1`` in phase space).
   """
 
   count: int
@@ -73,10 +74,12 @@ class LawCount:
   ambiguous: bool
   seconds: float
   description: str
+  parameters: int = 0
 
   def as_dict(self) -> dict:
     return {
-        "count": self.count, "parameters": self.dimension, "lie_dimension": self.lie_dimension,
+        "count": self.count, "parameters": self.parameters, "dimension": self.dimension,
+        "lie_dimension": self.lie_dimension,
         "generator_rank": self.generator_rank, "rank_history": self.rank_history,
         "ambiguous": self.ambiguous, "seconds": self.seconds, "description": self.description,
         "smallest_kept": self.smallest_kept, "largest_dropped": self.largest_dropped,
@@ -357,4 +360,6 @@ def count_laws(phi, theta_or_shapes=None, *, flow: str = "gradient", metric=None
                   smallest_kept=[result["smallest_kept"] for result in results],
                   largest_dropped=[result["largest_dropped"] for result in results],
                   ambiguous=ambiguous, seconds=time.perf_counter() - started,
-                  description=family.description)
+                  description=family.description,
+                  parameters=(family.reparametrization.num_parameters if family.reparametrization is not None
+                              else family.dimension))
