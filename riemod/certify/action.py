@@ -62,7 +62,8 @@ class ActionTerms(NamedTuple):
 
 
 def action_terms(opt_state: Any, *, learning_rate: float | None = None,
-                 final_loss: float | None = None) -> ActionTerms:
+                 final_loss: float | None = None,
+                 initial_loss: float | None = None) -> ActionTerms:
   """Action, loss decrease and action gap from a riemod optimizer state (searched in chains).
 
   Args:
@@ -71,6 +72,8 @@ def action_terms(opt_state: Any, *, learning_rate: float | None = None,
     learning_rate: the (constant) learning rate; needed without ``final_loss`` to remove the
       latest step's term.
     final_loss: the loss after the latest step; then the whole action is used.
+    initial_loss: ``l(w_0)`` when it is known better than the state's record (e.g. evaluated on
+      the same batch as ``final_loss``); by default the loss passed to the first update.
 
   Returns:
     :class:`ActionTerms` (host floats).
@@ -97,8 +100,9 @@ def action_terms(opt_state: Any, *, learning_rate: float | None = None,
   count = int(state.count)
   if count == 0:
     return ActionTerms(0.0, 0.0, 0.0, float("nan"), float("nan"), 0, "state")
-  initial, last = float(state.initial_loss), float(state.last_loss)
-  if not (np.isfinite(initial) and np.isfinite(last)):
+  initial = float(state.initial_loss if initial_loss is None else initial_loss)
+  last = float(state.last_loss)
+  if not np.isfinite(initial) or (final_loss is None and not np.isfinite(last)):
     raise ValueError("The optimizer state has no losses: pass value=loss to every update "
                      "(tx.update(..., value=loss) or optimizer.update(model, grads, value=loss, "
                      "curvature=curvature)) to track the action gap.")
