@@ -12,6 +12,10 @@ certificate fails (the new loss is not finite, the model predicts no decrease, o
 ``rho < reject_below``) is rejected: the update is zero, the parameters are unchanged and the inner
 state is rolled back; only the guard's counters and mass scale move.
 
+With ``s = -eta G^{-1} g`` the model predicts ``eta (1 - eta / 2) g^T G^{-1} g``: a decrease only
+for ``eta < 2``. Use the guard with learning rates below 2 (natural-gradient steps are usually
+``<= 1``); with ``eta >= 2`` every step is rejected, whatever the mass.
+
 The guard is a wrapper: the plain transforms are untouched, so it costs nothing when not used. When
 used it costs one extra loss evaluation (``value_fn``) and one metric product per step.
 
