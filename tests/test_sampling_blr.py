@@ -38,3 +38,24 @@ def test_sgworld_covariance_error_is_below_sgld_at_the_same_step_and_seed(proble
     errors = {name: blr.run_blr(problem, name, h, seed=1, num_steps=steps, num_chains=1)
               for name in ("sgld", "sgworld")}
     assert errors["sgworld"]["cov_error"] < errors["sgld"]["cov_error"], (h, errors)
+
+
+def test_closed_form_sgld_error_grows_with_step_and_riemannian_stays_small(problem):
+  sgld_errors = [blr.stationary_cov_error(problem, "sgld", h) for h in (1e-5, 3e-5, 1e-4)]
+  assert sgld_errors[0] < sgld_errors[1] < sgld_errors[2] and sgld_errors[1] > 1.0
+  # With the exact metric the chain relaxes at rate h in every direction: tiny bias at 3e-5.
+  assert blr.stationary_cov_error(problem, "riemannian_sgld", 3e-5) < 1e-3
+
+
+@pytest.mark.slow
+def test_cli_json_output():
+  import io, json, contextlib
+  from riemod.cli.main import main
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    assert main(["sample", "blr", "--json", "--relaxation-times", "200",
+                 "--riemannian-steps", "0.05"]) == 0
+  results = json.loads(out.getvalue())["results"]
+  assert {r["sampler"] for r in results} == {"sgld", "sgworld", "riemannian_sgld"}
+  for r in results:
+    assert {"sampler", "step_size", "cov_error", "mean_error"} <= set(r)

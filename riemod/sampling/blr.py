@@ -240,3 +240,38 @@ def sweep(samplers: Sequence[str] = SAMPLERS, step_sizes: Sequence[float] = DEFA
   problem = problem or make_blr()
   return [dict(run_blr(problem, name, h, seed=seed, **run_kwargs), seed=int(seed))
           for name in samplers for h in step_sizes for seed in seeds]
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Medians over seeds of ``cov_error`` and ``mean_error`` per (sampler, step size)."""
+  groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+  for row in rows:
+    groups.setdefault((row["sampler"], row["step_size"]), []).append(row)
+  out = []
+  for (name, h), members in groups.items():
+    out.append({"sampler": name, "step_size": h,
+                "cov_error": float(np.median([m["cov_error"] for m in members])),
+                "mean_error": float(np.median([m["mean_error"] for m in members])),
+                "seeds": len(members), "num_steps": members[0]["num_steps"],
+                "num_chains": members[0]["num_chains"]})
+  return out
+
+
+def stationary_cov_error(problem: BayesianLinearRegression, sampler: str, step_size: float,
+                         *, with_replacement: bool = True) -> float:
+  """Closed-form covariance error of the chain linearised at the posterior mean.
+
+  Uses :func:`~riemod.sampling.diagnostics.langevin_stationary_covariance` with the minibatch
+  noise of ``grad U_B`` at the posterior mean, ``N^2 (N - B) / (B (N - 1)) C``. It treats the
+  batches as independent, so it describes SGLD and Riemannian SGLD (``A = Sigma``), not SGWORLD,
+  whose batches within an epoch are dependent.
+  """
+  from riemod.sampling.diagnostics import (langevin_stationary_covariance,
+                                           minibatch_gradient_covariance)
+  del with_replacement
+  n, b = problem.num_data, problem.batch_size
+  noise = n ** 2 * minibatch_gradient_covariance(problem.per_sample_gradient_covariance(), n, b)
+  hess = problem.posterior_precision
+  pre = problem.posterior_cov if sampler == "riemannian_sgld" else None
+  s = langevin_stationary_covariance(hess, step_size, 1.0, noise, pre)
+  return float(np.linalg.norm(s - problem.posterior_cov) / np.linalg.norm(problem.posterior_cov))
