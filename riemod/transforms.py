@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental import io_callback
 
 from riemod.composer.metric import STRUCTURES, compose_metric
 
@@ -138,27 +139,33 @@ def scale_by_layerwise_metric(
           "optimizer.update(model, grads, curvature=curvature)) with the curvature from "
           "riemod.value_grad_and_curvature. Without it there is no metric to solve with.")
     metric = compose_metric(curvature, mass=mass, structure=structure, space=space)
-    natural, residuals = metric.solve_with_residuals(updates)
     if momentum is None:
+      natural, residuals = metric.solve_with_residuals(updates)
       direction = natural
     else:
-      carried = metric.solve(metric.mass_times(state.momentum_buffer))
-      direction = jax.tree.map(lambda a, b: a + momentum * b, natural, carried)
-
+      # Both right-hand sides in one multi-column solve: G^{-1} g and G^{-1} D phi.
+      stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), updates,
+                             metric.mass_times(state.momentum_buffer))
+      solved, residuals = jax.vmap(metric.solve_with_residuals)(stacked)
+      residuals = [r.max() for r in residuals]
+      natural = jax.tree.map(lambda s_: s_[0], solved)
+      direction = jax.tree.map(lambda s_: s_[0] + momentum * s_[1], solved)
     leaves = jax.tree.leaves(updates)
     dir_leaves = jax.tree.leaves(direction)
     dtype = _float()
     g_ginv_g = sum(jnp.vdot(g, d).real
                    for g, d in zip(leaves, jax.tree.leaves(natural))).astype(dtype)
 
-    condition = jnp.zeros((len(leaves),), dtype)
-    residual = jnp.zeros((len(leaves),), dtype)
-    jitter = jnp.zeros((len(leaves),), dtype)
+    per_leaf = {name: [jnp.zeros((), dtype)] * len(leaves)
+                for name in ("condition", "residual", "jitter")}
     for block, members, res in zip(metric.blocks, metric.block_modules, residuals):
-      idx = jnp.asarray([i for m in members for i in curvature.modules[m].leaf_indices])
-      condition = condition.at[idx].set(block.condition_estimate().astype(dtype))
-      residual = residual.at[idx].set(res.astype(dtype))
-      jitter = jitter.at[idx].set(block.jitter.astype(dtype))
+      block_values = {"condition": block.condition_estimate(), "residual": res,
+                      "jitter": block.jitter}
+      for i in (i for m in members for i in curvature.modules[m].leaf_indices):
+        for name, block_value in block_values.items():
+          per_leaf[name][i] = block_value.astype(dtype)
+    condition, residual, jitter = (jnp.stack(per_leaf[name]) if leaves else jnp.zeros((0,), dtype)
+                                   for name in ("condition", "residual", "jitter"))
     step_norm = jnp.stack([jnp.linalg.norm(d).astype(dtype) for d in dir_leaves]) if (
         dir_leaves) else jnp.zeros((0,), dtype)
 
@@ -180,8 +187,9 @@ def scale_by_layerwise_metric(
     ok_step = _all_finite(direction)
     ok = ok_grads & ok_curvature & ok_step
     if on_nonfinite == "error":
-      jax.lax.cond(ok, lambda: None, lambda: jax.debug.callback(
-          _raise_nonfinite, ~ok_grads, ~ok_curvature, ~ok_step))
+      # The host callback sits in the untaken branch: a finite step never leaves the device.
+      jax.lax.cond(ok, lambda: None, lambda: io_callback(
+          _raise_nonfinite, None, ~ok_grads, ~ok_curvature, ~ok_step, ordered=False))
       return direction, new_state
     # Skip: parameters unchanged, only the skip counter moves.
     direction = jax.tree.map(lambda d: jnp.where(ok, d, jnp.zeros_like(d)), direction)

@@ -93,7 +93,8 @@ class DenseFactor:
   def matvec(self, v: Leaves) -> jax.Array:
     """``K v`` for a parameter dict ``v``: ``(d,)``."""
     w = self.structure.kernel_to_flat(v["kernel"])
-    out = jnp.einsum("bpi,if,rbpf->rb", self.features, w, self.cotangents, optimize=True)
+    # (x W) first, then the cotangents: never the (d, in, out) rows of K.
+    out = jnp.einsum("bpf,rbpf->rb", self.features @ w, self.cotangents)
     if self.structure.has_bias:
       out = out + jnp.einsum("f,rbf->rb", v["bias"], self._bias_rows())
     return out.reshape(-1)
@@ -102,7 +103,8 @@ class DenseFactor:
     """``K^T t`` for ``t`` of shape ``(d,)``, as a parameter dict."""
     r, b = self.cotangents.shape[:2]
     t = t.reshape(r, b)
-    w = jnp.einsum("rb,bpi,rbpf->if", t, self.features, self.cotangents, optimize=True)
+    weighted = jnp.einsum("rb,rbpf->bpf", t, self.cotangents)
+    w = jnp.einsum("bpi,bpf->if", self.features, weighted)
     out = {"kernel": self.structure.flat_to_kernel(w)}
     if self.structure.has_bias:
       out["bias"] = jnp.einsum("rb,rbf->f", t, self._bias_rows())

@@ -51,9 +51,14 @@ def cholesky_with_jitter(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
     chol, jitter = attempt(level)
     return level, chol, jitter
 
-  chol, jitter = attempt(jnp.asarray(0))
-  _, chol, jitter = jax.lax.while_loop(failed, retry, (jnp.asarray(0), chol, jitter))
-  return chol, jitter
+  def escalate(_):
+    chol, jitter = attempt(jnp.asarray(1))
+    return jax.lax.while_loop(failed, retry, (jnp.asarray(1), chol, jitter))[1:]
+
+  chol = jnp.linalg.cholesky(matrix)
+  # The common case (a finite factor) skips the loop entirely.
+  return jax.lax.cond(jnp.all(jnp.isfinite(chol)),
+                      lambda _: (chol, jnp.zeros((), matrix.dtype)), escalate, None)
 
 
 def _cho_solve(chol: jax.Array, rhs: jax.Array) -> jax.Array:
