@@ -196,6 +196,7 @@ def riemannian_sgld(
     prior_precision: float = 1.0,
     structure: str = "layerwise",
     space: str = "auto",
+    mass: float | None = None,
     key: jax.Array | int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """Riemannian SGLD with the composer's metric: ``-h G_U^{-1} grad U_B + N(0, 2 h T G_U^{-1})``.
@@ -215,6 +216,12 @@ def riemannian_sgld(
       none is ``P / N``.
     structure: ``"layerwise"`` or ``"full"``.
     space: ``"auto"``, ``"sample"`` or ``"parameter"`` solves (see :func:`riemod.compose_metric`).
+    mass: the default mass ``D`` in the batch-mean scale; ``None`` means ``prior_precision / N``,
+      for which ``G_U`` is exactly the Gauss-Newton matrix of ``U``. Any constant ``D > 0`` gives
+      a valid preconditioner (the stationary law is still ``exp(-U / T)``); a larger one damps the
+      directions the batch's curvature does not see, which a network needs when the batch metric
+      has rank far below the parameter count (there ``G_U = P`` would let the chain take prior-
+      sized steps against the full-data gradient).
     key: PRNG key (or integer seed) of the injected noise.
 
   Returns:
@@ -253,8 +260,10 @@ def riemannian_sgld(
   if structure not in STRUCTURES:
     raise ValueError(f"structure={structure!r}: use one of {STRUCTURES}.")
   key = _prng_key(key)
+  if mass is not None and not (float(mass) > 0 and np.isfinite(float(mass))):
+    raise ValueError(f"mass={mass!r}: pass a finite mass > 0, or None for prior_precision / N.")
   n = float(data_size)
-  mass = float(prior_precision) / n
+  mass = float(prior_precision) / n if mass is None else float(mass)
 
   def init_fn(params):
     del params

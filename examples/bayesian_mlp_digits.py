@@ -1,0 +1,101 @@
+"""A Bayesian MLP on the 8x8 digits: SGLD, SGWORLD and Riemannian SGLD, accuracy and calibration.
+
+The posterior predictive is the average of the softmax over the collected samples. Reports test
+accuracy and expected calibration error (ECE, 15 equal-width confidence bins) against the last
+sample alone. Riemannian SGLD uses the layerwise metric with a sampled softmax Fisher (one label
+drawn from the model per sample) recomputed on every batch; its step is dimensionless. The batch
+metric has rank 100 against 2410 parameters, so the mass is raised to 0.1 (batch-mean scale): in the
+unseen directions the chain then moves like SGLD with step ``h / (N m)``, while the directions the
+batch resolves are preconditioned.
+
+Run: ``python examples/bayesian_mlp_digits.py`` (a few minutes on two CPU cores).
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import riemod
+from riemod.data import load_digits
+from riemod.sampling import (Minibatcher, potential_grad, riemannian_sgld, sample, sgld, sgworld)
+
+
+def init_params(key, sizes=(64, 32, 10)):
+  params = {}
+  for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    key, sub = jax.random.split(key)
+    params[f"layer{i}"] = {"kernel": jax.random.normal(sub, (a, b)) / np.sqrt(a),
+                           "bias": jnp.zeros(b)}
+  return params
+
+
+def mlp(params, x):
+  h = jnp.tanh(x @ params["layer0"]["kernel"] + params["layer0"]["bias"])
+  return h @ params["layer1"]["kernel"] + params["layer1"]["bias"]
+
+
+def ece(probs, labels, bins=15):
+  conf, pred = probs.max(1), probs.argmax(1)
+  edges = np.linspace(0, 1, bins + 1)
+  total = 0.0
+  for lo, hi in zip(edges[:-1], edges[1:]):
+    m = (conf > lo) & (conf <= hi)
+    if m.any():
+      total += m.mean() * abs((pred[m] == labels[m]).mean() - conf[m].mean())
+  return total
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--samples", type=int, default=100)
+  parser.add_argument("--thin", type=int, default=50)
+  parser.add_argument("--burn-in", type=int, default=3000)
+  parser.add_argument("--only", default="", help="comma-separated samplers to run")
+  args = parser.parse_args()
+
+  data = load_digits()
+  x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+  n, batch, prior = len(x), 100, 1.0
+
+  def loss_of(labels):
+    return lambda logits: jnp.mean(
+        -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+  def euclid_grad(params, idx, key):
+    g = jax.grad(lambda p: loss_of(y[idx])(mlp(p, x[idx])))(params)
+    return potential_grad(g, params, data_size=n, prior_precision=prior), {}
+
+  def riemann_grad(params, idx, key):
+    _, g, curv = riemod.value_grad_and_curvature(
+        mlp, x[idx], loss_of(y[idx]), riemod.metrics.sampled_softmax_fisher(1), params=params,
+        key=key)
+    return potential_grad(g, params, data_size=n, prior_precision=prior), {"curvature": curv}
+
+  runs = [("sgld", sgld(2e-4, key=1), euclid_grad, True),
+          ("sgworld", sgworld(2e-4, key=1), euclid_grad, False),
+          ("riemannian_sgld", riemannian_sgld(0.03, data_size=n, prior_precision=prior, mass=0.1, key=1),
+           riemann_grad, True)]
+  x_test, y_test = jnp.asarray(data.x_test), data.y_test
+  print("| sampler | test accuracy (BMA) | ECE (BMA) | accuracy (last) | ECE (last) | s |")
+  print("|---|---|---|---|---|---|")
+  only = set(args.only.split(",")) if args.only else None
+  for name, tx, grad_fn, replace in runs:
+    if only and name not in only:
+      continue
+    start = time.perf_counter()
+    result = sample(tx, init_params(jax.random.key(0)), grad_fn, Minibatcher(n, batch, replace),
+                    key=0, num_samples=args.samples, burn_in=args.burn_in, thin=args.thin,
+                    collect=lambda p: jax.nn.softmax(mlp(p, x_test)), chunk_size=25,
+                    progress=False)
+    probs = np.asarray(result.samples, np.float64)  # (samples, test, classes)
+    bma, last = probs.mean(0), probs[-1]
+    print(f"| {name} | {(bma.argmax(1) == y_test).mean():.3f} | {ece(bma, y_test):.3f} | "
+          f"{(last.argmax(1) == y_test).mean():.3f} | {ece(last, y_test):.3f} | "
+          f"{time.perf_counter() - start:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
