@@ -164,9 +164,9 @@ def sgworld(step_size: optax.ScalarOrSchedule, temperature: float = 1.0, *,
             key: jax.Array | int = 0) -> optax.GradientTransformationExtraArgs:
   """SGWORLD: SGLD fed without-replacement minibatches (a fresh permutation every epoch).
 
-  The update is :func:`sgld`'s; what makes it SGWORLD is the batching, which the caller (or
-  :func:`riemod.sampling.sample`, given ``sampler="sgworld"`` batching) must provide with
-  ``Minibatcher(N, B, replace=False)``. Every sample then enters exactly once per epoch, the
+  The update is :func:`sgld`'s; what makes it SGWORLD is the batching, which the caller provides
+  with ``Minibatcher(N, B, replace=False)`` (e.g. as the ``batcher`` of
+  :func:`riemod.sampling.sample`). Every sample then enters exactly once per epoch, the
   epoch's minibatch errors sum to zero at leading order, and the stationary law moves toward the
   Gibbs posterior: at the same step size its covariance error is far below SGLD's.
 
