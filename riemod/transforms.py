@@ -146,8 +146,7 @@ def scale_by_layerwise_metric(
       # Both right-hand sides in one multi-column solve: G^{-1} g and G^{-1} D phi.
       stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), updates,
                              metric.mass_times(state.momentum_buffer))
-      solved, residuals = jax.vmap(metric.solve_with_residuals)(stacked)
-      residuals = [r.max() for r in residuals]
+      solved, residuals = metric.solve_with_residuals(stacked)
       natural = jax.tree.map(lambda s_: s_[0], solved)
       direction = jax.tree.map(lambda s_: s_[0] + momentum * s_[1], solved)
     leaves = jax.tree.leaves(updates)

@@ -90,24 +90,32 @@ class DenseFactor:
         kernel = kernel + inv_mass["bias"] * jnp.einsum("rbf,qcf->rbqc", cb, cb)
     return kernel.reshape(r * b, r * b)
 
+  @property
+  def leaf_shapes(self) -> dict[str, tuple[int, ...]]:
+    shapes = {"kernel": self.structure.kernel_shape}
+    if self.structure.has_bias:
+      shapes["bias"] = (self.structure.fan_out,)
+    return shapes
+
   def matvec(self, v: Leaves) -> jax.Array:
-    """``K v`` for a parameter dict ``v``: ``(d,)``."""
+    """``K v`` for a parameter dict ``v``: ``(..., d)``."""
     w = self.structure.kernel_to_flat(v["kernel"])
     # (x W) first, then the cotangents: never the (d, in, out) rows of K.
-    out = jnp.einsum("bpf,rbpf->rb", self.features @ w, self.cotangents)
+    hidden = jnp.einsum("bpi,...if->...bpf", self.features, w)
+    out = jnp.einsum("...bpf,rbpf->...rb", hidden, self.cotangents)
     if self.structure.has_bias:
-      out = out + jnp.einsum("f,rbf->rb", v["bias"], self._bias_rows())
-    return out.reshape(-1)
+      out = out + jnp.einsum("...f,rbf->...rb", v["bias"], self._bias_rows())
+    return out.reshape(out.shape[:-2] + (-1,))
 
   def rmatvec(self, t: jax.Array) -> dict[str, jax.Array]:
-    """``K^T t`` for ``t`` of shape ``(d,)``, as a parameter dict."""
+    """``K^T t`` for ``t`` of shape ``(..., d)``, as a parameter dict."""
     r, b = self.cotangents.shape[:2]
-    t = t.reshape(r, b)
-    weighted = jnp.einsum("rb,rbpf->bpf", t, self.cotangents)
-    w = jnp.einsum("bpi,bpf->if", self.features, weighted)
+    t = t.reshape(t.shape[:-1] + (r, b))
+    weighted = jnp.einsum("...rb,rbpf->...bpf", t, self.cotangents)
+    w = jnp.einsum("bpi,...bpf->...if", self.features, weighted)
     out = {"kernel": self.structure.flat_to_kernel(w)}
     if self.structure.has_bias:
-      out["bias"] = jnp.einsum("rb,rbf->f", t, self._bias_rows())
+      out["bias"] = jnp.einsum("...rb,rbf->...f", t, self._bias_rows())
     return out
 
   def rows(self) -> dict[str, jax.Array]:
@@ -147,12 +155,22 @@ class RowsFactor:
   def gram(self, inv_mass: Leaves) -> jax.Array:
     return _gram_of_rows(self.rows(), inv_mass)
 
+  @property
+  def leaf_shapes(self) -> dict[str, tuple[int, ...]]:
+    return {k: v.shape[2:] for k, v in self.leaf_rows.items()}
+
   def matvec(self, v: Leaves) -> jax.Array:
     d = self.num_rows
-    return sum(rows.reshape(d, -1) @ v[name].reshape(-1) for name, rows in self.rows().items())
+    total = 0.0
+    for name, rows in self.leaf_rows.items():
+      leaf_ndim = rows.ndim - 2
+      x = v[name].reshape(v[name].shape[:v[name].ndim - leaf_ndim] + (-1,))
+      total = total + jnp.einsum("dn,...n->...d", rows.reshape(d, -1), x)
+    return total
 
   def rmatvec(self, t: jax.Array) -> dict[str, jax.Array]:
-    return {name: jnp.tensordot(t, rows, axes=1) for name, rows in self.rows().items()}
+    return {name: jnp.tensordot(t, rows, axes=[[t.ndim - 1], [0]])
+            for name, rows in self.rows().items()}
 
 
 def _gram_of_rows(rows: Leaves, inv_mass: Leaves) -> jax.Array:

@@ -79,7 +79,7 @@ class ComposedMetric:
     return jax.tree.unflatten(treedef, out), extras
 
   def solve(self, tree: Any) -> Any:
-    """``G^{-1} v`` (frozen modules: zero)."""
+    """``G^{-1} v`` (frozen modules: zero). Leaves may carry one leading batch axis."""
     return self.solve_with_residuals(tree)[0]
 
   def solve_with_residuals(self, tree: Any) -> tuple[Any, list[jax.Array]]:
@@ -143,9 +143,14 @@ class ComposedMetric:
 
 
 def _checked_leaves(tree: Any, curvature: Curvature):
+  """Leaves shaped like the parameters, or all with one leading axis of the same size (a batch
+  of right-hand sides)."""
   leaves, treedef = jax.tree.flatten(tree)
   shapes = tuple(tuple(jnp.shape(l)) for l in leaves)
-  if shapes != curvature.leaf_shapes:
+  leads = {s[:len(s) - len(p)] for s, p in zip(shapes, curvature.leaf_shapes)}
+  batched = len(leads) == 1 and len(next(iter(leads))) == 1 and all(
+      s[1:] == p for s, p in zip(shapes, curvature.leaf_shapes))
+  if shapes != curvature.leaf_shapes and not batched:
     raise ValueError(
         "The curvature does not belong to these parameters: it was computed for parameter "
         f"shapes {list(curvature.leaf_shapes)} but got {list(shapes)}. Pass the curvature from "

@@ -11,6 +11,7 @@ Reference: Pehle & Slotine, *Riemannian Optimization in Modular Systems* (arXiv 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import jax
@@ -61,8 +62,17 @@ def cholesky_with_jitter(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
                       lambda _: (chol, jnp.zeros((), matrix.dtype)), escalate, None)
 
 
-def _cho_solve(chol: jax.Array, rhs: jax.Array) -> jax.Array:
-  return jax.scipy.linalg.cho_solve((chol, True), rhs)
+def _cho_solve_rows(chol: jax.Array, rhs: jax.Array) -> jax.Array:
+  """Solves for ``rhs`` of shape ``(d,)`` or ``(m, d)`` (one triangular pair for all columns)."""
+  if rhs.ndim == 1:
+    return jax.scipy.linalg.cho_solve((chol, True), rhs)
+  return jax.scipy.linalg.cho_solve((chol, True), rhs.T).T
+
+
+def _relative_residual(matrix: jax.Array, x: jax.Array, b: jax.Array) -> jax.Array:
+  residual = x @ matrix.T - b  # matrix is symmetric; rows of x are solutions
+  norm = jnp.linalg.norm(b)
+  return jnp.linalg.norm(residual) / jnp.maximum(norm, jnp.finfo(b.dtype).tiny)
 
 
 def _scale(inv_mass: Params, v: Params) -> Params:
@@ -96,34 +106,37 @@ class BlockFactorization:
 
   # -- parameter-space helpers: all leaves of the block as one flat vector, in a fixed order.
   def _flatten(self, vs: Sequence[Params]) -> jax.Array:
-    return jnp.concatenate([v[name].reshape(-1) for f, v in zip(self.factors, vs)
-                            for name in f.leaf_names])
+    parts = []
+    for f, v in zip(self.factors, vs):
+      for name, shape in ((n, f.leaf_shapes[n]) for n in f.leaf_names):
+        parts.append(v[name].reshape(v[name].shape[:v[name].ndim - len(shape)] + (-1,)))
+    return jnp.concatenate(parts, axis=-1)
 
   def _unflatten(self, flat: jax.Array, like: Sequence[Params]) -> tuple[Params, ...]:
     out, start = [], 0
-    for f, v in zip(self.factors, like):
+    for f in self.factors:
       module = {}
       for name in f.leaf_names:
-        size = v[name].size
-        module[name] = flat[start:start + size].reshape(v[name].shape)
+        shape = f.leaf_shapes[name]
+        size = math.prod(shape)
+        module[name] = flat[..., start:start + size].reshape(flat.shape[:-1] + tuple(shape))
         start += size
       out.append(module)
     return tuple(out)
 
   def solve(self, rhs: Sequence[Params]) -> tuple[tuple[Params, ...], jax.Array]:
-    """``G^{-1} rhs`` per module, and the relative residual of the small solve."""
+    """``G^{-1} rhs`` per module (leaves may carry a leading batch of right-hand sides), and the
+    largest relative residual of the small solves."""
     if self.space == "parameter":
       b = self._flatten(rhs)
-      x = _cho_solve(self.chol, b)
-      residual = jnp.linalg.norm(self.matrix @ x - b) / jnp.maximum(jnp.linalg.norm(b), _tiny(b))
-      return self._unflatten(x, rhs), residual
+      x = _cho_solve_rows(self.chol, b)
+      return self._unflatten(x, rhs), _relative_residual(self.matrix, x, b)
     scaled = [_scale(m, g) for m, g in zip(self.inv_masses, rhs)]
     u = sum(f.matvec(s) for f, s in zip(self.factors, scaled))
-    t = _cho_solve(self.chol, u)
-    residual = jnp.linalg.norm(self.matrix @ t - u) / jnp.maximum(jnp.linalg.norm(u), _tiny(u))
+    t = _cho_solve_rows(self.chol, u)
     out = tuple(_add(s, _scale(m, f.rmatvec(t)), -1.0)
                 for f, m, s in zip(self.factors, self.inv_masses, scaled))
-    return out, residual
+    return out, _relative_residual(self.matrix, t, u)
 
   def matvec(self, v: Sequence[Params]) -> tuple[Params, ...]:
     """``G v`` per module (the metric itself, never formed)."""
@@ -149,10 +162,6 @@ class BlockFactorization:
     """``(max L_ii / min L_ii)^2``: a cheap lower bound on the condition number."""
     diag = jnp.abs(jnp.diag(self.chol))
     return (jnp.max(diag) / jnp.min(diag)) ** 2
-
-
-def _tiny(x: jax.Array) -> jax.Array:
-  return jnp.asarray(jnp.finfo(x.dtype).tiny, x.dtype)
 
 
 def factorize_block(factors: Sequence[Factor], inv_masses: Sequence[Params],
