@@ -6,7 +6,9 @@ transformations. Reference: Pehle & Slotine, *Riemannian Optimization in Modular
 (arXiv 2603.03610).
 """
 
-from riemod import composer, metrics, nn
+import types as _types
+
+from riemod import certify, composer, conservation, metrics, nn, sampling
 from riemod.composer import ComposedMetric, compose_metric
 from riemod.curvature import Curvature, ModuleCurvature, value_grad_and_curvature
 from riemod.nn import MetricDeclaration
@@ -15,8 +17,18 @@ from riemod.transforms import (LayerwiseMetricState, layerwise_natural_gradient,
 
 __version__ = "0.1.0"
 
+
+class _CallableCertify(_types.ModuleType):
+  """``riemod.certify(...)`` runs the certificate; ``riemod.certify.<part>`` stays a package."""
+
+  def __call__(self, *args, **kwargs):
+    return self.certify(*args, **kwargs)
+
+
+certify.__class__ = _CallableCertify
+
 __all__ = [
-    "ComposedMetric", "Curvature", "LayerwiseMetricState", "MetricDeclaration", "ModuleCurvature",
+    "ComposedMetric", "Curvature", "certify", "conservation", "sampling", "LayerwiseMetricState", "MetricDeclaration", "ModuleCurvature",
     "compose_metric", "composer", "layerwise_natural_gradient", "metrics", "module_diagnostics",
     "natural_gradient", "nn", "scale_by_layerwise_metric", "value_grad_and_curvature",
 ]

@@ -73,6 +73,12 @@ def _raise_nonfinite(bad_grads, bad_curvature, bad_step):
         "steps (parameters unchanged, state.skipped_steps counts them).")
 
 
+def _report_nonfinite(ok, ok_grads, ok_curvature, ok_step) -> None:
+  # The host callback sits in the untaken branch: a finite step never leaves the device.
+  jax.lax.cond(ok, lambda: None, lambda: io_callback(
+      _raise_nonfinite, None, ~ok_grads, ~ok_curvature, ~ok_step, ordered=False))
+
+
 def _all_finite(tree: Any) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
@@ -186,9 +192,7 @@ def scale_by_layerwise_metric(
     ok_step = _all_finite(direction)
     ok = ok_grads & ok_curvature & ok_step
     if on_nonfinite == "error":
-      # The host callback sits in the untaken branch: a finite step never leaves the device.
-      jax.lax.cond(ok, lambda: None, lambda: io_callback(
-          _raise_nonfinite, None, ~ok_grads, ~ok_curvature, ~ok_step, ordered=False))
+      _report_nonfinite(ok, ok_grads, ok_curvature, ok_step)
       return direction, new_state
     # Skip: parameters unchanged, only the skip counter moves.
     direction = jax.tree.map(lambda d: jnp.where(ok, d, jnp.zeros_like(d)), direction)
