@@ -26,7 +26,7 @@ from benchmarks import harness
 TUNING_SEEDS = (100, 101)
 REPORT_SEEDS = (0, 1, 2)
 # --quick: one tuning-free pass on two seeds, shorter re-timing.
-QUICK = dict(report_seeds=(0, 1), timing_rounds=3, timing_burst=5)
+QUICK = dict(report_seeds=(0,), timing_rounds=3, timing_burst=5)
 
 
 def load_external(paths: Sequence[Path], task: str) -> list[dict[str, Any]]:
@@ -40,7 +40,7 @@ def load_external(paths: Sequence[Path], task: str) -> list[dict[str, Any]]:
       continue
     payload = json.loads(path.read_text())
     for r in payload.get("runs", []):
-      if r.get("task", task) == task:
+      if r.get("task", task) == task and r["optimizer"].startswith("kfac"):
         runs.append(dict(r, external=True, environment=payload.get("environment", "")))
   return runs
 
@@ -61,6 +61,7 @@ class TaskSpec:
     plots: ``[(metric, x axis)]`` curves to plot.
     eval_every: evaluation interval.
     time_budget_s: per-run cap on cumulative step time (runs beyond it stop and say so).
+    tune_steps: steps of the tuning runs (default ``num_steps``), or ``{optimizer: steps}``.
     notes: free text for the Markdown file.
   """
 
@@ -74,15 +75,17 @@ class TaskSpec:
   plots: Sequence[tuple[str, str]] = ()
   eval_every: int = 1
   time_budget_s: float | None = None
+  tune_steps: int | dict[str, int] | None = None
   notes: str = ""
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _attempt(spec: TaskSpec, opt: str, hyper: dict[str, Any], seed: int, not_run: dict):
+def _attempt(spec: TaskSpec, opt: str, hyper: dict[str, Any], seed: int, not_run: dict,
+             num_steps: int | None = None):
   """Builds and trains one run; a failure (missing option, crash) is recorded, not raised."""
   try:
     trainer = spec.make_trainer(opt, hyper, seed)
-    r = harness.run_training(trainer, spec.num_steps, thresholds=spec.thresholds,
+    r = harness.run_training(trainer, num_steps or spec.num_steps, thresholds=spec.thresholds,
                              eval_every=spec.eval_every, time_budget_s=spec.time_budget_s)
   except Exception as error:  # noqa: BLE001 - recorded in the results with its reason
     reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
@@ -99,7 +102,8 @@ def _log(msg: str) -> None:
 
 def run_task(spec: TaskSpec, out: Path, *, tuning_seeds: Sequence[int] = TUNING_SEEDS,
              report_seeds: Sequence[int] = REPORT_SEEDS, timing_rounds: int = 7,
-             timing_burst: int = 10, external_runs: Sequence[dict[str, Any]] = ()) -> dict:
+             timing_burst: int = 10, external_runs: Sequence[dict[str, Any]] = (),
+             reference_name: str = "adam") -> dict:
   """Runs the whole protocol for one task and writes its results; returns the JSON payload."""
   started = time.perf_counter()
   machine_start = harness.machine_info()
@@ -111,7 +115,8 @@ def run_task(spec: TaskSpec, out: Path, *, tuning_seeds: Sequence[int] = TUNING_
     results = []
     for hyper in grid:
       for seed in tuning_seeds:
-        trainer, r = _attempt(spec, opt, hyper, seed, not_run)
+        steps = spec.tune_steps.get(opt) if isinstance(spec.tune_steps, dict) else spec.tune_steps
+        trainer, r = _attempt(spec, opt, hyper, seed, not_run, steps)
         if r is None:
           break
         r["score"] = math.inf if r["diverged"] else spec.score(r)
@@ -137,7 +142,8 @@ def run_task(spec: TaskSpec, out: Path, *, tuning_seeds: Sequence[int] = TUNING_
       runs.append(r)
   names = [n for n in trainers]
   timing = harness.interleaved_step_times([trainers[n] for n in names], [finals[n] for n in names],
-                                          rounds=timing_rounds, burst=timing_burst)
+                                          rounds=timing_rounds, burst=timing_burst,
+                                          reference=reference_name)
   _log(f"{spec.name} interleaved: " + ", ".join(
       f"{n} {v['median_step_seconds'] * 1e3:.2f} ms x{v.get('ratio_to_adam', float('nan')):.2f}"
       for n, v in timing["optimizers"].items()))

@@ -25,14 +25,14 @@ THRESHOLD = 0.05
 # riemod's configurations: the one place to change them. The first entry is the headline setting;
 # entries using options this riemod does not have are recorded as not run.
 RIEMOD_GRID = [
-    dict(structure="layerwise", output_metric="softmax_fisher", curvature_batch=16,
-         learning_rate=0.3, mass=1e-2, momentum=None, clip=10.0, on_nonfinite="ignore"),
     dict(structure="layerwise", output_metric="softmax_fisher", curvature_batch=32,
-         learning_rate=0.3, mass=1e-2, momentum=None, clip=10.0, on_nonfinite="ignore"),
-    dict(structure="layerwise", output_metric="sampled_softmax_fisher:1", curvature_batch=None,
          learning_rate=0.1, mass=0.1, momentum=0.8, clip=10.0, on_nonfinite="ignore"),
-    dict(structure="layerwise", output_metric="sampled_softmax_fisher:1", curvature_batch=None,
-         learning_rate=0.1, mass=0.1, momentum=None, clip=10.0, on_nonfinite="ignore"),
+    dict(structure="layerwise", output_metric="softmax_fisher", curvature_batch=16,
+         learning_rate=0.1, mass=0.1, momentum=0.8, clip=10.0, on_nonfinite="ignore"),
+    dict(structure="layerwise", output_metric="softmax_fisher", curvature_batch=32,
+         learning_rate=0.2, mass=0.2, momentum=0.8, clip=10.0, on_nonfinite="ignore"),
+    dict(structure="layerwise", output_metric="softmax_fisher", curvature_batch=32,
+         learning_rate=0.1, mass=0.1, momentum=0.9, clip=10.0, on_nonfinite="ignore"),
 ]
 
 GRIDS = {

@@ -1,0 +1,146 @@
+"""Where riemod's step time goes on digits-mlp: cumulative sub-parts, each jitted and timed.
+
+``python -m benchmarks.profile_step [--config JSON] [--out DIR]``. The parts are nested prefixes of
+one training step (batch 128, MLP 64-128-128-10, riemod's headline digits-mlp configuration), so the
+differences between consecutive rows are the cost of each stage:
+
+1. ``grad``: loss and gradient only (``jax.value_and_grad``, what Adam pays);
+2. ``+ taps``: :func:`riemod.value_grad_and_curvature` (tapped forward, gradient VJP, vmapped tap
+   VJPs for the factor rows, recorded inputs);
+3. ``+ kernels``: every module's ``K D^{-1} K^T`` (Gram-Hadamard);
+4. ``+ cholesky``: :func:`riemod.compose_metric` (kernels, capacitance, Cholesky with jitter check);
+5. ``+ solve``: ``solve_with_residuals`` of the gradient (``K v``, triangular solves, ``K^T t``);
+6. ``full update``: the optax transform's ``update`` (adds momentum solve, diagnostics) and
+   ``apply_updates``;
+7. ``adam step``: a full Adam step, for scale.
+
+Each part runs in interleaved bursts (``rounds`` x ``burst`` steps, order rotated), timed after
+``block_until_ready``; medians are reported with ``os.getloadavg()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import riemod
+from benchmarks import harness, mlp, problems, riemod_config, task_digits_mlp
+
+
+def parts(config: dict, task: mlp.MLPTask, seed: int = 0):
+  tx, metric, vgc_kwargs = riemod_config.build(config)
+  mass = config["mass"]
+  structure = config.get("structure", "layerwise")
+  _, params = nnx.split(mlp.build_model(task.sizes, task.activations, seed))
+  idx = jnp.asarray(problems.batch_table(seed, 1500, 128, 1)[0])
+  key = jax.random.key(0)
+  opt_state = tx.init(params)
+  adam = optax.adam(1e-2)
+  adam_state = adam.init(params)
+
+  def data():
+    return task.batch(idx)
+
+  def grad_only(p):
+    x, t = data()
+    return jax.value_and_grad(lambda q: task.loss(task.apply(q, x), t))(p)
+
+  def curvature(p):
+    x, t = data()
+    return riemod.value_grad_and_curvature(nnx.merge(task.graphdef, p), x,
+                                           lambda out: task.loss(out, t), metric, key=key,
+                                           **vgc_kwargs)
+
+  def kernels(p):
+    loss, grads, curv = curvature(p)
+    grams = [m.factor.gram({n: jnp.asarray(1.0 / mass) for n in m.leaf_names})
+             for m in curv.modules if m.factor is not None]
+    return loss, grads, grams
+
+  def cholesky(p):
+    loss, grads, curv = curvature(p)
+    composed = riemod.compose_metric(curv, mass=mass, structure=structure)
+    return loss, grads, [b.chol for b in composed.blocks]
+
+  def solve(p):
+    loss, grads, curv = curvature(p)
+    composed = riemod.compose_metric(curv, mass=mass, structure=structure)
+    return composed.solve_with_residuals(grads)
+
+  def full(p, s):
+    loss, grads, curv = curvature(p)
+    updates, s = tx.update(grads, s, p, curvature=curv, value=loss)
+    return optax.apply_updates(p, updates), s
+
+  def adam_step(p, s):
+    loss, grads = grad_only(p)
+    updates, s = adam.update(grads, s, p)
+    return optax.apply_updates(p, updates), s
+
+  return {
+      "grad": (jax.jit(grad_only), (params,)),
+      "+ taps (value_grad_and_curvature)": (jax.jit(curvature), (params,)),
+      "+ kernels (Gram-Hadamard)": (jax.jit(kernels), (params,)),
+      "+ cholesky (compose_metric)": (jax.jit(cholesky), (params,)),
+      "+ solve (solve_with_residuals)": (jax.jit(solve), (params,)),
+      "full riemod step (transform update + apply)": (jax.jit(full), (params, opt_state)),
+      "adam step": (jax.jit(adam_step), (params, adam_state)),
+  }
+
+
+def run(config: dict, rounds: int = 7, burst: int = 20) -> dict:
+  task = mlp.MLPTask([64, 128, 128, 10], ["tanh", "tanh", None], mlp.cross_entropy, "labels",
+                     128, 1, task_digits_mlp._evaluate)
+  fns = parts(config, task)
+  for fn, args in fns.values():
+    jax.block_until_ready(fn(*args))
+  times = {k: [] for k in fns}
+  names = list(fns)
+  load_start = list(__import__("os").getloadavg())
+  for r in range(rounds):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      fn, args = fns[name]
+      for _ in range(burst):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times[name].append(time.perf_counter() - t)
+  med = {k: statistics.median(v) for k, v in times.items()}
+  rows, prev = [], 0.0
+  for name in names:
+    rows.append({"part": name, "median_ms": 1e3 * med[name],
+                 "increment_ms": None if name == "adam step" else 1e3 * (med[name] - prev)})
+    if name != "adam step":
+      prev = med[name]
+  return {"config": config, "rows": rows, "rounds": rounds, "burst": burst,
+          "machine": harness.machine_info(), "loadavg_start": load_start}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--config", type=json.loads, default=None)
+  parser.add_argument("--out", type=Path, default=harness.DEFAULT_RESULTS)
+  args = parser.parse_args(argv)
+  config = args.config or task_digits_mlp.RIEMOD_GRID[0]
+  result = run(config)
+  args.out.mkdir(parents=True, exist_ok=True)
+  harness.write_json(args.out / "profile_digits_mlp.json", result)
+  table = harness.markdown_table(
+      ["part (cumulative)", "median ms", "increment ms"],
+      [[r["part"], r["median_ms"], r["increment_ms"]] for r in result["rows"]])
+  text = (f"# riemod step profile (digits-mlp)\n\nConfiguration `{config}`; batch 128. Cumulative "
+          f"jitted prefixes of one step, interleaved, medians.\n\n{table}\n\nLoad "
+          f"{result['loadavg_start']} -> {result['machine']['loadavg']}.\n")
+  (args.out / "profile_digits_mlp.md").write_text(text)
+  print(text)
+
+
+if __name__ == "__main__":
+  main()

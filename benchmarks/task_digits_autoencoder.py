@@ -1,0 +1,73 @@
+"""digits-autoencoder: MLP 64-128-32-8-32-128-64 on digits, ``0.5 ||x - xhat||^2``, batch 128.
+
+Hidden layers tanh, bottleneck (8) and output linear; 1000 steps. Measured: steps and seconds
+(step time only) until the full-training-set loss first drops below 1.0, 0.5, 0.3 and 0.2
+(evaluated after every step, not timed), the final training loss, median step time and the
+interleaved step-time ratio to Adam. Tuning score: final training loss.
+
+Targets (issue 6): riemod's final loss at most 0.15 and time to loss < 0.5 at most kfac-jax's.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from benchmarks import harness, mlp, protocol
+
+NAME = "digits-autoencoder"
+LEVELS = [1.0, 0.5, 0.3, 0.2]
+
+# riemod's configurations: the one place to change them (first entry: the headline setting).
+RIEMOD_GRID = [
+    dict(structure="layerwise", output_metric="gaussian_sketch:4", curvature_batch=32,
+         learning_rate=0.1, mass=0.1, momentum=0.8, clip=10.0, on_nonfinite="ignore"),
+    dict(structure="layerwise", output_metric="gaussian_sketch:1", curvature_batch=None,
+         learning_rate=0.1, mass=0.1, momentum=0.8, clip=10.0, on_nonfinite="ignore"),
+    dict(structure="layerwise", output_metric="gaussian_sketch:4", curvature_batch=32,
+         learning_rate=0.05, mass=0.05, momentum=0.9, clip=10.0, on_nonfinite="ignore"),
+    dict(structure="full", output_metric="gaussian_sketch:4", curvature_batch=32,
+         learning_rate=0.1, mass=0.1, momentum=0.8, clip=10.0, on_nonfinite="ignore"),
+]
+
+GRIDS = {
+    "adam": [dict(learning_rate=lr) for lr in (3e-3, 1e-2, 3e-2)],
+    "sgd": [dict(learning_rate=lr, momentum=0.9) for lr in (0.03, 0.1, 0.3)],
+    "riemod": RIEMOD_GRID,
+}
+QUICK_GRIDS = {"adam": [dict(learning_rate=1e-2)], "sgd": [dict(learning_rate=0.1, momentum=0.9)],
+               "riemod": RIEMOD_GRID[:1]}
+
+
+def _evaluate(apply, params, task):
+  return {"train_loss": mlp.half_squared_error(apply(params, task.x_train), task.x_train)}
+
+
+def spec(quick: bool = False, grids=None) -> protocol.TaskSpec:
+  num_steps = 200 if quick else 1000
+  task = mlp.MLPTask([64, 128, 32, 8, 32, 128, 64], ["tanh", "tanh", None, "tanh", "tanh", None],
+                     mlp.half_squared_error, "inputs", 128, num_steps, _evaluate)
+  return protocol.TaskSpec(
+      name=NAME, num_steps=num_steps, grids=grids or (QUICK_GRIDS if quick else GRIDS),
+      make_trainer=task.trainer, thresholds={"train_loss": LEVELS},
+      score=lambda r: r["final"]["train_loss"], final_keys=["train_loss"],
+      plots=[("train_loss", "step"), ("train_loss", "seconds")],
+      time_budget_s=40.0 if quick else 60.0,
+      notes="Loss: 0.5 * mean over samples of the squared reconstruction error summed over the "
+            "64 pixels, on the full 1500-sample training set. kfac-jax rows come from "
+            "benchmarks/kfac/run_kfac.py in its own environment.")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--out", type=Path, default=harness.DEFAULT_RESULTS)
+  parser.add_argument("--external", type=Path, nargs="*", default=[])
+  args = parser.parse_args(argv)
+  external = protocol.load_external(args.external, NAME)
+  protocol.run_task(spec(args.quick), args.out, external_runs=external,
+                    **(protocol.QUICK if args.quick else {}))
+
+
+if __name__ == "__main__":
+  main()
