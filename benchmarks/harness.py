@@ -56,6 +56,21 @@ def _version(module: str) -> str | None:
     return None
 
 
+def _git_state() -> str | None:
+  """Commit of the checkout and whether riemod/ has uncommitted changes (riemod is developed live)."""
+  import subprocess
+
+  root = Path(__file__).resolve().parents[1]
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                          text=True, timeout=10).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "riemod"], cwd=root,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return head + (" + uncommitted riemod changes" if dirty else "")
+  except Exception:  # noqa: BLE001
+    return None
+
+
 def machine_info() -> dict[str, Any]:
   """Everything a reader needs to judge a timing: hardware, load, threads, versions."""
   try:
@@ -79,6 +94,7 @@ def machine_info() -> dict[str, Any]:
                                                       "numpy", "scipy", "sklearn")}
       | {"jaxlib": jaxlib_version},
       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+      "git": _git_state(),
   }
 
 
