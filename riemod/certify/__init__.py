@@ -23,6 +23,7 @@ References:
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from typing import Any, Callable
 
@@ -397,3 +398,13 @@ def _build_report(out, box, lr, mass, mass_scale, structure, batch, dataset_size
               "num_lanczos": num_lanczos, "num_rows": box["num_rows"]}
   verdict = _verdict(network["lam_min"], network["lam_max"], network["contraction_factor"], lr)
   return CertificateReport(modules, network, composition, action, bound, settings, verdict, notes)
+
+
+# ``from riemod.certify import certify`` in ``riemod/__init__.py`` binds ``riemod.certify`` to this
+# function; the attributes keep ``riemod.certify.guarded(...)`` and friends working either way.
+for _name in __all__:
+  if _name != "certify":
+    setattr(certify, _name, globals()[_name])
+for _name in ("action", "bound", "contraction", "guard", "lanczos", "lipschitz", "report"):
+  setattr(certify, _name, importlib.import_module(f"riemod.certify.{_name}"))
+del _name
