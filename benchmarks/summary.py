@@ -137,3 +137,29 @@ def write_summary(out: Path, quick: bool = False) -> None:
       if payload.get("error"):
         lines += [f"kfac-jax on {name}: not run: `{payload['error'].strip().splitlines()[-1]}`", ""]
   (out / "SUMMARY.md").write_text("\n".join(lines))
+
+
+def write_docs(out: Path, docs: Path) -> None:
+  """Replaces the results section of ``docs/benchmarks.md`` with ``out/SUMMARY.md``."""
+  text = docs.read_text()
+  start, end = "<!-- results:start -->", "<!-- results:end -->"
+  body = (out / "SUMMARY.md").read_text().split("\n", 1)[1].replace("\n## ", "\n### ")
+  rel = out.resolve().relative_to(Path(__file__).resolve().parents[1]) if out.resolve().is_relative_to(
+      Path(__file__).resolve().parents[1]) else out
+  images = sorted(p.name for p in out.glob("*.png"))
+  body += "\n\nPlots: " + ", ".join(f"[{name}](../{rel}/{name})" for name in images) + "\n"
+  head, rest = text.split(start, 1)
+  _, tail = rest.split(end, 1)
+  docs.write_text(head + start + "\n" + body + "\n" + end + tail)
+
+
+if __name__ == "__main__":
+  import argparse
+
+  parser = argparse.ArgumentParser(description="Rewrite SUMMARY.md (and the docs' results).")
+  parser.add_argument("--out", type=Path, default=harness.DEFAULT_RESULTS)
+  parser.add_argument("--docs", action="store_true", help="also update docs/benchmarks.md")
+  args = parser.parse_args()
+  write_summary(args.out)
+  if args.docs:
+    write_docs(args.out, Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md")
