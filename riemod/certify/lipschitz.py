@@ -75,6 +75,57 @@ def _normalise(v: jax.Array) -> jax.Array:
   return v / jnp.maximum(norm, tiny).reshape((-1,) + (1,) * (v.ndim - 1))
 
 
+class _Problem(NamedTuple):
+  """One power iteration: ``step(v)`` applies ``J^T J`` and normalises, ``value(v)`` reads it."""
+
+  step: Callable[[jax.Array], jax.Array]
+  value: Callable[[jax.Array], jax.Array]
+  start: jax.Array
+
+
+def _state_problem(f, x, key, salt) -> _Problem:
+  _, forward = jax.linearize(f, x)
+  backward = jax.linear_transpose(forward, x)
+  start = _start(x.shape, salt, x.dtype) if key is None else jax.random.normal(
+      jax.random.fold_in(key, salt), x.shape, x.dtype)
+  return _Problem(lambda v: _normalise(backward(forward(v))[0]),
+                  lambda v: jnp.max(_per_sample_norm(forward(v))), _normalise(start))
+
+
+def _param_problem(f, params, x, key, salt) -> _Problem | None:
+  flat, unravel = ravel_pytree(params)
+  if flat.size == 0:
+    return None
+
+  def one(sample):
+    out = lambda p: f(unravel(p), sample[None])[0]
+    _, forward = jax.linearize(out, flat)
+    return forward, jax.linear_transpose(forward, flat)
+
+  def apply(sample, v):
+    forward, backward = one(sample)
+    return backward(forward(v))[0]
+
+  def norm_of(sample, v):
+    return jnp.linalg.norm(one(sample)[0](v).ravel())
+
+  shape = (x.shape[0], flat.size)
+  start = _start(shape, salt, flat.dtype) if key is None else jax.random.normal(
+      jax.random.fold_in(key, salt), shape, flat.dtype)
+  return _Problem(lambda v: _normalise(jax.vmap(apply)(x, v)),
+                  lambda v: jnp.max(jax.vmap(norm_of)(x, v)), _normalise(start))
+
+
+def _solve_all(problems: list[_Problem], num_iterations: int) -> list[jax.Array]:
+  """Runs every power iteration in one loop: one sequential chain, not one per module."""
+  if not problems:
+    return []
+  vs = jax.lax.fori_loop(0, num_iterations,
+                         lambda _, vs: tuple(p.step(v) for p, v in zip(problems, vs)),
+                         tuple(p.start for p in problems))
+  return [p.value(v) for p, v in zip(problems, vs)]
+
+
 def state_lipschitz(f: Callable[[jax.Array], jax.Array], x: jax.Array, *, num_iterations: int = 30,
                     key: jax.Array | None = None) -> jax.Array:
   """``max_s ||df/dx(x_s)||_2`` for a map applied sample-wise to a batch ``x``.
@@ -85,16 +136,7 @@ def state_lipschitz(f: Callable[[jax.Array], jax.Array], x: jax.Array, *, num_it
     >>> round(float(state_lipschitz(lambda x: x @ w, jnp.ones((4, 2)))), 4)
     3.0
   """
-  _, forward = jax.linearize(f, x)
-  backward = jax.linear_transpose(forward, x)
-  v = _normalise(_start(x.shape, 0, x.dtype) if key is None else
-                 jax.random.normal(key, x.shape, x.dtype))
-
-  def body(_, v):
-    return _normalise(backward(forward(v))[0])
-
-  v = jax.lax.fori_loop(0, num_iterations, body, v)
-  return jnp.max(_per_sample_norm(forward(v)))
+  return _solve_all([_state_problem(f, x, key, 0)], num_iterations)[0]
 
 
 def param_lipschitz(f: Callable[[Any, jax.Array], jax.Array], params: Any, x: jax.Array, *,
@@ -107,29 +149,10 @@ def param_lipschitz(f: Callable[[Any, jax.Array], jax.Array], params: Any, x: ja
     >>> round(float(param_lipschitz(lambda p, x: x @ p, jnp.ones((2, 1)), x)), 4)
     5.0
   """
-  flat, unravel = ravel_pytree(params)
-  if flat.size == 0:
+  problem = _param_problem(f, params, x, key, 1)
+  if problem is None:
     return jnp.zeros((), x.dtype)
-
-  def one(sample):
-    out = lambda p: f(unravel(p), sample[None])[0]
-    _, forward = jax.linearize(out, flat)
-    backward = jax.linear_transpose(forward, flat)
-    return forward, backward
-
-  def apply(sample, v):
-    forward, backward = one(sample)
-    return backward(forward(v))[0]
-
-  def norm_of(sample, v):
-    forward, _ = one(sample)
-    return jnp.linalg.norm(forward(v).ravel())
-
-  shape = (x.shape[0], flat.size)
-  v = _normalise(_start(shape, 1, flat.dtype) if key is None else
-                 jax.random.normal(key, shape, flat.dtype))
-  v = jax.lax.fori_loop(0, num_iterations, lambda _, v: _normalise(jax.vmap(apply)(x, v)), v)
-  return jnp.max(jax.vmap(norm_of)(x, v))
+  return _solve_all([problem], num_iterations)[0]
 
 
 def _params_of(layer: Any):
@@ -141,40 +164,57 @@ def _params_of(layer: Any):
   return graphdef, params, rest
 
 
-def _walk(layer: Any, path: tuple, x: jax.Array, iters: int, key: jax.Array, out: list):
-  """Returns ``(state bound, param bound, output)`` of ``layer`` at ``x``; appends leaf entries."""
+def _walk(layer: Any, path: tuple, x: jax.Array, key, problems: list):
+  """Registers the power iterations of ``layer`` at ``x``; returns ``(plan, output)``.
+
+  A plan is ``("leaf", name, kind, state index, param index or None, size)``,
+  ``("series", children)`` or ``("parallel", combine, children)``; indices point into ``problems``.
+  """
   from riemod.nn import Parallel, Sequential
 
   if isinstance(layer, Sequential):
-    state, param = jnp.ones((), x.dtype), jnp.zeros((), x.dtype)
+    children = []
     for i, child in enumerate(layer.layers):
-      s, p, x = _walk(child, path + ("layers", i), x, iters, key, out)
-      param = jnp.sqrt((s * param) ** 2 + p ** 2)
-      state = state * s
-    return state, param, x
+      plan, x = _walk(child, path + ("layers", i), x, key, problems)
+      children.append(plan)
+    return ("series", children), x
   if isinstance(layer, Parallel):
-    results = [_walk(b, path + ("branches", i), x, iters, key, out)
-               for i, b in enumerate(layer.branches)]
-    states = jnp.stack([r[0] for r in results])
-    params = jnp.stack([r[1] for r in results])
-    y = layer(x)
-    state = jnp.sum(states) if layer.combine == "sum" else jnp.sqrt(jnp.sum(states ** 2))
-    return state, jnp.sqrt(jnp.sum(params ** 2)), y
+    children = [_walk(b, path + ("branches", i), x, key, problems)[0]
+                for i, b in enumerate(layer.branches)]
+    return ("parallel", layer.combine, children), layer(x)
   split = _params_of(layer)
   name = "/".join(map(str, path)) if path else "<root>"
   if split is None:
-    y = layer(x)
-    state = state_lipschitz(layer, x, num_iterations=iters, key=key)
-    out.append(ModuleLipschitz(name, "parameter-free", state, jnp.zeros((), x.dtype), 0))
-    return state, jnp.zeros((), x.dtype), y
+    problems.append(_state_problem(layer, x, key, len(problems)))
+    return ("leaf", name, "parameter-free", len(problems) - 1, None, 0), layer(x)
   graphdef, params, rest = split
   apply = lambda p, v: nnx.merge(graphdef, p, rest)(v)
-  y = apply(params, x)
-  state = state_lipschitz(lambda v: apply(params, v), x, num_iterations=iters, key=key)
-  param = param_lipschitz(apply, params, x, num_iterations=iters, key=key)
+  problems.append(_state_problem(lambda v: apply(params, v), x, key, len(problems)))
+  problems.append(_param_problem(apply, params, x, key, len(problems)))
   size = sum(l.size for l in jax.tree.leaves(params))
-  out.append(ModuleLipschitz(name, "parametric", state, param, size))
-  return state, param, y
+  return ("leaf", name, "parametric", len(problems) - 2, len(problems) - 1, size), apply(params, x)
+
+
+def _compose(plan, values, dtype, out: list):
+  """``(state bound, param bound)`` of a plan; appends the leaves' :class:`ModuleLipschitz`."""
+  if plan[0] == "leaf":
+    _, name, kind, si, pi, size = plan
+    state = values[si]
+    param = jnp.zeros((), dtype) if pi is None else values[pi]
+    out.append(ModuleLipschitz(name, kind, state, param, size))
+    return state, param
+  if plan[0] == "series":
+    state, param = jnp.ones((), dtype), jnp.zeros((), dtype)
+    for child in plan[1]:
+      s, p = _compose(child, values, dtype, out)
+      param = jnp.sqrt((s * param) ** 2 + p ** 2)
+      state = state * s
+    return state, param
+  results = [_compose(child, values, dtype, out) for child in plan[2]]
+  states = jnp.stack([r[0] for r in results])
+  params = jnp.stack([r[1] for r in results])
+  state = jnp.sum(states) if plan[1] == "sum" else jnp.sqrt(jnp.sum(states ** 2))
+  return state, jnp.sqrt(jnp.sum(params ** 2))
 
 
 def network_lipschitz(model: Any, x: jax.Array, *, params: Any = None, num_iterations: int = 30,
@@ -195,10 +235,11 @@ def network_lipschitz(model: Any, x: jax.Array, *, params: Any = None, num_itera
   """
   x = jnp.asarray(x)
   entries: list[ModuleLipschitz] = []
+  problems: list[_Problem] = []
   if isinstance(model, nnx.Module):
     if params is not None:
       raise ValueError("An NNX model carries its parameters: do not pass params=.")
-    composed_state, composed_param, _ = _walk(model, (), x, num_iterations, key, entries)
+    plan, _ = _walk(model, (), x, key, problems)
     graphdef, full, rest = nnx.split(model, nnx.Param, ...)
     apply = lambda p, v: nnx.merge(graphdef, p, rest)(v)
   else:
@@ -206,15 +247,15 @@ def network_lipschitz(model: Any, x: jax.Array, *, params: Any = None, num_itera
       raise ValueError("A function model needs params=: the parameter pytree it is applied to.")
     apply = getattr(model, "apply", model)
     full = params
-    state = state_lipschitz(lambda v: apply(full, v), x, num_iterations=num_iterations, key=key)
-    param = param_lipschitz(apply, full, x, num_iterations=num_iterations, key=key)
-    size = sum(l.size for l in jax.tree.leaves(full))
-    entries.append(ModuleLipschitz("<model>", "parametric", state, param, size))
-    composed_state, composed_param = state, param
-  end_key = None if key is None else jax.random.fold_in(key, 10_000)
-  measured_state = state_lipschitz(lambda v: apply(full, v), x, num_iterations=num_iterations,
-                                   key=end_key)
-  measured_param = param_lipschitz(apply, full, x, num_iterations=num_iterations,
-                                   key=end_key)
-  return LipschitzSummary(tuple(entries), composed_state, composed_param, measured_state,
-                          measured_param)
+    problems.append(_state_problem(lambda v: apply(full, v), x, key, 0))
+    problems.append(_param_problem(apply, full, x, key, 1))
+    plan = ("leaf", "<model>", "parametric", 0, 1, sum(l.size for l in jax.tree.leaves(full)))
+  # End to end: the measured constants, in the same loop as the modules'.
+  problems.append(_state_problem(lambda v: apply(full, v), x, key, 10_000))
+  problems.append(_param_problem(apply, full, x, key, 10_001))
+  mask = [p is not None for p in problems]
+  values = _solve_all([p for p in problems if p is not None], num_iterations)
+  it = iter(values)
+  values = [next(it) if ok else jnp.zeros((), x.dtype) for ok in mask]
+  composed_state, composed_param = _compose(plan, values, x.dtype, entries)
+  return LipschitzSummary(tuple(entries), composed_state, composed_param, values[-2], values[-1])
