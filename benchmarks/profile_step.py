@@ -96,10 +96,66 @@ def parts(config: dict, task: mlp.MLPTask, seed: int = 0):
   }
 
 
-def run(config: dict, rounds: int = 7, burst: int = 20) -> dict:
-  task = mlp.MLPTask([64, 128, 128, 10], ["tanh", "tanh", None], mlp.cross_entropy, "labels",
-                     128, 1, task_digits_mlp._evaluate)
-  fns = parts(config, task)
+def pinn_parts(config: dict):
+  """The same cumulative prefixes for poisson-pinn (float64), beside the dense GN anchor's parts."""
+  from jax.flatten_util import ravel_pytree
+
+  from benchmarks import task_poisson_pinn as P
+
+  tx, metric, vgc_kwargs = riemod_config.build(config)
+  points, flag, weights, _ = P.collocation()
+  batch = (jnp.asarray(points), jnp.asarray(flag), jnp.asarray(weights))
+  params = [{"kernel": jnp.asarray(w), "bias": jnp.asarray(b)}
+            for w, b in problems.mlp_init([2, 32, 32, 1], 0, "float64")]
+  opt_state = tx.init(params)
+  n_pts = points.shape[0]
+
+  def grad_only(p):
+    return jax.value_and_grad(lambda q: P.half_mean_square(P.residual_fn(q, batch)))(p)
+
+  def curvature(p):
+    return riemod.value_grad_and_curvature(P.residual_fn, batch, P.half_mean_square, metric,
+                                           params=p, **vgc_kwargs)
+
+  def cholesky(p):
+    loss, grads, curv = curvature(p)
+    composed = riemod.compose_metric(curv, mass=config["mass"], structure=config["structure"])
+    return [b.chol for b in composed.blocks]
+
+  def full(p, s):
+    loss, grads, curv = curvature(p)
+    updates, s = tx.update(grads, s, p, curvature=curv, value=loss)
+    return optax.apply_updates(p, updates), s
+
+  def jacobian(p):
+    flat, unravel = ravel_pytree(p)
+
+    def r_one(theta, point, f, w):
+      return P.residual_fn(unravel(theta), (point[None], f[None], w[None]))[0, 0]
+    return jax.vmap(jax.grad(r_one), (None, 0, 0, 0))(flat, *batch) / jnp.sqrt(n_pts)
+
+  def gram_chol(p):
+    jac = jacobian(p)
+    gram = jac.T @ jac + 1e-8 * jnp.eye(jac.shape[1], dtype=jac.dtype)
+    return jax.scipy.linalg.cho_factor(gram, lower=True)[0]
+
+  return {
+      "grad": (jax.jit(grad_only), (params,)),
+      "+ rows (value_grad_and_curvature, generic path)": (jax.jit(curvature), (params,)),
+      "+ kernel and cholesky (compose_metric)": (jax.jit(cholesky), (params,)),
+      "full riemod step (transform update + apply)": (jax.jit(full), (params, opt_state)),
+      "dense GN: jacobian (vmap grad per point)": (jax.jit(jacobian), (params,)),
+      "dense GN: + J^T J and cholesky": (jax.jit(gram_chol), (params,)),
+  }
+
+
+def run(config: dict, rounds: int = 7, burst: int = 20, task_name: str = "digits-mlp") -> dict:
+  if task_name == "poisson-pinn":
+    fns = pinn_parts(config)
+  else:
+    task = mlp.MLPTask([64, 128, 128, 10], ["tanh", "tanh", None], mlp.cross_entropy, "labels",
+                       128, 1, task_digits_mlp._evaluate)
+    fns = parts(config, task)
   for fn, args in fns.values():
     jax.block_until_ready(fn(*args))
   times = {k: [] for k in fns}
@@ -115,8 +171,10 @@ def run(config: dict, rounds: int = 7, burst: int = 20) -> dict:
   med = {k: statistics.median(v) for k, v in times.items()}
   rows, prev = [], 0.0
   for name in names:
+    standalone = name == "adam step" or name.startswith("dense GN: jacobian")
     rows.append({"part": name, "median_ms": 1e3 * med[name],
-                 "increment_ms": None if name == "adam step" else 1e3 * (med[name] - prev)})
+                 "increment_ms": None if name == "adam step" else 1e3 * (
+                     med[name] - (0.0 if standalone else prev))})
     if name != "adam step":
       prev = med[name]
   return {"config": config, "rows": rows, "rounds": rounds, "burst": burst,
@@ -126,19 +184,27 @@ def run(config: dict, rounds: int = 7, burst: int = 20) -> dict:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--config", type=json.loads, default=None)
+  parser.add_argument("--task", default="digits-mlp", choices=["digits-mlp", "poisson-pinn"])
   parser.add_argument("--out", type=Path, default=harness.DEFAULT_RESULTS)
   args = parser.parse_args(argv)
-  config = args.config or task_digits_mlp.RIEMOD_GRID[0]
-  result = run(config)
+  if args.task == "poisson-pinn":
+    jax.config.update("jax_enable_x64", True)
+    from benchmarks import task_poisson_pinn
+    config = args.config or task_poisson_pinn.RIEMOD_GRID[0]
+    result = run(config, rounds=5, burst=3, task_name=args.task)
+  else:
+    config = args.config or task_digits_mlp.RIEMOD_GRID[0]
+    result = run(config)
+  stem = "profile_" + args.task.replace("-", "_")
   args.out.mkdir(parents=True, exist_ok=True)
-  harness.write_json(args.out / "profile_digits_mlp.json", result)
+  harness.write_json(args.out / f"{stem}.json", result)
   table = harness.markdown_table(
       ["part (cumulative)", "median ms", "increment ms"],
       [[r["part"], r["median_ms"], r["increment_ms"]] for r in result["rows"]])
-  text = (f"# riemod step profile (digits-mlp)\n\nConfiguration `{config}`; batch 128. Cumulative "
+  text = (f"# riemod step profile ({args.task})\n\nConfiguration `{config}`. Cumulative "
           f"jitted prefixes of one step, interleaved, medians.\n\n{table}\n\nLoad "
           f"{result['loadavg_start']} -> {result['machine']['loadavg']}.\n")
-  (args.out / "profile_digits_mlp.md").write_text(text)
+  (args.out / f"{stem}.md").write_text(text)
   print(text)
 
 
