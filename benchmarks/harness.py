@@ -328,6 +328,23 @@ def plot_curves(path: Path, runs: Sequence[dict[str, Any]], metric: str, *, x: s
   plt.close(fig)
 
 
+def regressed(run: dict[str, Any]) -> bool:
+  """A run that got good and then climbed back: its final value of the first curve metric is
+  more than 10x its best value (and above 1e-3). Counted as unstable beside divergence."""
+  curve = run.get("curve", {})
+  key = next((k for k in curve if k not in ("step", "seconds") and "accuracy" not in k), None)
+  if key is None:
+    return False
+  vals = [float(v) for v in curve[key] if _finite(v)]
+  if not vals:
+    return False
+  return vals[-1] > 10 * min(vals) and vals[-1] > 1e-3
+
+
+def stable(run: dict[str, Any]) -> bool:
+  return not run["diverged"] and not regressed(run)
+
+
 def summary_rows(runs: Sequence[dict[str, Any]], timing: dict[str, Any], threshold_keys: Sequence[str],
                  final_keys: Sequence[str]) -> tuple[list[str], list[list[Any]]]:
   """Medians over seeds per optimizer: steps/seconds to thresholds, finals, step time, ratio."""
@@ -340,7 +357,7 @@ def summary_rows(runs: Sequence[dict[str, Any]], timing: dict[str, Any], thresho
   names = list(dict.fromkeys(r["optimizer"] for r in runs))
   for name in names:
     rs = [r for r in runs if r["optimizer"] == name]
-    row = [name, f"{sum(not r['diverged'] for r in rs)}/{len(rs)}"]
+    row = [name, f"{sum(stable(r) for r in rs)}/{len(rs)}"]
     for k in threshold_keys:
       row.append(median_or_none([r["thresholds"][k]["steps"] for r in rs]))
       row.append(median_or_none([r["thresholds"][k]["seconds"] for r in rs]))

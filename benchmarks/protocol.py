@@ -160,6 +160,7 @@ def run_task(spec: TaskSpec, out: Path, *, tuning_seeds: Sequence[int] = TUNING_
       "runs": runs, "interleaved_timing": timing, "machine": machine_start,
       "loadavg_end": harness.machine_info()["loadavg"],
       "wall_seconds": time.perf_counter() - started, "notes": spec.notes, "extra": spec.extra,
+      "final_keys": list(spec.final_keys),
   }
   write_outputs(spec, out, payload)
   return payload
@@ -169,16 +170,30 @@ def threshold_keys(spec: TaskSpec) -> list[str]:
   return [f"{m}<{lv:g}" for m, levels in spec.thresholds.items() for lv in levels]
 
 
-def write_outputs(spec: TaskSpec, out: Path, payload: dict[str, Any]) -> None:
+def rewrite_markdown(json_path: Path) -> None:
+  """Rebuilds ``<task>.md`` from its JSON (after a change to the table code); no plots."""
+  import json
+
+  payload = json.loads(Path(json_path).read_text())
+  finals = [k for k in payload["runs"][0]["final"]] if payload["runs"] else []
+  spec = TaskSpec(name=payload["task"], num_steps=payload["num_steps"], grids=payload["grids"],
+                  make_trainer=None, thresholds=payload["thresholds"], score=None,
+                  final_keys=payload.get("final_keys", finals), notes=payload.get("notes", ""))
+  write_outputs(spec, Path(json_path).parent, payload, json_too=False)
+
+
+def write_outputs(spec: TaskSpec, out: Path, payload: dict[str, Any], json_too: bool = True) -> None:
   out.mkdir(parents=True, exist_ok=True)
-  harness.write_json(out / f"{spec.name}.json", payload)
+  if json_too:
+    harness.write_json(out / f"{spec.name}.json", payload)
   header, rows = harness.summary_rows(payload["runs"], payload["interleaved_timing"],
                                       threshold_keys(spec), spec.final_keys)
   m = payload["machine"]
   lines = [f"# {spec.name}", "",
            f"Medians over seeds {payload['report_seeds']} (hyperparameters tuned on seeds "
            f"{payload['tuning_seeds']}); {spec.num_steps} steps. Seconds count step time only "
-           "(evaluation excluded). Step-time ratios from interleaved re-timing.", "",
+           "(evaluation excluded). Step-time ratios from interleaved re-timing. Stable: not "
+           "diverged and not climbed back (final value of the first metric > 10x its best).", "",
            harness.markdown_table(header, rows), "",
            "Chosen hyperparameters:", ""]
   for opt, pick in payload["chosen"].items():

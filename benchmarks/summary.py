@@ -40,7 +40,7 @@ def _ratio(payload, optimizer):
 
 
 def _stable(runs):
-  return f"{sum(not r['diverged'] for r in runs)}/{len(runs)}"
+  return f"{sum(harness.stable(r) for r in runs)}/{len(runs)}"
 
 
 def _verdict(value, limit, smaller=True):
@@ -68,7 +68,7 @@ def targets(out: Path) -> list[list[Any]]:
     ra, aa = _median_final(rie, "test_accuracy"), _median_final(adam, "test_accuracy")
     rows.append(["digits-mlp", "test accuracy >= Adam's", ra, aa, _verdict(ra, aa, False)[0]])
     rows.append(["digits-mlp", "all seeds stable", _stable(rie), "all",
-                 "met" if rie and all(not r["diverged"] for r in rie) else "NOT met"])
+                 "met" if rie and all(harness.stable(r) for r in rie) else "NOT met"])
   ae = _load(out, "digits-autoencoder")
   if ae:
     rie, kfac = _runs(ae, "riemod"), _runs(ae, "kfac-jax")
@@ -79,7 +79,7 @@ def targets(out: Path) -> list[list[Any]]:
     rows.append(["digits-autoencoder", "seconds to loss<0.5 <= kfac-jax's", rs, ks,
                  _verdict(rs, ks)[0] if kfac else "kfac-jax not run"])
     rows.append(["digits-autoencoder", "all seeds stable", _stable(rie), "all",
-                 "met" if rie and all(not r["diverged"] for r in rie) else "NOT met"])
+                 "met" if rie and all(harness.stable(r) for r in rie) else "NOT met"])
   pinn = _load(out, "poisson-pinn")
   if pinn:
     rie, gn = _runs(pinn, "riemod"), _runs(pinn, "dense-gn")
