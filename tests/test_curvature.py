@@ -275,8 +275,10 @@ def test_curvature_batch_uses_leading_samples_for_rows_and_all_for_gradient():
   metric = riemod.metrics.softmax_fisher()
   loss, grads, curv = nnx.jit(lambda m, x: riemod.value_grad_and_curvature(
       m, x, _ce(labels), metric, curvature_batch=3))(model, x)
-  full_loss, full_grads, _ = riemod.value_grad_and_curvature(model, x, _ce(labels), metric)
-  _, _, subset = riemod.value_grad_and_curvature(model, x[:3], _ce(labels[:3]), metric)
+  full_loss, full_grads, _ = nnx.jit(lambda m, x: riemod.value_grad_and_curvature(
+      m, x, _ce(labels), metric))(model, x)
+  _, _, subset = nnx.jit(lambda m, x: riemod.value_grad_and_curvature(
+      m, x, _ce(labels[:3]), metric))(model, x[:3])
   assert_close(loss, full_loss, jnp.float32)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads)):
     assert_close(a, b, jnp.float32)
