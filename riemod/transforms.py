@@ -29,7 +29,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.experimental import io_callback
 
 from riemod.composer.metric import STRUCTURES, compose_metric
 
@@ -75,8 +74,8 @@ def _raise_nonfinite(bad_grads, bad_curvature, bad_step):
 
 def _report_nonfinite(ok, ok_grads, ok_curvature, ok_step) -> None:
   # The host callback sits in the untaken branch: a finite step never leaves the device.
-  jax.lax.cond(ok, lambda: None, lambda: io_callback(
-      _raise_nonfinite, None, ~ok_grads, ~ok_curvature, ~ok_step, ordered=False))
+  jax.lax.cond(ok, lambda: None, lambda: jax.debug.callback(
+      _raise_nonfinite, ~ok_grads, ~ok_curvature, ~ok_step))
 
 
 def _all_finite(tree: Any) -> jax.Array:

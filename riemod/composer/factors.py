@@ -70,12 +70,12 @@ class DenseFactor:
     x, c = self.features, self.cotangents
     r, b, p, _ = c.shape
     if p == 1:
-      xx = x[:, 0] @ x[:, 0].T
-      cc = jnp.einsum("rbf,qcf->rbqc", c[:, :, 0], c[:, :, 0])
-      weight = xx * inv_mass["kernel"]
+      # Two plain matmuls; rows are (r, b) r-major, so the sample weight tiles R x R times.
+      flat_c = c.reshape(r * b, -1)
+      weight = (x[:, 0] @ x[:, 0].T) * inv_mass["kernel"]
       if self.structure.has_bias:
         weight = weight + inv_mass["bias"]
-      kernel = cc * weight[None, :, None, :]
+      return (flat_c @ flat_c.T) * jnp.tile(weight, (r, r))
     else:
       fan_in, fan_out = self.structure.fan_in, self.structure.fan_out
       # Position-summed Hadamard costs d^2 P^2 (in + out); materialised rows cost d P in out.
