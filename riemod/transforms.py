@@ -147,21 +147,17 @@ def scale_by_layerwise_metric(
           "optimizer.update(model, grads, curvature=curvature)) with the curvature from "
           "riemod.value_grad_and_curvature. Without it there is no metric to solve with.")
     metric = compose_metric(curvature, mass=mass, structure=structure, space=space)
-    if momentum is None:
-      natural, residuals = metric.solve_with_residuals(updates)
-      direction = natural
-    else:
-      # Both right-hand sides in one multi-column solve: G^{-1} g and G^{-1} D phi.
-      stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), updates,
-                             metric.mass_times(state.momentum_buffer))
-      solved, residuals = metric.solve_with_residuals(stacked)
-      natural = jax.tree.map(lambda s_: s_[0], solved)
-      direction = jax.tree.map(lambda s_: s_[0] + momentum * s_[1], solved)
     leaves = jax.tree.leaves(updates)
-    dir_leaves = jax.tree.leaves(direction)
     dtype = _float()
-    g_ginv_g = sum(jnp.vdot(g, d).real
-                   for g, d in zip(leaves, jax.tree.leaves(natural))).astype(dtype)
+    if momentum is None:
+      direction, residuals = metric.solve_with_residuals(updates)
+      g_ginv_g = sum(jnp.vdot(g, d).real
+                     for g, d in zip(leaves, jax.tree.leaves(direction))).astype(dtype)
+    else:
+      direction, g_ginv_g, residuals = metric.spring_solve(updates, state.momentum_buffer,
+                                                           momentum)
+      g_ginv_g = jnp.asarray(g_ginv_g).real.astype(dtype)
+    dir_leaves = jax.tree.leaves(direction)
 
     per_leaf = {name: [jnp.zeros((), dtype)] * len(leaves)
                 for name in ("condition", "residual", "jitter")}

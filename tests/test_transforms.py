@@ -250,14 +250,15 @@ def test_module_diagnostics_report_each_module():
     assert entry["condition"] >= 1.0 and entry["residual"] < 1e-4 and entry["step_norm"] > 0
 
 
-@pytest.mark.parametrize("structure", ["layerwise", "full"])
-def test_spring_momentum_matches_its_defining_formula(structure, dtype):
+@pytest.mark.parametrize("structure, space", [("layerwise", "auto"), ("full", "sample"),
+                                              ("full", "parameter")])
+def test_spring_momentum_matches_its_defining_formula(structure, space, dtype):
   """``phi_k = mu phi_{k-1} + G^{-1}(g_k - mu K^T K phi_{k-1})`` with dense matrices."""
   x, loss_fn, variables = _problem(dtype)
   mu, mass = 0.7, 0.2
   _, _, curv = jax.jit(lambda p: riemod.value_grad_and_curvature(
       _MLP().apply, x, loss_fn, riemod.metrics.identity(), params=p))(variables)
-  tx = riemod.scale_by_layerwise_metric(mass, structure=structure, momentum=mu)
+  tx = riemod.scale_by_layerwise_metric(mass, structure=structure, space=space, momentum=mu)
   update = jax.jit(lambda g, s: tx.update(g, s, variables, curvature=curv))
   outputs = _MLP().apply(variables, x)
   rows = riemod.metrics.identity()(outputs) / jnp.sqrt(jnp.asarray(x.shape[0], dtype))
@@ -278,5 +279,7 @@ def test_spring_momentum_matches_its_defining_formula(structure, dtype):
     updates, state = update(g_tree, state)
     phi = mu * phi + jnp.linalg.solve(g_matrix, flat(g_tree) - mu * kk @ phi)
     assert_close(flat(updates), phi, dtype)
+    natural = jnp.linalg.solve(g_matrix, flat(g_tree))
+    assert_close(state.metric_grad_norm_sq, jnp.vdot(flat(g_tree), natural), dtype)
   with pytest.raises(ValueError, match="momentum"):
     riemod.layerwise_natural_gradient(0.1, momentum=1.0)

@@ -58,14 +58,16 @@ class ComposedMetric:
   def _module_leaves(self, leaves, module: ModuleCurvature) -> dict[str, jax.Array]:
     return {name: leaves[i] for name, i in zip(module.leaf_names, module.leaf_indices)}
 
-  def _map(self, tree: Any, block_fn, diagonal_fn) -> tuple[Any, list]:
+  def _map(self, tree: Any, block_fn, diagonal_fn, pass_members: bool = False
+           ) -> tuple[Any, list]:
     leaves, treedef = _checked_leaves(tree, self.curvature)
     out = [None] * len(leaves)
     extras = []
     modules = self.curvature.modules
     for block, members in zip(self.blocks, self.block_modules):
       inputs = [self._module_leaves(leaves, modules[i]) for i in members]
-      results, extra = block_fn(block, inputs)
+      results, extra = (block_fn(block, inputs, members) if pass_members
+                        else block_fn(block, inputs))
       extras.append(extra)
       for i, result in zip(members, results):
         for name, index in zip(modules[i].leaf_names, modules[i].leaf_indices):
@@ -87,6 +89,31 @@ class ComposedMetric:
     return self._map(
         tree, lambda block, v: block.solve(v),
         lambda m, inv, g, _: jnp.zeros_like(g) if m.kind == "frozen" else inv * g)
+
+  def spring_solve(self, tree: Any, previous: Any, momentum) -> tuple[Any, jax.Array, list]:
+    """SPRING: ``G^{-1}(g + mu D phi)``, with ``g^T G^{-1} g`` and per-block residuals.
+
+    One factorisation, and in sample space a single extra ``K phi`` product (see
+    :meth:`BlockFactorization.spring_solve`).
+    """
+    prev_leaves, _ = _checked_leaves(previous, self.curvature)
+    modules = self.curvature.modules
+    quadratic = []
+
+    def block_fn(block, inputs, members):
+      prev = [self._module_leaves(prev_leaves, modules[i]) for i in members]
+      direction, g_ginv_g, residual = block.spring_solve(inputs, prev, momentum)
+      quadratic.append(g_ginv_g)
+      return direction, residual
+
+    def diagonal(m, inv, g, index):
+      if m.kind == "frozen":
+        return jnp.zeros_like(g)
+      quadratic.append(jnp.vdot(g, inv * g))
+      return inv * g + momentum * prev_leaves[index]
+
+    direction, residuals = self._map(tree, block_fn, diagonal, pass_members=True)
+    return direction, sum(quadratic), residuals
 
   def matvec(self, tree: Any) -> Any:
     """``G v`` (frozen modules: zero)."""

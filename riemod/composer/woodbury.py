@@ -138,6 +138,35 @@ class BlockFactorization:
                 for f, m, s in zip(self.factors, self.inv_masses, scaled))
     return out, _relative_residual(self.matrix, t, u)
 
+  def spring_solve(self, rhs: Sequence[Params], previous: Sequence[Params], momentum
+                   ) -> tuple[tuple[Params, ...], jax.Array, jax.Array]:
+    """SPRING direction ``G^{-1}(g + mu D phi)``, ``g^T G^{-1} g`` and the solve residual.
+
+    In sample space the two right-hand sides share everything but one product ``K phi``:
+    ``u0 = K D^{-1} g``, ``[t0, t1] = C^{-1}[u0, K phi]``, direction
+    ``D^{-1} g + mu phi - D^{-1} K^T (t0 + mu t1)`` and ``g^T G^{-1} g = g^T D^{-1} g - u0 . t0``.
+    """
+    if self.space == "parameter":
+      b = self._flatten(rhs)
+      carried = self._flatten([{k: v[k] / m[k] for k in v}
+                               for v, m in zip(previous, self.inv_masses)])
+      both = _cho_solve_rows(self.chol, jnp.stack([b, carried]))
+      direction = self._unflatten(both[0] + momentum * both[1], rhs)
+      return direction, jnp.vdot(b, both[0]), _relative_residual(
+          self.matrix, both, jnp.stack([b, carried]))
+    scaled = [_scale(m, g) for m, g in zip(self.inv_masses, rhs)]
+    u0 = sum(f.matvec(s) for f, s in zip(self.factors, scaled))
+    v1 = sum(f.matvec(p) for f, p in zip(self.factors, previous))
+    rhs_rows = jnp.stack([u0, v1])
+    t = _cho_solve_rows(self.chol, rhs_rows)
+    combined = t[0] + momentum * t[1]
+    direction = tuple(
+        {k: s[k] + momentum * p[k] - m[k] * back[k] for k in s}
+        for s, p, m, back in zip(scaled, previous, self.inv_masses,
+                                 (f.rmatvec(combined) for f in self.factors)))
+    g_ginv_g = sum(jnp.vdot(g[k], s[k]) for g, s in zip(rhs, scaled) for k in g) - jnp.vdot(u0, t[0])
+    return direction, g_ginv_g, _relative_residual(self.matrix, t, rhs_rows)
+
   def matvec(self, v: Sequence[Params]) -> tuple[Params, ...]:
     """``G v`` per module (the metric itself, never formed)."""
     kv = sum(f.matvec(x) for f, x in zip(self.factors, v))
