@@ -201,7 +201,7 @@ def spec(quick: bool = False, grids=None) -> protocol.TaskSpec:
       plots=[("rel_l2", "step"), ("rel_l2", "seconds")], eval_every=EVAL_EVERY,
       time_budget_s=8.0 if quick else 30.0, tune_steps={"adam": 400, "sgd": 400, "dense-gn": 25, "riemod": 25},
       notes="float64 throughout. Dense GN = parameter-space Cholesky of the damped Gauss-Newton "
-            "matrix (n = 1185 parameters) from jax.jacrev; riemod solves in sample space "
+            "matrix (n = 1185 parameters) from per-point jax.grad (vmapped); riemod solves in sample space "
             "(d = 1020 rows) or parameter space as its `space='auto'` decides.")
 
 
