@@ -141,6 +141,13 @@ def write_summary(out: Path, quick: bool = False) -> None:
     if md.exists():
       body = md.read_text().split("\n", 1)[1]
       lines += [f"## {name}", body, ""]
+  for name in ("profile_digits_mlp", "profile_poisson_pinn"):
+    md = out / f"{name}.md"
+    if md.exists():
+      lines += ["## " + md.read_text().split("\n", 1)[0].lstrip("# "), md.read_text().split(
+          "\n", 1)[1], ""]
+  if (out / "gpu" / "SUMMARY.md").exists():
+    lines += ["GPU results of the same suite: [gpu/SUMMARY.md](gpu/SUMMARY.md).", ""]
   for name in ("digits-mlp", "digits-autoencoder"):
     kfac = out / f"kfac_{name}.json"
     if kfac.exists():
@@ -158,6 +165,7 @@ def write_docs(out: Path, docs: Path) -> None:
   rel = out.resolve().relative_to(Path(__file__).resolve().parents[1]) if out.resolve().is_relative_to(
       Path(__file__).resolve().parents[1]) else out
   images = sorted(p.name for p in out.glob("*.png"))
+  body = body.replace("](gpu/SUMMARY.md)", f"](../{rel}/gpu/SUMMARY.md)")
   body += "\n\nPlots: " + ", ".join(f"[{name}](../{rel}/{name})" for name in images) + "\n"
   head, rest = text.split(start, 1)
   _, tail = rest.split(end, 1)
