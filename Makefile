@@ -19,7 +19,7 @@ demo: $(STAMP)
 
 ## The default test run (CI runs this through .ci/run).
 test: $(STAMP)
-	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile
 
 ## Slow statistical and scaling checks.
 test-slow: $(STAMP)

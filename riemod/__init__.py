@@ -12,6 +12,7 @@ from riemod import certify, composer, conservation, metrics, nn, sampling
 from riemod.composer import ComposedMetric, compose_metric
 from riemod.curvature import Curvature, ModuleCurvature, value_grad_and_curvature
 from riemod.nn import MetricDeclaration
+from riemod.state import find_state
 from riemod.transforms import (LayerwiseMetricState, layerwise_natural_gradient, module_diagnostics,
                                natural_gradient, scale_by_layerwise_metric)
 
@@ -29,6 +30,6 @@ certify.__class__ = _CallableCertify
 
 __all__ = [
     "ComposedMetric", "Curvature", "certify", "conservation", "sampling", "LayerwiseMetricState", "MetricDeclaration", "ModuleCurvature",
-    "compose_metric", "composer", "layerwise_natural_gradient", "metrics", "module_diagnostics",
+    "compose_metric", "composer", "find_state", "layerwise_natural_gradient", "metrics", "module_diagnostics",
     "natural_gradient", "nn", "scale_by_layerwise_metric", "value_grad_and_curvature",
 ]

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from riemod.composer.metric import STRUCTURES, compose_metric
+from riemod.state import find_state
 
 NONFINITE_POLICIES = ("error", "skip", "ignore")
 
@@ -264,7 +265,7 @@ def module_diagnostics(state: Any, curvature: Any) -> dict[str, dict[str, float]
   Returns ``{module name: {"condition", "residual", "jitter", "step_norm"}}``; the step norm is
   the norm of the module's preconditioned gradient ``G^{-1} g``.
   """
-  inner = _find_state(state)
+  inner = find_state(state, LayerwiseMetricState)
   if inner is None:
     raise ValueError("No riemod LayerwiseMetricState inside this optimizer state.")
   out = {}
@@ -277,17 +278,3 @@ def module_diagnostics(state: Any, curvature: Any) -> dict[str, dict[str, float]
         "step_norm": float(jnp.sqrt(jnp.sum(inner.step_norm[idx] ** 2))),
     }
   return out
-
-
-def _find_state(state: Any) -> LayerwiseMetricState | None:
-  if isinstance(state, LayerwiseMetricState):
-    return state
-  if isinstance(state, (tuple, list)):
-    for item in state:
-      found = _find_state(item)
-      if found is not None:
-        return found
-  inner = getattr(state, "inner_state", None)
-  if inner is not None:
-    return _find_state(inner)
-  return None

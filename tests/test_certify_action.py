@@ -114,7 +114,7 @@ def test_discrete_action_gap_positive_and_first_order_in_lr():
 def test_state_form_pairs_the_action_with_the_tracked_losses():
   lr, steps = 0.2, 6
   state, _, losses = _run(lr, steps)
-  inner = riemod.transforms._find_state(state)
+  inner = riemod.find_state(state, riemod.LayerwiseMetricState)
   terms = action_terms(state, learning_rate=lr)
   assert terms.num_steps == steps - 1
   assert terms.initial_loss == pytest.approx(losses[0], rel=1e-6)

@@ -77,7 +77,7 @@ def test_failed_certificate_rejects_the_step_and_raises_the_mass():
   assert float(new_state.mass_scale) == pytest.approx(2.0)
   np.testing.assert_array_equal(np.asarray(update["w"]), 0.0)
   np.testing.assert_array_equal(np.asarray(new_params["w"]), np.asarray(params["w"]))
-  inner = riemod.transforms._find_state(new_state)
+  inner = riemod.find_state(new_state, riemod.LayerwiseMetricState)
   assert int(inner.count) == 0  # the inner state is rolled back
   # More mass shortens the step until it is accepted and the loss falls.
   start = float(loss_of(params))
@@ -85,7 +85,7 @@ def test_failed_certificate_rejects_the_step_and_raises_the_mass():
   for _ in range(40):
     p, s, _ = step(p, s)
   assert int(s.rejected_steps) >= 1
-  assert int(riemod.transforms._find_state(s).count) == 40 - int(s.rejected_steps) + 1
+  assert int(riemod.find_state(s, riemod.LayerwiseMetricState).count) == 40 - int(s.rejected_steps) + 1
   assert float(loss_of(p)) < start
 
 

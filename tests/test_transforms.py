@@ -188,7 +188,7 @@ def test_jit_chain_inject_hyperparams_and_training_decreases_loss():
   for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert all(b <= a for a, b in zip(losses, losses[1:]))  # damped Gauss-Newton descends here
-  inner = riemod.transforms._find_state(state)
+  inner = riemod.find_state(state, riemod.LayerwiseMetricState)
   assert int(inner.count) == 20
   assert float(inner.initial_loss) == pytest.approx(losses[0])
   assert float(inner.last_loss) == pytest.approx(losses[-1])
@@ -230,10 +230,10 @@ def test_nonfinite_error_and_skip():
   state = tx.init(variables)
   updates, state = update(bad, state)
   assert all(not np.any(u) for u in jax.tree.leaves(updates))
-  inner = riemod.transforms._find_state(state)
+  inner = riemod.find_state(state, riemod.LayerwiseMetricState)
   assert int(inner.skipped_steps) == 1 and int(inner.count) == 0
   updates, state = update(grads, state)
-  inner = riemod.transforms._find_state(state)
+  inner = riemod.find_state(state, riemod.LayerwiseMetricState)
   assert int(inner.skipped_steps) == 1 and int(inner.count) == 1
   assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
 

@@ -232,7 +232,8 @@ def certify(model: Any, x: Any, loss_fn: Callable[[jax.Array], jax.Array], outpu
   from flax import linen
 
   from riemod.metrics import OutputMetric
-  from riemod.transforms import LayerwiseMetricState, _find_state
+  from riemod.state import find_state
+  from riemod.transforms import LayerwiseMetricState
 
   if not isinstance(output_metric, OutputMetric):
     raise TypeError(f"output_metric={output_metric!r}: pass one of riemod.metrics (identity(), "
@@ -273,7 +274,7 @@ def certify(model: Any, x: Any, loss_fn: Callable[[jax.Array], jax.Array], outpu
   inner = None
   notes: list[str] = []
   if opt_state is not None:
-    inner = _find_state(opt_state)
+    inner = find_state(opt_state, LayerwiseMetricState)
     if not isinstance(inner, LayerwiseMetricState):
       raise ValueError("opt_state holds no riemod LayerwiseMetricState: pass the state of "
                        "riemod.layerwise_natural_gradient / natural_gradient (or a chain or guard "
@@ -282,7 +283,7 @@ def certify(model: Any, x: Any, loss_fn: Callable[[jax.Array], jax.Array], outpu
       raise ValueError(f"opt_state does not belong to this model: it tracks "
                        f"{inner.condition.shape[0]} parameter arrays, the model has {num_leaves}. "
                        "Pass the state of the optimizer that trains this model.")
-    guard = _find_guard(opt_state)
+    guard = find_state(opt_state, GuardState)
     if guard is not None:
       mass_scale = float(guard.mass_scale)
 
@@ -301,17 +302,6 @@ def certify(model: Any, x: Any, loss_fn: Callable[[jax.Array], jax.Array], outpu
     raise FloatingPointError("certify: the loss is NaN or inf at these parameters and batch.")
   return _build_report(out, box, learning_rate, mass, mass_scale, structure, batch, dataset_size,
                        inner, opt_state, num_lanczos, notes)
-
-
-def _find_guard(state: Any) -> GuardState | None:
-  if isinstance(state, GuardState):
-    return state
-  if isinstance(state, (tuple, list)):
-    for item in state:
-      found = _find_guard(item)
-      if found is not None:
-        return found
-  return None
 
 
 def _build_report(out, box, lr, mass, mass_scale, structure, batch, dataset_size, inner,

@@ -36,7 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from riemod.transforms import LayerwiseMetricState, _find_state
+from riemod.state import find_state
+from riemod.transforms import LayerwiseMetricState
 
 
 class ActionTerms(NamedTuple):
@@ -93,7 +94,7 @@ def action_terms(opt_state: Any, *, learning_rate: float | None = None,
     >>> action_terms(state, learning_rate=0.1).gap >= 0
     True
   """
-  state = _find_state(opt_state)
+  state = find_state(opt_state, LayerwiseMetricState)
   if not isinstance(state, LayerwiseMetricState):
     raise ValueError("opt_state holds no riemod LayerwiseMetricState: pass the state of "
                      "riemod.layerwise_natural_gradient / natural_gradient (or a chain with it).")

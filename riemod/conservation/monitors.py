@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from riemod.state import find_state
+
 __all__ = [
     "ChargeMonitorState",
     "DriftMonitorState",
@@ -163,20 +165,6 @@ def charge_monitor(beta: float, stack: Optional[Callable[[PyTree], jax.Array]] =
     return updates, ChargeMonitorState(charge=value, initial=initial, count=state.count + 1)
 
   return optax.GradientTransformationExtraArgs(init, update)
-
-
-def find_state(opt_state, state_type):
-  """The first sub-state of ``state_type`` inside a (chained) optax state, or ``None``."""
-  found = []
-
-  def visit(node):
-    if isinstance(node, state_type):
-      found.append(node)
-      return True
-    return False
-
-  jax.tree_util.tree_map(lambda x: x, opt_state, is_leaf=visit)
-  return found[0] if found else None
 
 
 def track_laws(loss_fn: Callable[[PyTree], jax.Array], optimizer: optax.GradientTransformation,
