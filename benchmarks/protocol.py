@@ -15,6 +15,7 @@ option riemod does not have yet) are recorded as not run, with the reason.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import time
@@ -213,3 +214,16 @@ def write_outputs(spec: TaskSpec, out: Path, payload: dict[str, Any], json_too: 
   for metric, x in spec.plots:
     harness.plot_curves(out / f"{spec.name}_{metric}_{x}.png".replace("<", "lt"),
                         payload["runs"], metric, x=x, title=f"{spec.name}: {metric}")
+
+
+def task_main(spec: Callable[[bool], TaskSpec], name: str, description: str | None,
+              argv: Sequence[str] | None = None) -> dict:
+  """The command line of a protocol task: ``--quick``, ``--out DIR``, ``--external JSON...``."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--out", type=Path, default=harness.DEFAULT_RESULTS)
+  parser.add_argument("--external", type=Path, nargs="*", default=[],
+                      help="JSON runs from other environments (kfac-jax) to merge")
+  args = parser.parse_args(argv)
+  return run_task(spec(args.quick), args.out, external_runs=load_external(args.external, name),
+                  **(QUICK if args.quick else {}))

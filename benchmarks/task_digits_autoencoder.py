@@ -10,10 +10,8 @@ Targets (issue 6): riemod's final loss at most 0.15 and time to loss < 0.5 at mo
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
-from benchmarks import harness, mlp, protocol
+from benchmarks import mlp, protocol
 
 NAME = "digits-autoencoder"
 LEVELS = [1.0, 0.5, 0.3, 0.2]
@@ -59,14 +57,7 @@ def spec(quick: bool = False, grids=None) -> protocol.TaskSpec:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--out", type=Path, default=harness.DEFAULT_RESULTS)
-  parser.add_argument("--external", type=Path, nargs="*", default=[])
-  args = parser.parse_args(argv)
-  external = protocol.load_external(args.external, NAME)
-  protocol.run_task(spec(args.quick), args.out, external_runs=external,
-                    **(protocol.QUICK if args.quick else {}))
+  protocol.task_main(spec, NAME, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,11 @@ test accuracy at least Adam's, all three seeds stable.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks import harness, mlp, protocol
+from benchmarks import mlp, protocol
 
 NAME = "digits-mlp"
 THRESHOLD = 0.05
@@ -70,14 +68,7 @@ def spec(quick: bool = False, grids=None) -> protocol.TaskSpec:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--out", type=Path, default=harness.DEFAULT_RESULTS)
-  parser.add_argument("--external", type=Path, nargs="*", default=[])
-  args = parser.parse_args(argv)
-  external = protocol.load_external(args.external, NAME)
-  protocol.run_task(spec(args.quick), args.out, external_runs=external,
-                    **(protocol.QUICK if args.quick else {}))
+  protocol.task_main(spec, NAME, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,7 @@ the dense Gauss-Newton step time at equal accuracy.
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import jax
 
@@ -206,12 +204,7 @@ def spec(quick: bool = False, grids=None) -> protocol.TaskSpec:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--out", type=Path, default=harness.DEFAULT_RESULTS)
-  parser.add_argument("--external", type=Path, nargs="*", default=[])
-  args = parser.parse_args(argv)
-  protocol.run_task(spec(args.quick), args.out, **(protocol.QUICK if args.quick else {}))
+  protocol.task_main(spec, NAME, __doc__, argv)
 
 
 if __name__ == "__main__":
