@@ -126,9 +126,6 @@ class _Frontend:
   def apply(self, params: Any, x: Any, tape: _tape.Tape | None) -> jax.Array:
     raise NotImplementedError
 
-  def wrap_grads(self, grads: Any) -> Any:
-    return grads
-
 
 _TAPPED_CLASSES: dict[type, type] = {}
 
@@ -170,9 +167,6 @@ class _NNXFrontend(_Frontend):
           if type(node) in (nnx.Linear, nnx.Conv):
             node.__class__ = _tapped_class(type(node))
     return model(x)
-
-  def wrap_grads(self, grads):
-    return grads
 
 
 class _LinenFrontend(_Frontend):
@@ -447,7 +441,7 @@ def value_grad_and_curvature(
   modules.sort(key=lambda m: m.leaf_indices[0])
   curvature = Curvature(tuple(modules), tuple(tuple(np.shape(l)) for l in leaves), num_rows,
                         output_metric.name)
-  return loss, frontend.wrap_grads(grads), curvature
+  return loss, grads, curvature
 
 
 def _check_leaf_names(group: _Group, expected: tuple[str, ...]) -> None:

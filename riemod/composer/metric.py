@@ -156,14 +156,6 @@ class ComposedMetric:
     return self._map(like, lambda block, v: (block.sample(next(block_keys), v), None),
                      diagonal)[0]
 
-  def diagnostics(self) -> dict[str, jax.Array]:
-    """Per block: condition estimate of the factored matrix and the jitter it needed."""
-    return {
-        "condition": jnp.stack([b.condition_estimate() for b in self.blocks])
-        if self.blocks else jnp.zeros((0,)),
-        "jitter": jnp.stack([b.jitter for b in self.blocks]) if self.blocks else jnp.zeros((0,)),
-    }
-
   def block_names(self) -> list[str]:
     return ["+".join(self.curvature.modules[i].name for i in members)
             for members in self.block_modules]

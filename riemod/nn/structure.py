@@ -98,18 +98,14 @@ def _conv_structure(kernel_shape, use_bias, strides, padding, input_dilation, ke
 
 
 def structure_of(layer: Any) -> DenseStructure | None:
-  """The dense structure of an nnx or linen layer, or ``None`` if it takes the generic path."""
-  from flax import linen
-
+  """The dense structure of an nnx layer, or ``None`` if it takes the generic path."""
   if type(layer) in (nnx.Linear,) or getattr(type(layer), "_riemod_dense", False):
     return DenseStructure((layer.in_features, layer.out_features), layer.bias is not None)
   if type(layer) in (nnx.Conv,) or getattr(type(layer), "_riemod_conv", False):
     return _conv_structure(layer.kernel.shape, layer.bias is not None, layer.strides,
                            layer.padding, layer.input_dilation, layer.kernel_dilation,
                            layer.feature_group_count, layer.mask)
-  if type(layer) is linen.Dense:
-    return None  # the kernel shape is only known once bound; see linen_structure
-  return None
+  return None  # Linen layers: see linen_structure (their kernel shape is known once bound)
 
 
 def linen_structure(module: Any, kernel_shape: tuple[int, ...]) -> DenseStructure | None:
