@@ -30,6 +30,16 @@ REPORT_SEEDS = (0, 1, 2)
 QUICK = dict(report_seeds=(0,), timing_rounds=3, timing_burst=5)
 
 
+def digits_grids(riemod_grid: Sequence[dict[str, Any]]) -> tuple[dict, dict]:
+  """(full, quick) grids of the digits tasks: the shared Adam/SGD anchor grids beside riemod's."""
+  full = {"adam": [dict(learning_rate=lr) for lr in (3e-3, 1e-2, 3e-2)],
+          "sgd": [dict(learning_rate=lr, momentum=0.9) for lr in (0.03, 0.1, 0.3)],
+          "riemod": list(riemod_grid)}
+  quick = {"adam": [dict(learning_rate=1e-2)], "sgd": [dict(learning_rate=0.1, momentum=0.9)],
+           "riemod": list(riemod_grid[:1])}
+  return full, quick
+
+
 def load_external(paths: Sequence[Path], task: str) -> list[dict[str, Any]]:
   """Runs of ``task`` from JSON files written in other environments (kfac-jax), marked external."""
   import json

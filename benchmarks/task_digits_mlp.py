@@ -33,13 +33,7 @@ RIEMOD_GRID = [
          learning_rate=0.1, mass=0.1, momentum=0.9, clip=10.0, on_nonfinite="ignore"),
 ]
 
-GRIDS = {
-    "adam": [dict(learning_rate=lr) for lr in (3e-3, 1e-2, 3e-2)],
-    "sgd": [dict(learning_rate=lr, momentum=0.9) for lr in (0.03, 0.1, 0.3)],
-    "riemod": RIEMOD_GRID,
-}
-QUICK_GRIDS = {"adam": [dict(learning_rate=1e-2)], "sgd": [dict(learning_rate=0.1, momentum=0.9)],
-               "riemod": RIEMOD_GRID[:1]}
+GRIDS, QUICK_GRIDS = protocol.digits_grids(RIEMOD_GRID)
 
 
 def _evaluate(apply, params, task):
