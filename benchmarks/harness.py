@@ -230,6 +230,38 @@ def interleaved_step_times(trainers: Sequence[Trainer], states: Sequence[Any], *
   return {"rounds": rounds, "burst": burst, "reference": reference, "optimizers": out}
 
 
+def time_interleaved(fns: dict[str, tuple[Callable, tuple]], *, rounds: int = 7, burst: int = 10,
+                     reference: str | None = None) -> dict[str, dict[str, Any]]:
+  """Median seconds of jitted functions timed in interleaved bursts (order rotated every round).
+
+  ``fns`` maps a name to ``(compiled function, arguments)``; each is run once before timing. With
+  ``reference``, each entry also gets the median over rounds of its burst median divided by the
+  reference's in the same round (``ratio``) and the spread of those ratios.
+  """
+  for fn, args in fns.values():
+    jax.block_until_ready(fn(*args))
+  names = list(fns)
+  per_round: dict[str, list[float]] = {name: [] for name in names}
+  for r in range(rounds):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      fn, args = fns[name]
+      times = []
+      for _ in range(burst):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+      per_round[name].append(statistics.median(times))
+  out = {}
+  for name, times in per_round.items():
+    entry: dict[str, Any] = {"median_seconds": statistics.median(times)}
+    if reference is not None:
+      ratios = [a / b for a, b in zip(times, per_round[reference])]
+      entry["ratio"] = statistics.median(ratios)
+      entry["ratio_spread"] = [min(ratios), max(ratios)]
+    out[name] = entry
+  return out
+
+
 # --------------------------------------------------------------------------- tuning
 def pick_best(results: Sequence[dict[str, Any]], key: Callable[[dict[str, Any]], float]) -> dict:
   """The hyperparameters whose median ``key`` over seeds is smallest (diverged runs: +inf)."""

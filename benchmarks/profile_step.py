@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import os
 from pathlib import Path
 
 import jax
@@ -156,21 +155,11 @@ def run(config: dict, rounds: int = 7, burst: int = 20, task_name: str = "digits
     task = mlp.MLPTask([64, 128, 128, 10], ["tanh", "tanh", None], mlp.cross_entropy, "labels",
                        128, 1, task_digits_mlp._evaluate)
     fns = parts(config, task)
-  for fn, args in fns.values():
-    jax.block_until_ready(fn(*args))
-  times = {k: [] for k in fns}
-  names = list(fns)
-  load_start = list(__import__("os").getloadavg())
-  for r in range(rounds):
-    for name in names[r % len(names):] + names[:r % len(names)]:
-      fn, args = fns[name]
-      for _ in range(burst):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times[name].append(time.perf_counter() - t)
-  med = {k: statistics.median(v) for k, v in times.items()}
+  load_start = list(os.getloadavg())
+  timed = harness.time_interleaved(fns, rounds=rounds, burst=burst)
+  med = {k: v["median_seconds"] for k, v in timed.items()}
   rows, prev = [], 0.0
-  for name in names:
+  for name in fns:
     standalone = name == "adam step" or name.startswith("dense GN: jacobian")
     rows.append({"part": name, "median_ms": 1e3 * med[name],
                  "increment_ms": None if name == "adam step" else 1e3 * (
