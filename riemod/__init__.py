@@ -11,6 +11,7 @@ import types as _types
 from riemod import certify, composer, conservation, metrics, nn, sampling
 from riemod.composer import ComposedMetric, compose_metric
 from riemod.curvature import Curvature, ModuleCurvature, value_grad_and_curvature
+from riemod.linesearch import GridLinesearchState, scale_by_grid_linesearch
 from riemod.nn import MetricDeclaration
 from riemod.state import find_state
 from riemod.transforms import (LayerwiseMetricState, layerwise_natural_gradient, module_diagnostics,
@@ -29,7 +30,7 @@ class _CallableCertify(_types.ModuleType):
 certify.__class__ = _CallableCertify
 
 __all__ = [
-    "ComposedMetric", "Curvature", "certify", "conservation", "sampling", "LayerwiseMetricState", "MetricDeclaration", "ModuleCurvature",
+    "ComposedMetric", "Curvature", "GridLinesearchState", "certify", "conservation", "sampling", "LayerwiseMetricState", "MetricDeclaration", "ModuleCurvature",
     "compose_metric", "composer", "find_state", "layerwise_natural_gradient", "metrics", "module_diagnostics",
-    "natural_gradient", "nn", "scale_by_layerwise_metric", "value_grad_and_curvature",
+    "natural_gradient", "nn", "scale_by_grid_linesearch", "scale_by_layerwise_metric", "value_grad_and_curvature",
 ]
