@@ -81,7 +81,9 @@ def capacitances(output_metric) -> list[jax.Array]:
       nnx.merge(graphdef, params), x, lambda out: task.loss(out, y), output_metric,
       key=jax.random.key(0))
   composed = riemod.compose_metric(curv, mass=MASS)
-  return [block.matrix for block in composed.blocks]
+  return [jnp.eye(block.chol.shape[0], dtype=block.chol.dtype)
+          + sum(f.gram(m) for f, m in zip(block.factors, block.inv_masses))
+          for block in composed.blocks]
 
 
 def bare_choleskys(matrices):

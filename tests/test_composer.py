@@ -102,6 +102,28 @@ def test_cholesky_jitter_escalates_only_when_needed():
   assert float(jnp.abs(chol @ chol.T - singular).max()) <= 10 * float(jitter) + 1e-2
 
 
+def test_block_recovers_from_a_failed_factorisation():
+  # G = K^T K + D with K^T K = 1e4 v v^T and a negligible mass is numerically semi-definite in
+  # float32: the plain factor fails, and every product falls back to a jittered factor.
+  v = jnp.array([1.0, 1e-4, 1.0])
+  factor = RowsFactor({"w": 100.0 * v[None, None, :]})          # one row: R = B = 1
+  block = factorize_block([factor], [{"w": jnp.asarray(1e12)}], space="parameter")
+  assert not bool(block.factored)
+  jitter = float(block.jitter)
+  assert jitter > 0
+  b = jnp.array([1.0, -2.0, 0.5])
+  x, residual = block.solve([{"w": b}])
+  assert bool(jnp.all(jnp.isfinite(x[0]["w"])))
+  # x solves the jittered system: (K^T K + D + jitter I) x = b, to float32 accuracy.
+  g = np.asarray(1e4 * jnp.outer(v, v), np.float64) + (1e-12 + jitter) * np.eye(3)
+  achieved = g @ np.asarray(x[0]["w"], np.float64)
+  assert np.linalg.norm(achieved - np.asarray(b)) <= 1e-2 * np.linalg.norm(np.asarray(b))
+  assert np.isfinite(float(residual)) and np.isfinite(float(block.condition_estimate()))
+  # A healthy block takes the plain factor and reports no jitter.
+  healthy = factorize_block([factor], [{"w": jnp.asarray(1.0)}], space="parameter")
+  assert bool(healthy.factored) and float(healthy.jitter) == 0.0
+
+
 def test_composed_metric_products_and_mass():
   f = lambda p, x: jnp.tanh(x @ p["a"]["w"]) @ p["b"]["w"]
   params = {"a": {"w": jax.random.normal(jax.random.key(0), (3, 4))},

@@ -52,7 +52,7 @@ def _dense_reference(variables, x, loss_fn, masses, structure):
 @pytest.mark.parametrize("space", ["sample", "parameter"])
 def test_step_equals_dense_damped_gauss_newton(structure, space, dtype):
   x, loss_fn, variables = _problem(dtype)
-  tx = riemod.scale_by_layerwise_metric(0.3, structure=structure, space=space)
+  tx = riemod.scale_by_layerwise_metric(0.3, structure=structure, space=space, residuals=True)
 
   @jax.jit
   def step(variables):
@@ -242,12 +242,16 @@ def test_module_diagnostics_report_each_module():
   x, loss_fn, variables = _problem(jnp.float32)
   _, grads, curv = riemod.value_grad_and_curvature(
       _MLP().apply, x, loss_fn, riemod.metrics.identity(), params=variables)
-  tx = riemod.layerwise_natural_gradient(0.1, mass=0.01)
+  tx = riemod.layerwise_natural_gradient(0.1, mass=0.01, residuals=True)
   _, state = tx.update(grads, tx.init(variables), variables, curvature=curv)
   diag = riemod.module_diagnostics(state, curv)
   assert set(diag) == {"params/Dense_0", "params/Dense_1"}
   for entry in diag.values():
     assert entry["condition"] >= 1.0 and entry["residual"] < 1e-4 and entry["step_norm"] > 0
+  # Without residuals=True the residual is not measured, and says so.
+  plain = riemod.layerwise_natural_gradient(0.1, mass=0.01)
+  _, state = plain.update(grads, plain.init(variables), variables, curvature=curv)
+  assert all(np.isnan(e["residual"]) for e in riemod.module_diagnostics(state, curv).values())
 
 
 @pytest.mark.parametrize("structure, space", [("layerwise", "auto"), ("full", "sample"),
