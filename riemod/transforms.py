@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from riemod.composer.metric import STRUCTURES, compose_metric
@@ -66,18 +67,28 @@ def _float():
 def _raise_nonfinite(bad_grads, bad_curvature, bad_step):
   what = [name for name, bad in (("updates (the gradient)", bad_grads),
                                  ("curvature", bad_curvature),
-                                 ("the solved step", bad_step)) if bad]
+                                 ("the solved step", bad_step)) if np.any(bad)]
   if what:
     raise FloatingPointError(
         f"riemod: non-finite values in {', '.join(what)}. Check the loss and inputs for NaN/inf, "
         "raise the mass if the metric is near-singular, or pass on_nonfinite='skip' to skip such "
         "steps (parameters unchanged, state.skipped_steps counts them).")
+  return np.zeros(np.shape(bad_grads), np.int32)  # batched under jax.vmap
 
 
-def _report_nonfinite(ok, ok_grads, ok_curvature, ok_step) -> None:
-  # The host callback sits in the untaken branch: a finite step never leaves the device.
-  jax.lax.cond(ok, lambda: None, lambda: jax.debug.callback(
-      _raise_nonfinite, ~ok_grads, ~ok_curvature, ~ok_step))
+def _report_nonfinite(ok, ok_grads, ok_curvature, ok_step) -> jax.Array:
+  """Raises on the host if ``ok`` is false; returns an int32 zero to be added to the state.
+
+  The host call sits in the branch taken only on failure, and it is a ``pure_callback`` whose
+  zero result the updates and state depend on (so it is never dropped): unlike ``jax.debug.callback``, it
+  adds no side-effect ordering to the step, which on XLA:CPU cost ~0.6 ms per digits-MLP step.
+  The error reaches the caller when the step's results are next read (jax dispatches
+  asynchronously).
+  """
+  def report():
+    return jax.pure_callback(_raise_nonfinite, jax.ShapeDtypeStruct((), jnp.int32),
+                             ~ok_grads, ~ok_curvature, ~ok_step, vmap_method="broadcast_all")
+  return jax.lax.cond(ok, lambda: jnp.zeros((), jnp.int32), report)
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -103,11 +114,10 @@ def scale_by_layerwise_metric(
       ``g / mass``, i.e. SGD with learning rate ``lr / mass``.
     structure: ``"layerwise"`` (block diagonal over modules) or ``"full"`` (one block).
     space: ``"auto"``, ``"sample"`` (Woodbury) or ``"parameter"`` solves per block.
-    on_nonfinite: ``"error"`` raises on non-finite gradients, curvature or steps (a host
-      callback in a branch taken only on failure; about 1 ms per step on a 2-core CPU, and not
-      supported under ``jax.vmap``); ``"skip"`` returns a zero update and counts it in
-      ``skipped_steps`` (no host callback: the fast setting, and the one to use under ``vmap``);
-      ``"ignore"`` checks nothing.
+    on_nonfinite: ``"error"`` raises ``FloatingPointError`` on non-finite gradients, curvature
+      or steps (a host callback in a branch taken only on failure; the error surfaces when the
+      step's results are read); ``"skip"`` returns a zero update and counts it in
+      ``skipped_steps``; ``"ignore"`` checks nothing.
     learning_rate: used only to accumulate the action ``sum lr_k g^T G^{-1} g`` (the aliases
       pass theirs).
     momentum: SPRING momentum ``mu`` in ``[0, 1)`` (``None``: off, no buffer in the state).
@@ -197,8 +207,10 @@ def scale_by_layerwise_metric(
     ok_step = _all_finite(direction)
     ok = ok_grads & ok_curvature & ok_step
     if on_nonfinite == "error":
-      _report_nonfinite(ok, ok_grads, ok_curvature, ok_step)
-      return direction, new_state
+      zero = _report_nonfinite(ok, ok_grads, ok_curvature, ok_step)
+      # The updates and the state both depend on the check, so neither can be used without it.
+      direction = jax.tree.map(lambda d: d + zero.astype(d.dtype), direction)
+      return direction, new_state._replace(skipped_steps=new_state.skipped_steps + zero)
     # Skip: parameters unchanged, only the skip counter moves.
     direction = jax.tree.map(lambda d: jnp.where(ok, d, jnp.zeros_like(d)), direction)
     skipped_state = state._replace(skipped_steps=state.skipped_steps + 1)

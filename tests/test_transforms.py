@@ -225,6 +225,14 @@ def test_nonfinite_error_and_skip():
   with pytest.raises(Exception, match="non-finite values in updates"):
     jax.block_until_ready(update(bad, tx.init(variables)))
 
+  # The check also works under jax.vmap: finite lanes pass, a non-finite lane raises.
+  state0 = tx.init(variables)
+  batched = jax.jit(jax.vmap(lambda g: tx.update(g, state0, variables, curvature=curv)[0]))
+  two = jax.tree.map(lambda a, b: jnp.stack([a, b]), grads, grads)
+  assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(batched(two)))
+  with pytest.raises(Exception, match="non-finite values in updates"):
+    jax.block_until_ready(batched(jax.tree.map(lambda a, b: jnp.stack([a, b]), grads, bad)))
+
   tx = riemod.layerwise_natural_gradient(0.1, on_nonfinite="skip")
   update = jax.jit(lambda g, s: tx.update(g, s, variables, curvature=curv))
   state = tx.init(variables)
