@@ -13,6 +13,12 @@ A configuration looks like::
   other unknown key) to the transform, *only if riemod's signature accepts them*; otherwise the
   configuration is reported as unsupported (never silently dropped).
 * ``clip``: ``optax.clip_by_global_norm`` before the transform (``None``: no clipping).
+* ``guard``: keyword arguments of :func:`riemod.certify.guarded` (Levenberg-Marquardt mass
+  adaptation; the configuration's ``mass`` and ``structure`` are passed for you), e.g.
+  ``{"min_scale": 1e-6}``; ``None``: no guard. The step must pass ``value=`` and ``value_fn=``.
+* ``line_search``: keyword arguments of :func:`riemod.scale_by_grid_linesearch`, chained after the
+  transform, e.g. ``{"max_step": 1.0, "factor": 0.5, "num": 12}`` (ENGD's grid); ``None``: none.
+  The step must pass ``value_fn=`` (``params -> loss`` on the batch) to ``tx.update``.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import optax
 import riemod
 
 TRANSFORM_KEYS = ("learning_rate", "mass", "space", "on_nonfinite")
-LOCAL_KEYS = ("structure", "output_metric", "clip", "curvature_batch")
+LOCAL_KEYS = ("structure", "output_metric", "clip", "curvature_batch", "guard", "line_search")
 
 
 def _transform_fn(structure: str):
@@ -64,6 +70,11 @@ def build(config: dict[str, Any]):
   structure = config.get("structure", "layerwise")
   kwargs = {k: v for k, v in config.items() if k not in LOCAL_KEYS and v is not None}
   tx = _transform_fn(structure)(**kwargs)
+  if config.get("guard") is not None:
+    tx = riemod.certify.guarded(tx, mass=config.get("mass", 1e-2), structure=structure,
+                                space=config.get("space", "auto"), **config["guard"])
+  if config.get("line_search") is not None:
+    tx = optax.chain(tx, riemod.scale_by_grid_linesearch(**config["line_search"]))
   if config.get("clip") is not None:
     tx = optax.chain(optax.clip_by_global_norm(config["clip"]), tx)
   vgc_kwargs = {}
