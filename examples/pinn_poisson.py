@@ -3,11 +3,15 @@
 ``u* = sin(pi x) sin(pi y)``, ``f = 2 pi^2 u*``. The network is a plain JAX function of a parameter
 pytree; the residuals differentiate it with respect to its input, so riemod takes the generic
 (materialised-rows) path with the ``residual`` output metric: the step is the damped Gauss-Newton
-(energy natural gradient) step of ``0.5 * mean(r^2)``, solved by Woodbury in sample space. The
-damping starts at ``mass`` and a Levenberg-Marquardt guard (:func:`riemod.certify.guarded`) lowers it
-while steps keep their predicted decrease, so the run ends near the undamped Gauss-Newton step.
+(energy natural gradient) step of ``0.5 * mean(r^2)``, solved by Woodbury in sample space.
 
-Run: python examples/pinn_poisson.py [--steps 300] [--width 32]
+``--method linesearch`` (default): a tiny fixed mass (1e-8), SPRING momentum 0.9 and the ENGD grid
+line search (:func:`riemod.scale_by_grid_linesearch`: the best of ``0.5**k, k < 12`` by the loss).
+``--method guarded``: the damping starts at ``--mass`` and a Levenberg-Marquardt guard
+(:func:`riemod.certify.guarded`) lowers it while steps keep their predicted decrease.
+After 300 steps (seed 0, CPU float64): relative L2 5.0e-6 with the line search, 1.5e-4 guarded.
+
+Run: python examples/pinn_poisson.py [--steps 300] [--width 32] [--method linesearch|guarded]
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 jax.config.update("jax_enable_x64", True)
 
@@ -72,11 +77,23 @@ def relative_l2(params, n=50):
   return float(jnp.linalg.norm(network(params, z) - exact) / jnp.linalg.norm(exact))
 
 
-def train(steps=300, width=32, mass=1e-2, learning_rate=1.0, seed=0, verbose=True):
+def optimizer(method="linesearch", mass=None, momentum=0.9, learning_rate=1.0):
+  """``(optax transform, mass)``: line-searched SPRING Gauss-Newton, or the LM-guarded step."""
+  if method == "linesearch":
+    mass = 1e-8 if mass is None else mass
+    return optax.chain(riemod.natural_gradient(1.0, mass=mass, momentum=momentum),
+                       riemod.scale_by_grid_linesearch(max_step=1.0, factor=0.5, num=12)), mass
+  if method == "guarded":
+    mass = 1e-2 if mass is None else mass
+    return riemod.certify.guarded(riemod.natural_gradient(learning_rate, mass=mass), mass=mass,
+                                  structure="full", min_scale=1e-10), mass
+  raise ValueError(f"method={method!r}: 'linesearch' or 'guarded'")
+
+
+def train(steps=300, width=32, mass=None, method="linesearch", seed=0, verbose=True):
   params = init_mlp(jax.random.key(seed), [2, width, width, 1])
   points = collocation()
-  tx = riemod.certify.guarded(riemod.natural_gradient(learning_rate, mass=mass), mass=mass,
-                              structure="full", min_scale=1e-10)
+  tx, mass = optimizer(method, mass)
   state = tx.init(params)
   loss_fn = lambda r: 0.5 * jnp.mean(r**2)
   loss_of = lambda p: loss_fn(residuals(p, points))
@@ -96,9 +113,13 @@ def train(steps=300, width=32, mass=1e-2, learning_rate=1.0, seed=0, verbose=Tru
     if i % 50 == 49 or i == steps - 1:
       history.append((i + 1, float(loss), relative_l2(params)))
       if verbose:
+        if method == "guarded":
+          extra = f"mass {mass * float(state.mass_scale):.1e}"
+        else:
+          search = riemod.find_state(state, riemod.GridLinesearchState)
+          extra = f"step size {float(search.step_size):.2g}"
         print(f"step {i + 1:5d}  loss {float(loss):.3e}  relative L2 {history[-1][2]:.3e}  "
-              f"mass {mass * float(state.mass_scale):.1e}  "
-              f"({time.perf_counter() - start:.1f} s)", flush=True)
+              f"{extra}  ({time.perf_counter() - start:.1f} s)", flush=True)
   return params, history
 
 
@@ -106,6 +127,8 @@ if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--width", type=int, default=32)
-  parser.add_argument("--mass", type=float, default=1e-2, help="initial mass (LM-adapted)")
+  parser.add_argument("--method", choices=("linesearch", "guarded"), default="linesearch")
+  parser.add_argument("--mass", type=float, default=None,
+                      help="mass (default 1e-8 with the line search, 1e-2 initial mass guarded)")
   args = parser.parse_args()
-  train(args.steps, args.width, args.mass)
+  train(args.steps, args.width, args.mass, args.method)
