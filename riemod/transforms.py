@@ -98,7 +98,7 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def scale_by_layerwise_metric(
-    mass: float = 1e-2,
+    mass: optax.ScalarOrSchedule = 1e-2,
     *,
     structure: str = "layerwise",
     space: str = "auto",
@@ -110,8 +110,9 @@ def scale_by_layerwise_metric(
   """Preconditions gradients by ``G^{-1}``, ``G = K^T K + D`` (no learning rate, no sign flip).
 
   Args:
-    mass: default mass ``D`` for modules that declare none (> 0). ``mass -> inf`` gives
-      ``g / mass``, i.e. SGD with learning rate ``lr / mass``.
+    mass: default mass ``D`` for modules that declare none (> 0), or an optax schedule of the
+      step count (e.g. a damping that decays over training; module declarations are not
+      scheduled). ``mass -> inf`` gives ``g / mass``, i.e. SGD with learning rate ``lr / mass``.
     structure: ``"layerwise"`` (block diagonal over modules) or ``"full"`` (one block).
     space: ``"auto"``, ``"sample"`` (Woodbury) or ``"parameter"`` solves per block.
     on_nonfinite: ``"error"`` raises ``FloatingPointError`` on non-finite gradients, curvature
@@ -162,7 +163,8 @@ def scale_by_layerwise_metric(
           "tx.update(grads, state, params, curvature=curvature) (or "
           "optimizer.update(model, grads, curvature=curvature)) with the curvature from "
           "riemod.value_grad_and_curvature. Without it there is no metric to solve with.")
-    metric = compose_metric(curvature, mass=mass, structure=structure, space=space)
+    default_mass = mass(state.count) if callable(mass) else mass
+    metric = compose_metric(curvature, mass=default_mass, structure=structure, space=space)
     leaves = jax.tree.leaves(updates)
     dtype = _float()
     if momentum is None:
@@ -222,7 +224,7 @@ def scale_by_layerwise_metric(
 
 def layerwise_natural_gradient(
     learning_rate: optax.ScalarOrSchedule,
-    mass: float = 1e-2,
+    mass: optax.ScalarOrSchedule = 1e-2,
     *,
     momentum: float | None = None,
     space: str = "auto",
@@ -233,7 +235,7 @@ def layerwise_natural_gradient(
 
   Args:
     learning_rate: step size or optax schedule.
-    mass: default mass for modules that declare none.
+    mass: default mass for modules that declare none, or a schedule of the step count.
     momentum: SPRING momentum in ``[0, 1)`` (``None``: off).
     space: per-block solve space (``"auto"``, ``"sample"``, ``"parameter"``).
     on_nonfinite: ``"error"``, ``"skip"`` or ``"ignore"`` (see :func:`scale_by_layerwise_metric`).
@@ -262,7 +264,7 @@ def layerwise_natural_gradient(
 
 def natural_gradient(
     learning_rate: optax.ScalarOrSchedule,
-    mass: float = 1e-2,
+    mass: optax.ScalarOrSchedule = 1e-2,
     *,
     momentum: float | None = None,
     space: str = "auto",

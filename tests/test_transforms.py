@@ -295,3 +295,22 @@ def test_spring_momentum_matches_its_defining_formula(structure, space, dtype):
     assert_close(state.metric_grad_norm_sq, jnp.vdot(flat(g_tree), natural), dtype)
   with pytest.raises(ValueError, match="momentum"):
     riemod.layerwise_natural_gradient(0.1, momentum=1.0)
+
+
+def test_mass_schedule_uses_the_mass_of_each_step(dtype):
+  x, loss_fn, variables = _problem(dtype)
+  _, grads, curv = riemod.value_grad_and_curvature(
+      _MLP().apply, x, loss_fn, riemod.metrics.identity(), params=variables)
+  schedule = optax.exponential_decay(1e-1, transition_steps=1, decay_rate=0.1)
+  tx = riemod.layerwise_natural_gradient(0.5, mass=schedule)
+  state = tx.init(variables)
+  for step in range(3):
+    updates, state = tx.update(grads, state, variables, curvature=curv)
+    # The schedule's value at the int32 step count, as the transform evaluates it.
+    fixed = riemod.layerwise_natural_gradient(
+        0.5, mass=float(schedule(jnp.asarray(step, jnp.int32))))
+    expected, _ = fixed.update(grads, fixed.init(variables), variables, curvature=curv)
+    assert_close(flat(updates), flat(expected), dtype)
+  # A schedule is not a fixed mass: the three steps above differ.
+  first, _ = tx.update(grads, tx.init(variables), variables, curvature=curv)
+  assert not np.allclose(flat(first), flat(updates))

@@ -29,7 +29,8 @@ STRUCTURES = ("layerwise", "full")
 
 def _inverse_mass(module: ModuleCurvature, default_mass: float, dtype):
   if module.mass is None:
-    return {name: jnp.asarray(1.0 / default_mass, dtype) for name in module.leaf_names}
+    # Cast first: a float32 scalar mass (a schedule's value) must not be inverted in float32.
+    return {name: 1.0 / jnp.asarray(default_mass, dtype) for name in module.leaf_names}
   return {name: (1.0 / module.mass[name]).astype(dtype) for name in module.leaf_names}
 
 
