@@ -16,6 +16,8 @@ A configuration looks like::
 * ``guard``: keyword arguments of :func:`riemod.certify.guarded` (Levenberg-Marquardt mass
   adaptation; the configuration's ``mass`` and ``structure`` are passed for you), e.g.
   ``{"min_scale": 1e-6}``; ``None``: no guard. The step must pass ``value=`` and ``value_fn=``.
+* ``mass_decay``: ``{"final": m_end, "steps": n}`` turns ``mass`` into a geometric schedule from
+  ``mass`` to ``m_end`` over ``n`` steps (then constant); ``None``: a constant mass.
 * ``line_search``: keyword arguments of :func:`riemod.scale_by_grid_linesearch`, chained after the
   transform, e.g. ``{"max_step": 1.0, "factor": 0.5, "num": 12}`` (ENGD's grid); ``None``: none.
   The step must pass ``value_fn=`` (``params -> loss`` on the batch) to ``tx.update``.
@@ -31,7 +33,8 @@ import optax
 import riemod
 
 TRANSFORM_KEYS = ("learning_rate", "mass", "space", "on_nonfinite")
-LOCAL_KEYS = ("structure", "output_metric", "clip", "curvature_batch", "guard", "line_search")
+LOCAL_KEYS = ("structure", "output_metric", "clip", "curvature_batch", "guard", "line_search",
+              "mass_decay")
 
 
 def _transform_fn(structure: str):
@@ -69,6 +72,11 @@ def build(config: dict[str, Any]):
     raise NotImplementedError(why)
   structure = config.get("structure", "layerwise")
   kwargs = {k: v for k, v in config.items() if k not in LOCAL_KEYS and v is not None}
+  if config.get("mass_decay") is not None:
+    decay = config["mass_decay"]
+    kwargs["mass"] = optax.exponential_decay(
+        config["mass"], transition_steps=decay["steps"], decay_rate=decay["final"] / config["mass"],
+        end_value=decay["final"])
   tx = _transform_fn(structure)(**kwargs)
   if config.get("guard") is not None:
     tx = riemod.certify.guarded(tx, mass=config.get("mass", 1e-2), structure=structure,
