@@ -288,3 +288,20 @@ def test_curvature_batch_uses_leading_samples_for_rows_and_all_for_gradient():
       assert_close(ours.factor.rows()[name], ref.factor.rows()[name], jnp.float32)
   with pytest.raises(ValueError, match="curvature_batch"):
     riemod.value_grad_and_curvature(model, x, _ce(labels), metric, curvature_batch=9)
+
+
+def test_sampled_softmax_fisher_is_unbiased_for_the_exact_fisher(dtype):
+  # E[r^T r] over the draws of one sample's rows is diag(p) - p p^T (the exact softmax Fisher).
+  logits = jnp.array([[2.0, -1.0, 0.5, 0.0, -3.0]], dtype)
+  p = jax.nn.softmax(logits[0])
+  exact = jnp.diag(p) - jnp.outer(p, p)
+  metric = riemod.metrics.sampled_softmax_fisher(4)
+  num_keys = 4000
+  rows = jax.vmap(lambda k: metric(logits, k))(jax.random.split(jax.random.key(0), num_keys))
+  rows = rows.reshape(-1, rows.shape[-1]) * jnp.sqrt(4.0)         # one row per draw, unscaled
+  estimate = rows.T @ rows / rows.shape[0]
+  # Entries are means of 16000 bounded draws: the Monte-Carlo error is below 0.5 / sqrt(16000).
+  np.testing.assert_allclose(np.asarray(estimate), np.asarray(exact), atol=5 * 0.5 / np.sqrt(16000))
+  # Every class is drawn with its probability (the rarest one, p ~ 0.006, included).
+  counts = jnp.mean(rows + p, axis=0)
+  np.testing.assert_allclose(np.asarray(counts), np.asarray(p), atol=5 * 0.5 / np.sqrt(16000))
