@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from riemod.composer.metric import STRUCTURES, compose_metric
+from riemod.composer.rms_mass import rms_scaled_curvature
 from riemod.state import find_state
 
 NONFINITE_POLICIES = ("error", "skip", "ignore")
@@ -44,7 +45,9 @@ class LayerwiseMetricState(NamedTuple):
   gives its ``condition`` (lower-bound estimate of the factored matrix's condition number),
   ``residual`` (relative residual of the small solve; NaN unless the transform was built with
   ``residuals=True``) and ``jitter``. Use
-  :func:`riemod.module_diagnostics` to read them per module.
+  :func:`riemod.module_diagnostics` to read them per module. ``momentum_buffer`` holds the last
+  step (SPRING momentum only) and ``second_moment`` the moving average of squared gradients
+  (adaptive mass only); both are ``None`` otherwise.
   """
 
   count: jax.Array
@@ -58,6 +61,7 @@ class LayerwiseMetricState(NamedTuple):
   jitter: jax.Array
   step_norm: jax.Array
   momentum_buffer: Any = None
+  second_moment: Any = None
 
 
 def _float():
@@ -91,6 +95,12 @@ def _report_nonfinite(ok, ok_grads, ok_curvature, ok_step) -> jax.Array:
   return jax.lax.cond(ok, lambda: jnp.zeros((), jnp.int32), report)
 
 
+def _scale_leaves(tree: Any, scales: list[Any], inverse: bool = False) -> Any:
+  leaves, treedef = jax.tree.flatten(tree)
+  return jax.tree.unflatten(treedef, [
+      x if s is None else (x / s if inverse else x * s) for x, s in zip(leaves, scales)])
+
+
 def _all_finite(tree: Any) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
@@ -106,6 +116,8 @@ def scale_by_layerwise_metric(
     learning_rate: optax.ScalarOrSchedule = 1.0,
     momentum: float | None = None,
     residuals: bool = False,
+    rms_decay: float | None = None,
+    rms_eps: float = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients by ``G^{-1}``, ``G = K^T K + D`` (no learning rate, no sign flip).
 
@@ -125,6 +137,12 @@ def scale_by_layerwise_metric(
     residuals: record the relative residual of every block's small solve in ``state.residual``.
       Off by default: it reads each ``d x d`` factor once more (about 3% of an exact-Fisher step
       on a CPU); when off the field holds NaN.
+    rms_decay: make the default mass adaptive: ``mass * (sqrt(v) + rms_eps)`` per parameter,
+      ``v`` the bias-corrected moving average of squared gradients with this decay (Adam's
+      ``b2``, e.g. 0.99); rank-one (Adafactor) for dense kernels so their kernels stay cheap (see
+      :mod:`riemod.composer.rms_mass`). Outside the factor's range the step is then Adam's
+      scaling instead of ``1 / mass``. ``None``: a constant mass.
+    rms_eps: added to ``sqrt(v)``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``curvature=`` and accepts
@@ -143,6 +161,11 @@ def scale_by_layerwise_metric(
     raise ValueError(f"mass={mass!r}: the mass must be a finite positive number, e.g. 1e-2.")
   if isinstance(momentum, (int, float)) and not 0 <= momentum < 1:
     raise ValueError(f"momentum={momentum!r}: SPRING momentum must lie in [0, 1), e.g. 0.8.")
+  if isinstance(rms_decay, (int, float)) and not 0 <= rms_decay < 1:
+    raise ValueError(f"rms_decay={rms_decay!r}: the second-moment decay must lie in [0, 1), "
+                     "e.g. 0.99 (or None for a constant mass).")
+  if isinstance(rms_eps, (int, float)) and not rms_eps > 0:
+    raise ValueError(f"rms_eps={rms_eps!r}: must be > 0, e.g. 1e-8.")
 
   def init_fn(params):
     n = len(jax.tree.leaves(params))
@@ -153,7 +176,8 @@ def scale_by_layerwise_metric(
         count=jnp.zeros((), jnp.int32), action=zero, metric_grad_norm_sq=zero,
         initial_loss=nan, last_loss=nan, skipped_steps=jnp.zeros((), jnp.int32),
         condition=per_leaf, residual=per_leaf, jitter=per_leaf, step_norm=per_leaf,
-        momentum_buffer=None if momentum is None else jax.tree.map(jnp.zeros_like, params))
+        momentum_buffer=None if momentum is None else jax.tree.map(jnp.zeros_like, params),
+        second_moment=None if rms_decay is None else jax.tree.map(jnp.zeros_like, params))
 
   def update_fn(updates, state, params=None, *, curvature=None, value=None, **extra_args):
     del params, extra_args
@@ -164,17 +188,31 @@ def scale_by_layerwise_metric(
           "optimizer.update(model, grads, curvature=curvature)) with the curvature from "
           "riemod.value_grad_and_curvature. Without it there is no metric to solve with.")
     default_mass = mass(state.count) if callable(mass) else mass
+    second_moment, scales = None, None
+    grads, previous = updates, state.momentum_buffer
+    if rms_decay is not None:
+      second_moment = jax.tree.map(lambda v, g: rms_decay * v + (1 - rms_decay) * g * g,
+                                   state.second_moment, updates)
+      correction = 1 - rms_decay ** optax.safe_increment(state.count).astype(_float())
+      curvature, scales = rms_scaled_curvature(
+          curvature, [v / correction.astype(v.dtype) for v in jax.tree.leaves(second_moment)],
+          default_mass, rms_eps)
+      # Solve S G S in the scaled variables: gradient S g, carried step S^{-1} phi.
+      grads = _scale_leaves(updates, scales)
+      if previous is not None:
+        previous = _scale_leaves(previous, scales, inverse=True)
     metric = compose_metric(curvature, mass=default_mass, structure=structure, space=space)
-    leaves = jax.tree.leaves(updates)
+    leaves = jax.tree.leaves(grads)
     dtype = _float()
     if momentum is None:
-      direction, block_residuals = metric.solve_with_residuals(updates)
+      direction, block_residuals = metric.solve_with_residuals(grads)
       g_ginv_g = sum(jnp.vdot(g, d).real
                      for g, d in zip(leaves, jax.tree.leaves(direction))).astype(dtype)
     else:
-      direction, g_ginv_g, block_residuals = metric.spring_solve(updates, state.momentum_buffer,
-                                                           momentum)
+      direction, g_ginv_g, block_residuals = metric.spring_solve(grads, previous, momentum)
       g_ginv_g = jnp.asarray(g_ginv_g).real.astype(dtype)
+    if scales is not None:
+      direction = _scale_leaves(direction, scales)
     dir_leaves = jax.tree.leaves(direction)
 
     per_leaf = {name: [jnp.zeros((), dtype)] * len(leaves)
@@ -200,7 +238,7 @@ def scale_by_layerwise_metric(
         initial_loss=jnp.where(state.count == 0, loss, state.initial_loss),
         last_loss=loss, skipped_steps=state.skipped_steps, condition=condition,
         residual=residual, jitter=jitter, step_norm=step_norm,
-        momentum_buffer=None if momentum is None else direction)
+        momentum_buffer=None if momentum is None else direction, second_moment=second_moment)
 
     if on_nonfinite == "ignore":
       return direction, new_state
@@ -230,6 +268,8 @@ def layerwise_natural_gradient(
     space: str = "auto",
     on_nonfinite: str = "error",
     residuals: bool = False,
+    rms_decay: float | None = None,
+    rms_eps: float = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
   """Layerwise Riemannian (natural-gradient / Gauss-Newton) descent: ``-lr (K_a^T K_a + D_a)^{-1} g_a``.
 
@@ -241,6 +281,8 @@ def layerwise_natural_gradient(
     on_nonfinite: ``"error"``, ``"skip"`` or ``"ignore"`` (see :func:`scale_by_layerwise_metric`).
     residuals: record the small solves' residuals in the state (see
       :func:`scale_by_layerwise_metric`).
+    rms_decay, rms_eps: an adaptive per-parameter mass from the gradients' second moment (see
+      :func:`scale_by_layerwise_metric`; ``None``: constant).
 
   Example:
     >>> import jax, jax.numpy as jnp, riemod
@@ -258,7 +300,8 @@ def layerwise_natural_gradient(
   return optax.chain(
       scale_by_layerwise_metric(mass, structure="layerwise", space=space,
                                 on_nonfinite=on_nonfinite, learning_rate=learning_rate,
-                                momentum=momentum, residuals=residuals),
+                                momentum=momentum, residuals=residuals,
+                                rms_decay=rms_decay, rms_eps=rms_eps),
       optax.scale_by_learning_rate(learning_rate))
 
 
@@ -270,6 +313,8 @@ def natural_gradient(
     space: str = "auto",
     on_nonfinite: str = "error",
     residuals: bool = False,
+    rms_decay: float | None = None,
+    rms_eps: float = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
   """Whole-network damped natural-gradient / Gauss-Newton descent: ``-lr (K^T K + D)^{-1} g``.
 
@@ -279,7 +324,8 @@ def natural_gradient(
   return optax.chain(
       scale_by_layerwise_metric(mass, structure="full", space=space,
                                 on_nonfinite=on_nonfinite, learning_rate=learning_rate,
-                                momentum=momentum, residuals=residuals),
+                                momentum=momentum, residuals=residuals,
+                                rms_decay=rms_decay, rms_eps=rms_eps),
       optax.scale_by_learning_rate(learning_rate))
 
 

@@ -262,6 +262,24 @@ def test_module_diagnostics_report_each_module():
   assert all(np.isnan(e["residual"]) for e in riemod.module_diagnostics(state, curv).values())
 
 
+def _dense_gauss_newton(variables, x, structure):
+  """``K^T K`` of ``_MLP`` (identity output metric) as a dense float64 matrix: per-module diagonal
+  blocks for ``"layerwise"``, the whole matrix for ``"full"``."""
+  outputs = _MLP().apply(variables, x)
+  rows = riemod.metrics.identity()(outputs) / jnp.sqrt(jnp.asarray(x.shape[0], outputs.dtype))
+  k = dense_factor_rows(_MLP().apply, variables, x, rows)
+  sizes = [leaf.size for leaf in jax.tree.leaves(variables)]
+  blocks = [(0, 1), (2, 3)] if structure == "layerwise" else [(0, 1, 2, 3)]
+  kk = np.zeros((sum(sizes), sum(sizes)))
+  offsets = np.cumsum([0] + sizes)
+  for block in blocks:
+    kb = np.concatenate([np.asarray(k[i], np.float64).reshape(k[i].shape[0], -1) for i in block],
+                        axis=1)
+    lo, hi = offsets[block[0]], offsets[block[-1] + 1]
+    kk[lo:hi, lo:hi] = kb.T @ kb
+  return kk
+
+
 @pytest.mark.parametrize("structure, space", [("layerwise", "auto"), ("full", "sample"),
                                               ("full", "parameter")])
 def test_spring_momentum_matches_its_defining_formula(structure, space, dtype):
@@ -272,27 +290,17 @@ def test_spring_momentum_matches_its_defining_formula(structure, space, dtype):
       _MLP().apply, x, loss_fn, riemod.metrics.identity(), params=p))(variables)
   tx = riemod.scale_by_layerwise_metric(mass, structure=structure, space=space, momentum=mu)
   update = jax.jit(lambda g, s: tx.update(g, s, variables, curvature=curv))
-  outputs = _MLP().apply(variables, x)
-  rows = riemod.metrics.identity()(outputs) / jnp.sqrt(jnp.asarray(x.shape[0], dtype))
-  k = dense_factor_rows(_MLP().apply, variables, x, rows)
-  sizes = [leaf.size for leaf in jax.tree.leaves(variables)]
-  blocks = [(0, 1), (2, 3)] if structure == "layerwise" else [(0, 1, 2, 3)]
-  kk = jnp.zeros((sum(sizes), sum(sizes)), dtype)
-  offsets = np.cumsum([0] + sizes)
-  for block in blocks:
-    kb = jnp.concatenate([k[i].reshape(k[i].shape[0], -1) for i in block], axis=1)
-    lo, hi = offsets[block[0]], offsets[block[-1] + 1]
-    kk = kk.at[lo:hi, lo:hi].set(kb.T @ kb)
-  g_matrix = kk + jnp.eye(sum(sizes), dtype=dtype) * mass
-  state, phi = tx.init(variables), jnp.zeros(sum(sizes), dtype)
+  kk = _dense_gauss_newton(variables, x, structure)
+  g_matrix = kk + np.eye(len(kk)) * mass
+  state, phi = tx.init(variables), np.zeros(len(kk))
   for step in range(3):
     g_tree = jax.tree.map(lambda v, s=step: jax.random.normal(jax.random.key(10 + s), v.shape, dtype),
                           variables)
     updates, state = update(g_tree, state)
-    phi = mu * phi + jnp.linalg.solve(g_matrix, flat(g_tree) - mu * kk @ phi)
+    g = np.asarray(flat(g_tree), np.float64)
+    phi = mu * phi + np.linalg.solve(g_matrix, g - mu * kk @ phi)
     assert_close(flat(updates), phi, dtype)
-    natural = jnp.linalg.solve(g_matrix, flat(g_tree))
-    assert_close(state.metric_grad_norm_sq, jnp.vdot(flat(g_tree), natural), dtype)
+    assert_close(state.metric_grad_norm_sq, g @ np.linalg.solve(g_matrix, g), dtype)
   with pytest.raises(ValueError, match="momentum"):
     riemod.layerwise_natural_gradient(0.1, momentum=1.0)
 
@@ -314,3 +322,90 @@ def test_mass_schedule_uses_the_mass_of_each_step(dtype):
   # A schedule is not a fixed mass: the three steps above differ.
   first, _ = tx.update(grads, tx.init(variables), variables, curvature=curv)
   assert not np.allclose(flat(first), flat(updates))
+
+
+def _rms_masses(grads_seq, variables, mass, decay, eps, dense):
+  """The adaptive masses by their definition (numpy): bias-corrected EMA of g^2, then
+  ``mass * a (x) b`` (rank one) for dense kernels and ``mass * (sqrt(v) + eps)`` elsewhere."""
+  v = [np.zeros(np.shape(leaf)) for leaf in jax.tree.leaves(variables)]
+  for step, grads in enumerate(grads_seq, start=1):
+    v = [decay * vi + (1 - decay) * np.asarray(g, np.float64) ** 2
+         for vi, g in zip(v, jax.tree.leaves(grads))]
+  v = [vi / (1 - decay**step) for vi in v]
+  if not dense:
+    return [mass * (np.sqrt(vi) + eps) for vi in v]
+  masses = []
+  for bias, kernel in zip(v[0::2], v[1::2]):  # leaves per Dense: bias, kernel
+    rows, cols = kernel.mean(1), kernel.mean(0)
+    a = np.sqrt((rows + eps**2) / (rows.mean() + eps**2))
+    b = np.sqrt(cols) + eps
+    s = np.mean(np.sqrt(bias) + eps) / b.mean()
+    masses += [mass * s * b, mass * np.outer(a, b)]
+  return masses
+
+
+@pytest.mark.parametrize("structure", ["layerwise", "full"])
+@pytest.mark.parametrize("momentum", [None, 0.6])
+def test_rms_mass_matches_dense_solve_with_its_diagonal(structure, momentum, dtype):
+  """Dense layers: rank-one second-moment mass, solved by a change of variables; checked
+  against ``(K^T K + D)^{-1}`` (SPRING: ``G^{-1}(g + mu D phi)``) with the dense diagonal."""
+  x, loss_fn, variables = _problem(dtype)
+  mass, decay, eps = 0.05, 0.9, 1e-6
+  _, _, curv = jax.jit(lambda p: riemod.value_grad_and_curvature(
+      _MLP().apply, x, loss_fn, riemod.metrics.identity(), params=p))(variables)
+  tx = riemod.scale_by_layerwise_metric(mass, structure=structure, momentum=momentum,
+                                        rms_decay=decay, rms_eps=eps)
+  update = jax.jit(lambda g, s: tx.update(g, s, variables, curvature=curv))
+  kk = _dense_gauss_newton(variables, x, structure)
+  state, phi, seen = tx.init(variables), np.zeros(len(kk)), []
+  for step in range(3):
+    g_tree = jax.tree.map(
+        lambda v, s=step: jax.random.normal(jax.random.key(20 + s), v.shape, dtype), variables)
+    seen.append(g_tree)
+    updates, state = update(g_tree, state)
+    d = np.concatenate([m.ravel() for m in
+                        _rms_masses(seen, variables, mass, decay, eps, dense=True)])
+    g_matrix, g = kk + np.diag(d), np.asarray(flat(g_tree), np.float64)
+    phi = np.linalg.solve(g_matrix, g + (momentum or 0.0) * d * phi)
+    assert_close(flat(updates), phi, dtype)
+    assert_close(state.metric_grad_norm_sq, g @ np.linalg.solve(g_matrix, g), dtype)
+
+
+def test_rms_mass_on_the_generic_path_and_euclidean_modules(dtype):
+  """Generic modules take the full diagonal ``mass (sqrt(v) + eps)``; a euclidean module without
+  a declared mass then steps by ``g / (mass (|g| + eps))`` on its first step (Adam's sign step);
+  declared masses are kept."""
+  def apply(p, x):
+    return jnp.tanh(x @ p[0]["w"]) @ p[1]["w"]
+  x, loss_fn, _ = _problem(dtype)
+  params = [{"w": jax.random.normal(jax.random.key(3), (4, 5), dtype)},
+            {"w": jax.random.normal(jax.random.key(4), (5, 3), dtype)}]
+  mass, decay, eps = 0.1, 0.95, 1e-7
+  _, grads, curv = riemod.value_grad_and_curvature(apply, x, loss_fn, riemod.metrics.identity(),
+                                                   params=params)
+  tx = riemod.scale_by_layerwise_metric(mass, structure="full", rms_decay=decay, rms_eps=eps)
+  updates, state = tx.update(grads, tx.init(params), params, curvature=curv)
+  outputs = apply(params, x)
+  rows = riemod.metrics.identity()(outputs) / jnp.sqrt(jnp.asarray(x.shape[0], dtype))
+  k = dense_factor_rows(apply, params, x, rows)
+  masses = _rms_masses([grads], params, mass, decay, eps, dense=False)
+  expected = jnp.linalg.solve(dense_metric(k, [jnp.asarray(1.0 / m, dtype) for m in masses]),
+                              flat(grads))
+  assert_close(flat(updates), expected, dtype)
+  assert state.second_moment is not None
+
+  rngs = nnx.Rngs(0)
+  model = riemod.nn.Sequential(
+      riemod.nn.Dense(4, 5, rngs=rngs), jnp.tanh,
+      riemod.nn.Dense(5, 5, kind="euclidean", rngs=rngs),
+      riemod.nn.Dense(5, 3, kind="euclidean", mass=4.0, rngs=rngs))
+  _, grads, curv = riemod.value_grad_and_curvature(model, x, loss_fn, riemod.metrics.identity())
+  pure = nnx.as_pure(grads)
+  tx = riemod.layerwise_natural_gradient(learning_rate=1.0, mass=mass, rms_decay=decay,
+                                         rms_eps=eps)
+  updates, _ = tx.update(pure, tx.init(pure), curvature=curv)
+  g = pure["layers"][2]["kernel"]  # riemod.nn layers hold float32 parameters in either mode
+  assert_close(updates["layers"][2]["kernel"], -g / (mass * (jnp.abs(g) + eps)), jnp.float32)
+  assert_close(updates["layers"][3]["kernel"], -pure["layers"][3]["kernel"] / 4.0, jnp.float32)
+  with pytest.raises(ValueError, match="rms_decay"):
+    riemod.layerwise_natural_gradient(0.1, rms_decay=1.0)
