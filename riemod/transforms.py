@@ -118,6 +118,7 @@ def scale_by_layerwise_metric(
     residuals: bool = False,
     rms_decay: float | None = None,
     rms_eps: float = 1e-8,
+    refine: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients by ``G^{-1}``, ``G = K^T K + D`` (no learning rate, no sign flip).
 
@@ -143,6 +144,10 @@ def scale_by_layerwise_metric(
       :mod:`riemod.composer.rms_mass`). Outside the factor's range the step is then Adam's
       scaling instead of ``1 / mass``. ``None``: a constant mass.
     rms_eps: added to ``sqrt(v)``.
+    refine: one step of iterative refinement of each small solve against the metric as an
+      operator (``refinement_steps=1`` of :func:`riemod.compose_metric`): corrects round-off
+      where ``G`` is ill-conditioned (float32 solves 5-15x closer to a float64 reference in the
+      tests). It costs one more ``K`` and ``K^T`` product per module and two triangular solves.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``curvature=`` and accepts
@@ -201,7 +206,8 @@ def scale_by_layerwise_metric(
       grads = _scale_leaves(updates, scales)
       if previous is not None:
         previous = _scale_leaves(previous, scales, inverse=True)
-    metric = compose_metric(curvature, mass=default_mass, structure=structure, space=space)
+    metric = compose_metric(curvature, mass=default_mass, structure=structure, space=space,
+                            refinement_steps=int(bool(refine)))
     leaves = jax.tree.leaves(grads)
     dtype = _float()
     if momentum is None:
@@ -270,6 +276,7 @@ def layerwise_natural_gradient(
     residuals: bool = False,
     rms_decay: float | None = None,
     rms_eps: float = 1e-8,
+    refine: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Layerwise Riemannian (natural-gradient / Gauss-Newton) descent: ``-lr (K_a^T K_a + D_a)^{-1} g_a``.
 
@@ -283,6 +290,7 @@ def layerwise_natural_gradient(
       :func:`scale_by_layerwise_metric`).
     rms_decay, rms_eps: an adaptive per-parameter mass from the gradients' second moment (see
       :func:`scale_by_layerwise_metric`; ``None``: constant).
+    refine: iterative refinement of the small solves (see :func:`scale_by_layerwise_metric`).
 
   Example:
     >>> import jax, jax.numpy as jnp, riemod
@@ -301,7 +309,8 @@ def layerwise_natural_gradient(
       scale_by_layerwise_metric(mass, structure="layerwise", space=space,
                                 on_nonfinite=on_nonfinite, learning_rate=learning_rate,
                                 momentum=momentum, residuals=residuals,
-                                rms_decay=rms_decay, rms_eps=rms_eps),
+                                rms_decay=rms_decay, rms_eps=rms_eps,
+                                refine=refine),
       optax.scale_by_learning_rate(learning_rate))
 
 
@@ -315,6 +324,7 @@ def natural_gradient(
     residuals: bool = False,
     rms_decay: float | None = None,
     rms_eps: float = 1e-8,
+    refine: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Whole-network damped natural-gradient / Gauss-Newton descent: ``-lr (K^T K + D)^{-1} g``.
 
@@ -325,7 +335,8 @@ def natural_gradient(
       scale_by_layerwise_metric(mass, structure="full", space=space,
                                 on_nonfinite=on_nonfinite, learning_rate=learning_rate,
                                 momentum=momentum, residuals=residuals,
-                                rms_decay=rms_decay, rms_eps=rms_eps),
+                                rms_decay=rms_decay, rms_eps=rms_eps,
+                                refine=refine),
       optax.scale_by_learning_rate(learning_rate))
 
 

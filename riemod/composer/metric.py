@@ -183,7 +183,8 @@ def _checked_leaves(tree: Any, curvature: Curvature):
 
 
 def compose_metric(curvature: Curvature, *, mass: float = 1e-2, structure: str = "layerwise",
-                   space: str = "auto", mass_scale: jax.Array | float = 1.0) -> ComposedMetric:
+                   space: str = "auto", mass_scale: jax.Array | float = 1.0,
+                   refinement_steps: int = 0) -> ComposedMetric:
   """Factors the metric ``G = K^T K + D`` of a :class:`~riemod.Curvature`.
 
   Args:
@@ -192,6 +193,8 @@ def compose_metric(curvature: Curvature, *, mass: float = 1e-2, structure: str =
     structure: ``"layerwise"`` (one block per module) or ``"full"`` (one block for all).
     space: ``"auto"``, ``"sample"`` or ``"parameter"`` (see :func:`factorize_block`).
     mass_scale: multiplies every mass (used by adaptive damping; 1 by default).
+    refinement_steps: iterative refinement of every block's small solves (see
+      :func:`factorize_block`).
 
   Returns:
     A :class:`ComposedMetric`.
@@ -214,7 +217,8 @@ def compose_metric(curvature: Curvature, *, mass: float = 1e-2, structure: str =
   groups = [(i,) for i in solvable] if structure == "layerwise" else (
       [tuple(solvable)] if solvable else [])
   blocks = tuple(factorize_block([curvature.modules[i].factor for i in members],
-                                 [inverse_masses[i] for i in members], space=space)
+                                 [inverse_masses[i] for i in members], space=space,
+                                 refinement_steps=refinement_steps)
                  for members in groups)
   return ComposedMetric(curvature, inverse_masses, blocks, tuple(groups), structure)
 
