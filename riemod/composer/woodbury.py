@@ -159,7 +159,7 @@ class BlockFactorization:
         parts.append(v[name].reshape(v[name].shape[:v[name].ndim - len(shape)] + (-1,)))
     return jnp.concatenate(parts, axis=-1)
 
-  def _unflatten(self, flat: jax.Array, like: Sequence[Params]) -> tuple[Params, ...]:
+  def _unflatten(self, flat: jax.Array) -> tuple[Params, ...]:
     out, start = [], 0
     for f in self.factors:
       module = {}
@@ -197,7 +197,7 @@ class BlockFactorization:
   def _operator(self, x: jax.Array) -> jax.Array:
     """The factored matrix times ``x`` rows, from the factors (for refinement)."""
     if self.space == "parameter":
-      return self._flatten(self.matvec(self._unflatten(x, None)))
+      return self._flatten(self.matvec(self._unflatten(x)))
     return x + sum(f.matvec(_scale(m, f.rmatvec(x))) for f, m in zip(self.factors, self.inv_masses))
 
   def _cho_solve(self, rhs: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -219,7 +219,7 @@ class BlockFactorization:
     if self.space == "parameter":
       b = self._flatten(rhs)
       x, residual = self._cho_solve(b)
-      return self._unflatten(x, rhs), residual
+      return self._unflatten(x), residual
     scaled = [_scale(m, g) for m, g in zip(self.inv_masses, rhs)]
     u = sum(f.matvec(s) for f, s in zip(self.factors, scaled))
     t, residual = self._cho_solve(u)
@@ -240,7 +240,7 @@ class BlockFactorization:
       carried = self._flatten([{k: v[k] / m[k] for k in v}
                                for v, m in zip(previous, self.inv_masses)])
       both, residual = self._cho_solve(jnp.stack([b, carried]))
-      direction = self._unflatten(both[0] + momentum * both[1], rhs)
+      direction = self._unflatten(both[0] + momentum * both[1])
       return direction, jnp.vdot(b, both[0]), residual
     scaled = [_scale(m, g) for m, g in zip(self.inv_masses, rhs)]
     u0 = sum(f.matvec(s) for f, s in zip(self.factors, scaled))
