@@ -8,6 +8,7 @@ transformations. Reference: Pehle & Slotine, *Riemannian Optimization in Modular
 
 import types as _types
 
+from riemod._threads import set_blas_threads  # one BLAS thread from here on; see riemod._threads
 from riemod import certify, composer, conservation, metrics, nn, sampling
 from riemod.composer import ComposedMetric, compose_metric
 from riemod.curvature import Curvature, ModuleCurvature, value_grad_and_curvature
