@@ -1,4 +1,4 @@
-"""Drift monitors under optax training and computational inertia (CONSERVATION.md sections 1 and 3)."""
+"""Drift monitors under optax training and computational inertia (docs/conservation.md)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,10 +6,12 @@ import numpy as np
 import optax
 import pytest
 
+import scipy.linalg
+
+from conservation_helpers import record_laws, run_heavy_ball
 from riemod.conservation import (ChargeMonitorState, DriftMonitorState, HeavyBallState, charge_monitor,
-                                 diagonal_mass, drift_monitor, drift_scaling, find_state, heavy_ball,
-                                 inertia_trajectory, operator_mass, factorization, stationary_velocity_sq,
-                                 track_laws)
+                                 diagonal_mass, drift_monitor, find_state, heavy_ball, operator_mass,
+                                 factorization, stationary_velocity_sq)
 
 
 def _regression(rep, seed=0):
@@ -24,8 +26,11 @@ def test_gradient_step_drift_matches_second_order_closed_form():
     loss = _regression(rep)
     params = rep.sample(jax.random.PRNGKey(0), jnp.float64)
     rates = [4e-2, 2e-2, 1e-2]
-    out = drift_scaling(loss, params, rep.known_laws, rates)
-    assert abs(out["exponent"] - 2.0) < 1e-6
+    grads = jax.grad(loss)(params)
+    drifts = [float(jnp.max(jnp.abs(rep.known_laws(jax.tree_util.tree_map(lambda p, g: p - rate * g, params,
+                                                                         grads)) - rep.known_laws(params))))
+              for rate in rates]
+    assert abs(np.polyfit(np.log(rates), np.log(drifts), 1)[0] - 2.0) < 1e-6
     # Quadratic laws: the drift is exactly eta^2 / 2 g^T (Hess h) g, e.g. for (U^T U - V^T V)_00.
     g = jax.grad(loss)(params)
     closed = jnp.sum(g["U"][:, 0] ** 2) - jnp.sum(g["V"][:, 0] ** 2)
@@ -85,9 +90,9 @@ def test_heavy_ball_keeps_decaying_charge_and_breaks_gradient_flow_laws():
     drift = find_state(state, DriftMonitorState)
     gram_change = np.abs(np.asarray(drift.current - drift.initial)).max()
     # Plain GD over the same number of steps keeps the gram difference far better.
-    gd = track_laws(loss, optax.sgd(lr), rep.sample(jax.random.PRNGKey(1), jnp.float64), rep.known_laws,
-                    steps)
-    gd_change = np.abs(np.asarray(gd["laws"][-1] - gd["laws"][0])).max()
+    gd = record_laws(loss, optax.sgd(lr), rep.sample(jax.random.PRNGKey(1), jnp.float64), rep.known_laws,
+                     steps)
+    gd_change = np.abs(np.asarray(gd[-1] - gd[0])).max()
     assert gram_change > 5 * gd_change
 
 
@@ -101,7 +106,7 @@ def test_frictionless_inertia_is_conserved_without_drift(mass):
     start = jnp.array([1.0, -0.5, 2.0])
     deviations = []
     for dt in (0.05, 0.025):
-      out = inertia_trajectory(_quadratic_plus_quartic, start, int(40 / dt), time_step=dt, mass=mass)
+      out = run_heavy_ball(_quadratic_plus_quartic, start, int(40 / dt), time_step=dt, mass=mass)
       inertia = np.asarray(out["inertia"])
       deviations.append(np.abs(inertia - inertia[0]).max())
       # No secular drift: the last quarter deviates no more than the first quarter (bounded oscillation).
@@ -117,8 +122,8 @@ def test_damped_identity_holds(mass):
     start = jnp.array([1.0, -0.5, 2.0])
     errors = []
     for dt in (0.05, 0.025):
-      out = inertia_trajectory(_quadratic_plus_quartic, start, int(20 / dt), time_step=dt, friction=0.3,
-                               mass=mass)
+      out = run_heavy_ball(_quadratic_plus_quartic, start, int(20 / dt), time_step=dt, friction=0.3,
+                           mass=mass)
       total = np.asarray(out["inertia"] + out["dissipated"])
       errors.append(np.abs(total - total[0]).max())
       assert float(out["inertia"][-1]) < 0.2 * float(out["inertia"][0])  # friction really acted
@@ -134,8 +139,8 @@ def test_noisy_stationary_velocity_matches_temperature_prediction():
     burn, keep, chains = 400, 2000, 64
 
     def chain_mean(seed):
-      out = inertia_trajectory(loss, jnp.zeros(4), burn + keep, time_step=dt, friction=friction,
-                               noise=noise, mass=mass, seed=seed)
+      out = run_heavy_ball(loss, jnp.zeros(4), burn + keep, time_step=dt, friction=friction,
+                           noise=noise, mass=mass, seed=seed)
       return jnp.mean(out["velocity_sq"][burn:])
 
     means = np.asarray(jax.vmap(chain_mean)(jnp.arange(chains)))
@@ -162,3 +167,35 @@ def test_heavy_ball_is_an_optax_transform_under_jit():
   assert int(inner.count) == 5 and float(inner.inertia) > 0
   with pytest.raises(ValueError, match="time_step"):
     heavy_ball(0.0)
+
+
+def _exact_damped_inertia(hessian, masses, friction, start, times):
+  """``H(t)`` of ``theta' = M^{-1} p``, ``p' = -A theta - gamma M^{-1} p`` from rest, by expm."""
+  d = hessian.shape[0]
+  inverse_mass = np.diag(1.0 / masses)
+  generator = np.block([[np.zeros((d, d)), inverse_mass], [-hessian, -friction * inverse_mass]])
+  state0 = np.concatenate([start, np.zeros(d)])
+  values = []
+  for t in times:
+    theta, p = np.split(scipy.linalg.expm(t * generator) @ state0, 2)
+    values.append(0.5 * p @ inverse_mass @ p + 0.5 * theta @ hessian @ theta)
+  return np.asarray(values)
+
+
+@pytest.mark.parametrize("masses", [np.ones(3), np.array([1.0, 2.0, 0.5])])
+def test_damped_inertia_matches_the_exact_solution_to_second_order(masses):
+  # Damped linear system: the matrix exponential gives H(t_k) exactly; the recorded H_k must match
+  # it to O(dt^2) (errors drop 4x when dt halves), not with the half-step lag of friction at t_k.
+  with jax.enable_x64(True):
+    hessian = np.array([[2.0, 0.3, 0.0], [0.3, 1.0, -0.2], [0.0, -0.2, 0.5]])
+    start, friction, horizon = np.array([1.0, -0.5, 2.0]), 0.4, 5.0
+    loss = lambda w: 0.5 * w @ jnp.asarray(hessian) @ w
+    mass = diagonal_mass(jnp.asarray(masses))
+    errors = []
+    for dt in (0.05, 0.025, 0.0125):
+      steps = int(round(horizon / dt))
+      out = run_heavy_ball(loss, jnp.asarray(start), steps, time_step=dt, friction=friction, mass=mass)
+      exact = _exact_damped_inertia(hessian, masses, friction, start, dt * np.arange(steps))
+      errors.append(np.abs(np.asarray(out["inertia"]) - exact).max() / exact[0])
+    assert errors[0] < 1e-3, errors
+    assert errors[0] / errors[1] > 3.5 and errors[1] / errors[2] > 3.5, errors

@@ -9,7 +9,6 @@ from riemod.conservation.reparametrizations import (Reparametrization, as_repara
 from riemod.conservation.polynomial import (PolynomialLaw, PolynomialLaws, find_polynomial_laws,
                                             monomial_exponents, verify_laws)
 from riemod.conservation.monitors import (ChargeMonitorState, DriftMonitorState, charge_monitor, drift_monitor,
-                                          drift_scaling, find_state, track_laws)
+                                          find_state)
 from riemod.conservation.inertia import (HeavyBallState, Mass, diagonal_mass, heavy_ball, identity_mass,
-                                         inertia_trajectory, operator_mass, scale_by_heavy_ball,
-                                         stationary_velocity_sq)
+                                         operator_mass, scale_by_heavy_ball, stationary_velocity_sq)

@@ -1,7 +1,7 @@
 """Heavy-ball / Hamiltonian optax transform with computational-inertia tracking.
 
 Second-order learning dynamics (Karagoz, *Computational Inertia as a Conserved Quantity in
-Frictionless and Damped Learning Dynamics*; ``CONSERVATION.md`` section 3)::
+Frictionless and Damped Learning Dynamics*; see docs/conservation.md)::
 
     theta' = v,   M v' = -grad L - gamma v + sigma xi(t)
 
@@ -16,15 +16,19 @@ The mass ``M`` is any symmetric positive-definite linear operator on the paramet
 ``matvec`` and ``solve`` callables (``identity_mass``, ``diagonal_mass`` built in; ``operator_mass`` for
 the layerwise Riemannian metric of ``riemod.composer``, giving a Riemannian heavy ball).
 
-One step (momentum ``p = M v``, gradient ``g_k`` at ``theta_k``, time step ``dt``)::
+One step is a symmetric (Strang) splitting, friction-kick-drift-kick-friction ("OBABO"), with
+momentum ``p = M v``, gradient ``g_k`` at ``theta_k`` and time step ``dt``::
 
-    p_k      = p_{k-1/2} - dt/2 g_k                      (finish the previous kick; p_0 = 0)
-    record     H_k = 0.5 p_k^T M^{-1} p_k + L_k
-    p_k'     = friction + noise step on p_k over dt      (exact OU for identity/diagonal masses;
-                                                          midpoint friction + Euler-Maruyama noise
-                                                          for general operators)
-    p_{k+1/2} = p_k' - dt/2 g_k
+    p_k        = O_{dt/2}(p_{k-1/2} - dt/2 g_k)      (finish the previous step; p_0 = 0)
+    record       H_k = 0.5 p_k^T M^{-1} p_k + L_k       (p_k is the momentum at t_k = k dt)
+    p_{k+1/2}  = O_{dt/2}(p_k) - dt/2 g_k
     theta_{k+1} = theta_k + dt M^{-1} p_{k+1/2}
+
+where ``O_s`` is the friction/noise flow over a time ``s`` (exact Ornstein-Uhlenbeck for identity and
+diagonal masses; midpoint friction plus Euler-Maruyama noise for general operators). Because the
+splitting is symmetric, the recorded ``H_k`` is the exact ``H(t_k)`` up to ``O(dt^2)``, damped or not.
+(Applying the whole step's friction at ``t_k`` instead, before the kick, records the energy of
+``t_k - dt/2``: a first-order offset, about ``gamma dt ||v||^2 / 2``.)
 
 Example:
   >>> import jax, jax.numpy as jnp, optax
@@ -51,7 +55,6 @@ __all__ = [
     "diagonal_mass",
     "heavy_ball",
     "identity_mass",
-    "inertia_trajectory",
     "operator_mass",
     "scale_by_heavy_ball",
     "stationary_velocity_sq",
@@ -172,8 +175,8 @@ class HeavyBallState(NamedTuple):
     kinetic: ``0.5 p_k^T M^{-1} p_k`` at the latest step (synchronised momentum).
     inertia: ``H_k = kinetic + L_k`` (``L_k`` from the ``value`` extra argument; 0 if not given).
     velocity_sq: ``||v_k||^2``.
-    dissipated: ``gamma int_0^{t_k} ||v||^2 ds`` (trapezoid over each friction step).
-    dissipation_total: the same integral up to ``t_{k+1}`` (includes the latest friction step).
+    dissipated: ``gamma int_0^{t_k} ||v||^2 ds`` (trapezoid over each friction half-step).
+    dissipation_total: the same integral including the friction half-step taken after ``t_k``.
     key: PRNG key of the momentum noise.
   """
 
@@ -223,37 +226,47 @@ def scale_by_heavy_ball(time_step: float, friction: float = 0.0, noise: float = 
                           kinetic=zero, inertia=zero, velocity_sq=zero, dissipated=zero, dissipation_total=zero,
                           key=jax.random.PRNGKey(seed))
 
-  def friction_step(momentum, key):
+  def friction_step(momentum, key, span):
+    """The friction/noise flow over ``span`` (half a time step)."""
     if gamma == 0 and sigma == 0:
       return momentum
     if mass.ou_step is not None:
-      return mass.ou_step(momentum, key, dt, gamma, sigma)
-    # Second-order (midpoint) friction for a general operator: exp(-gamma dt M^{-1}) p to O(dt^3)
+      return mass.ou_step(momentum, key, span, gamma, sigma)
+    # Second-order (midpoint) friction for a general operator: exp(-gamma s M^{-1}) p to O(s^3)
     # with two solves; the noise enters as in Euler-Maruyama.
-    midpoint = _tmap(lambda p, v: p - 0.5 * gamma * dt * v, momentum, mass.solve(momentum))
+    midpoint = _tmap(lambda p, v: p - 0.5 * gamma * span * v, momentum, mass.solve(momentum))
     drag = mass.solve(midpoint)
     kick = _normal_like(key, momentum)
-    return _tmap(lambda p, v, xi: p - gamma * dt * v + sigma * math.sqrt(dt) * xi, momentum, drag, kick)
+    return _tmap(lambda p, v, xi: p - gamma * span * v + sigma * math.sqrt(span) * xi, momentum, drag, kick)
+
+  def damp(momentum, key, dissipation):
+    """A friction half-step and its dissipated energy (trapezoid rule for gamma int ||v||^2)."""
+    before = mass.solve(momentum)
+    after_momentum = friction_step(momentum, key, 0.5 * dt)
+    after = mass.solve(after_momentum)
+    increment = gamma * 0.5 * dt * 0.5 * (_dot(before, before) + _dot(after, after))
+    return after_momentum, dissipation + increment
 
   def update(grads, state, params=None, *, value=None, **extra_args):
     del params, extra_args
     first = state.count == 0
-    momentum = _tmap(lambda p, g: jnp.where(first, p, p - 0.5 * dt * g), state.momentum, grads)
+    # Two noise draws per step (one per friction half-step), never reused across steps.
+    key_finish = jax.random.fold_in(state.key, 2 * state.count)
+    key_start = jax.random.fold_in(state.key, 2 * state.count + 1)
+    kicked = _tmap(lambda p, g: p - 0.5 * dt * g, state.momentum, grads)
+    finished, finished_total = damp(kicked, key_finish, state.dissipation_total)
+    momentum = _tmap(lambda p, q: jnp.where(first, p, q), state.momentum, finished)
+    dissipated = jnp.where(first, state.dissipation_total, finished_total)
     velocity = mass.solve(momentum)
     kinetic = 0.5 * _dot(momentum, velocity)
     velocity_sq = _dot(velocity, velocity)
     loss = jnp.zeros_like(kinetic) if value is None else jnp.asarray(value, kinetic.dtype)
-    step_key = jax.random.fold_in(state.key, state.count)
-    damped = friction_step(momentum, step_key)
-    damped_velocity = mass.solve(damped)
-    increment = gamma * dt * 0.5 * (velocity_sq + _dot(damped_velocity, damped_velocity))
+    damped, total = damp(momentum, key_start, dissipated)
     half = _tmap(lambda p, g: p - 0.5 * dt * g, damped, grads)
     direction = _tmap(jnp.negative, mass.solve(half))
-    # ``dissipated`` is reported for [0, t_k], alongside H_k; this step's friction goes to the total.
     new_state = HeavyBallState(momentum=half, count=state.count + 1, kinetic=kinetic,
                                inertia=kinetic + loss, velocity_sq=velocity_sq,
-                               dissipated=state.dissipation_total,
-                               dissipation_total=state.dissipation_total + increment, key=state.key)
+                               dissipated=dissipated, dissipation_total=total, key=state.key)
     return direction, new_state
 
   return optax.GradientTransformationExtraArgs(init, update)
@@ -285,43 +298,3 @@ def stationary_velocity_sq(noise: float, friction: float, trace_inverse_mass: fl
     raise ValueError("the stationary prediction needs friction > 0.")
   return noise ** 2 * trace_inverse_mass / (2.0 * friction)
 
-
-def inertia_trajectory(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, steps: int, *,
-                       time_step: float, friction: float = 0.0, noise: float = 0.0,
-                       mass: Optional[Mass] = None, seed: int = 0) -> dict:
-  """Runs ``heavy_ball`` for ``steps`` steps and returns the measured inertia history.
-
-  Returns:
-    dict of arrays of length ``steps``: ``inertia`` (``H_k``), ``kinetic``, ``loss``, ``velocity_sq``,
-    ``dissipated`` (``gamma int_0^{t_k} ||v||^2``), ``time``; and ``params`` (final).
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> out = inertia_trajectory(lambda w: 0.5 * jnp.sum(w ** 2), jnp.ones(2), 10, time_step=0.1)
-    >>> out["inertia"].shape
-    (10,)
-  """
-  if steps < 1:
-    raise ValueError(f"steps={steps} must be >= 1.")
-  core = scale_by_heavy_ball(time_step, friction, noise, mass, seed)
-
-  def step(carry, _):
-    current, state = carry
-    loss, grads = jax.value_and_grad(loss_fn)(current)
-    direction, state = core.update(grads, state, current, value=loss)
-    current = _tmap(lambda p, d: p - time_step * d, current, direction)
-    record = dict(inertia=state.inertia, kinetic=state.kinetic, loss=loss, velocity_sq=state.velocity_sq,
-                  dissipated=state.dissipated)
-    return (current, state), record
-
-  @jax.jit
-  def run(start):
-    return jax.lax.scan(step, (start, core.init(start)), None, length=steps)
-
-  (final, _), history = run(params)
-  history = {name: value for name, value in history.items()}
-  history["time"] = time_step * jnp.arange(steps)
-  history["params"] = final
-  if not isinstance(history["inertia"], jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(history["inertia"]))):
-    raise FloatingPointError("the heavy-ball run diverged (non-finite inertia); lower time_step.")
-  return history

@@ -1,6 +1,6 @@
 """Monitors of conserved quantities during optax training.
 
-Gradient flow keeps the laws of ``CONSERVATION.md`` section 1 exactly; a discrete gradient step
+Gradient flow keeps its conservation laws (docs/conservation.md) exactly; a discrete gradient step
 ``theta - eta g`` changes a law ``h`` by ``eta^2 / 2 g^T (Hess h) g + O(eta^3)`` because
 ``<grad h, g> = 0`` (exactly that for quadratic ``h``), so the per-step drift scales as ``eta^2``.
 Heavy-ball momentum ``theta_{k+1} = theta_k + beta (theta_k - theta_{k-1}) - eta g_k`` breaks these laws,
@@ -23,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +37,7 @@ __all__ = [
     "DriftMonitorState",
     "charge_monitor",
     "drift_monitor",
-    "drift_scaling",
     "find_state",
-    "track_laws",
 ]
 
 PyTree = Any
@@ -166,78 +164,3 @@ def charge_monitor(beta: float, stack: Optional[Callable[[PyTree], jax.Array]] =
 
   return optax.GradientTransformationExtraArgs(init, update)
 
-
-def track_laws(loss_fn: Callable[[PyTree], jax.Array], optimizer: optax.GradientTransformation,
-               params: PyTree, laws: Callable[[PyTree], jax.Array], steps: int) -> dict:
-  """Trains with ``optimizer`` for ``steps`` full-batch steps and records the laws at every step.
-
-  Args:
-    loss_fn: scalar loss of the parameters; optimizer: any optax transformation.
-    params: initial parameters; laws: ``params -> (K,)``; steps: number of updates.
-
-  Returns:
-    dict with ``laws`` ``(steps + 1, K)``, ``loss`` ``(steps + 1,)`` and ``params`` (final).
-
-  Example:
-    >>> import optax, jax.numpy as jnp
-    >>> from riemod.conservation import factorization
-    >>> rep = factorization(3, 2, 2)
-    >>> out = track_laws(lambda p: jnp.sum((rep.phi(p) - 1.0) ** 2), optax.sgd(1e-2), rep.sample(0),
-    ...                  rep.known_laws, steps=5)
-    >>> out["laws"].shape
-    (6, 3)
-  """
-  if steps < 1:
-    raise ValueError(f"steps={steps} must be >= 1.")
-
-  def step(carry, _):
-    current, state = carry
-    loss, grads = jax.value_and_grad(loss_fn)(current)
-    updates, state = optimizer.update(grads, state, current)
-    current = optax.apply_updates(current, updates)
-    return (current, state), (laws(current), loss)
-
-  @jax.jit
-  def run(start):
-    (final, _), (values, losses) = jax.lax.scan(step, (start, optimizer.init(start)), None, length=steps)
-    values = jnp.concatenate([laws(start)[None], values])
-    losses = jnp.concatenate([losses, loss_fn(final)[None]])
-    return final, values, losses
-
-  final, values, losses = run(params)
-  if not bool(jnp.all(jnp.isfinite(values))):
-    raise FloatingPointError("training diverged (non-finite law values); lower the learning rate.")
-  return {"laws": values, "loss": losses, "params": final}
-
-
-def drift_scaling(loss_fn: Callable[[PyTree], jax.Array], params: PyTree,
-                  laws: Callable[[PyTree], jax.Array], learning_rates: Sequence[float]) -> dict:
-  """One plain gradient step per learning rate: the law drift and its log-log slope in ``eta``.
-
-  Returns:
-    dict with ``learning_rates``, ``drift`` (max abs change of the laws) and ``exponent`` (least-squares
-    slope of ``log drift`` vs ``log eta``; 2 for gradient descent, since ``<grad h, g> = 0``).
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from riemod.conservation import factorization
-    >>> rep = factorization(3, 2, 2)
-    >>> out = drift_scaling(lambda p: jnp.sum(jnp.cos(rep.phi(p))), rep.sample(0), rep.known_laws,
-    ...                     [1e-2, 5e-3])
-    >>> round(out["exponent"])
-    2
-  """
-  rates = np.asarray(learning_rates, dtype=np.float64)
-  if rates.size < 2 or np.any(rates <= 0):
-    raise ValueError("learning_rates must hold at least two positive values.")
-  grads = jax.grad(loss_fn)(params)
-  before = laws(params)
-
-  @jax.jit
-  def drift(rate):
-    moved = jax.tree_util.tree_map(lambda p, g: p - rate * g, params, grads)
-    return jnp.max(jnp.abs(laws(moved) - before))
-
-  values = np.asarray([float(drift(jnp.asarray(rate, jnp.result_type(float)))) for rate in rates])
-  slope = float(np.polyfit(np.log(rates), np.log(values), 1)[0])
-  return {"learning_rates": rates, "drift": values, "exponent": slope}
