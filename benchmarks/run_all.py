@@ -28,6 +28,7 @@ TASKS = {
     "digits-mlp": "benchmarks.task_digits_mlp",
     "digits-autoencoder": "benchmarks.task_digits_autoencoder",
     "poisson-pinn": "benchmarks.task_poisson_pinn",
+    "engd-poisson": "benchmarks.task_engd_poisson",
     "scaling": "benchmarks.task_scaling",
     "blr-sampling": "benchmarks.task_blr_sampling",
 }

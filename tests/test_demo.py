@@ -1,4 +1,5 @@
-"""The main job: ``riemod demo`` trains both optimizers, writes its results and plot."""
+"""The main job: ``riemod demo`` trains both optimizers on digits and on the PINN, writes its results
+and plots, and every error it prints is reproducible."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 
 import pytest
 
+from riemod.cli import demo
 from riemod.cli.main import main
 
 
@@ -18,18 +20,54 @@ def _run(tmp_path, capsys, *extra):
 
 
 def test_demo_trains_both_and_saves_results(tmp_path, capsys):
-  printed, results = _run(tmp_path, capsys, "--no-certificate")
+  printed, results = _run(tmp_path, capsys, "--no-certificate", "--panels", "digits")
   rows = {r["optimizer"]: r for r in results["results"]}
   assert set(rows) == {"riemod", "adam"}
   for row in rows.values():
     assert math.isfinite(row["final_train_loss"]) and 0 <= row["test_accuracy"] <= 1
+    assert row["compile_seconds"] > 0
   curve = results["curves"]["riemod"]
   assert curve[-1][2] < 0.5 * curve[0][2]  # riemod's full training loss fell
   assert (tmp_path / "loss_vs_time.png").stat().st_size > 10_000
   assert "riemod" in printed and "median step ms" in printed
+  assert "compilation excluded" in printed and "pinn" not in results
+
+
+def test_demo_pinn_panel_is_reproducible(tmp_path, capsys):
+  """The PINN panel: riemod and Adam on the same step budget rule, the error against step time;
+  a second run prints the same errors and losses (times differ)."""
+  runs = []
+  for sub in ("a", "b"):
+    printed, results = _run(tmp_path / sub, capsys, "--panels", "pinn", "--pinn-steps", "20")
+    assert "results" not in results  # no digits panel
+    runs.append((printed, results["pinn"]))
+  printed, pinn = runs[0]
+  rows = {r["optimizer"]: r for r in pinn["results"]}
+  assert rows["riemod"]["steps"] == 20
+  assert rows["adam"]["steps"] == 20 * demo.PINN_ADAM_STEPS_PER_STEP
+  curves = pinn["curves"]
+  assert curves["riemod"][0][2] == curves["adam"][0][2]  # the same init
+  # 0.46 at seed 0's init; twenty of riemod's ENGD steps reach about 5e-3, far below Adam.
+  assert rows["riemod"]["final_l2_error"] < 0.05 * curves["riemod"][0][2]
+  assert rows["riemod"]["final_l2_error"] < rows["adam"]["final_l2_error"]
+  assert (tmp_path / "a" / "pinn_error_vs_time.png").stat().st_size > 10_000
+  assert "abs. L2 error" in printed and "compile s" in printed
+  other = {r["optimizer"]: r for r in runs[1][1]["results"]}
+  for name, row in rows.items():
+    for key in ("steps", "final_l2_error", "final_loss"):
+      assert other[name][key] == row[key], (name, key)
+  for name in curves:
+    assert [c[1:] for c in runs[1][1]["curves"][name]] == [c[1:] for c in curves[name]]
+
+
+def test_demo_help_shows_the_defaults(capsys):
+  with pytest.raises(SystemExit):
+    main(["demo", "--help"])
+  text = " ".join(capsys.readouterr().out.split())
+  assert "(default: riemod-output/demo)" in text and "(default: 200)" in text
 
 
 @pytest.mark.slow
 def test_demo_prints_the_certificate(tmp_path, capsys):
-  printed, _ = _run(tmp_path, capsys)
+  printed, _ = _run(tmp_path, capsys, "--panels", "digits")
   assert "Certificate of the trained model" in printed and "contraction factor" in printed
