@@ -8,14 +8,18 @@ import pytest
 from riemod.cli import laws
 
 
-def test_laws_json_output(capsys):
-  assert laws.main(["--arch", "relu", "--dims", "2,2,1", "--bias", "--json", "--points", "2"]) == 0
+def test_laws_json_output(capsys, tmp_path):
+  assert laws.main(["--arch", "relu", "--dims", "2,2,1", "--bias", "--json", "--points", "2",
+                    "--out", str(tmp_path)]) == 0
   payload = json.loads(capsys.readouterr().out)
   assert payload["count"] == 2 and payload["parameters"] == 9 and payload["lie_dimension"] == 7
+  assert payload["closed_form"] == 2 and payload["agrees"]
+  assert json.loads((tmp_path / "count.json").read_text())["count"] == 2
 
 
-def test_laws_text_output_with_degree(capsys):
-  assert laws.main(["--arch", "linear", "--dims", "2,2,1", "--degree", "2", "--points", "2"]) == 0
+def test_laws_text_output_with_degree(capsys, tmp_path):
+  assert laws.main(["--arch", "linear", "--dims", "2,2,1", "--degree", "2", "--points", "2",
+                    "--out", str(tmp_path)]) == 0
   out = capsys.readouterr().out
   # U V^T with n=2, m=1, r=2: r(r+1)/2 = 3 laws, the entries of W1^T W1 - W2 W2^T.
   assert "laws = 3" in out and "polynomial laws of degree <= 2: 3" in out
@@ -30,3 +34,25 @@ def test_laws_registers_on_subparsers_and_rejects_bad_input(capsys):
     parser.parse_args(["laws", "--arch", "linear", "--dims", "2"])
   assert laws.main(["--arch", "linear", "--dims", "2,2", "--bias"]) == 2
   assert "--bias" in capsys.readouterr().err
+  assert laws.main(["--dims", "2,2"]) == 2
+  assert "--arch" in capsys.readouterr().err
+
+
+def test_momentum_count_of_an_overparameterised_linear_net_is_fast_and_matches_the_charges(capsys, tmp_path):
+  # 1-7-2 under momentum (43-dimensional phase space): the r (r - 1) / 2 = 21 decaying charges. The
+  # nested-derivative counter needed ~8 minutes here; exact polynomial brackets take about a second.
+  assert laws.main(["--arch", "linear", "--dims", "1,7,2", "--flow", "momentum", "--json", "--points", "2",
+                    "--out", str(tmp_path)]) == 0
+  payload = json.loads(capsys.readouterr().out)
+  assert payload["count"] == 21 and payload["closed_form"] == 21 and payload["dimension"] == 43
+
+
+def test_sweep_writes_table_plot_and_agrees_with_the_closed_forms(capsys, tmp_path):
+  status = laws.main(["sweep", "--nets", "3", "--max-params", "40", "--flow", "gradient,mirror", "--points", "1",
+                      "--no-progress", "--out", str(tmp_path), "--json"])
+  summary = json.loads(capsys.readouterr().out)["summary"]
+  assert status == 0 and summary["networks"] == 12
+  assert summary["agree"] == summary["with_closed_form"] >= 10
+  assert (tmp_path / "sweep.md").exists() and (tmp_path / "sweep.png").exists()
+  rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+  assert {r["flow"] for r in rows} == {"gradient", "mirror"}

@@ -1,16 +1,21 @@
-"""``riemod laws``: count and find the conservation laws of a linear or ReLU network.
+"""``riemod laws``: count and find the conservation laws of a linear or ReLU network, or sweep many.
 
 Example:
   riemod laws --arch relu --dims 3,4,2 --bias --degree 2
-  riemod laws --arch linear --dims 2,3,2 --flow momentum --json
+  riemod laws --arch linear --dims 1,7,2 --flow momentum --json
+  riemod laws sweep --arch linear --nets 50          # table and plot under --out
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+
+DEFAULT_OUT = os.path.join("riemod-output", "laws")
+FLOWS = ("gradient", "momentum", "mirror")
 
 
 def _dims(text: str) -> tuple[int, ...]:
@@ -23,36 +28,243 @@ def _dims(text: str) -> tuple[int, ...]:
   return dims
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-  """Registers the ``laws`` subcommand on an argparse subparsers object."""
-  parser = subparsers.add_parser(
-      "laws", help="count and find conservation laws of a network's training flow",
-      description="Count the independent conservation laws D - dim Lie(W_phi) of gradient or momentum "
-                  "flows (Marcotte, Gribonval & Peyre 2023/2024) and list the polynomial laws up to a "
-                  "degree.")
-  _configure(parser)
-  parser.set_defaults(func=run)
-  return parser
+def _choices(allowed):
+  def parse(text: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    bad = [v for v in values if v not in allowed]
+    if not values or bad:
+      raise argparse.ArgumentTypeError(f"'{text}': pick from {', '.join(allowed)} (comma-separated)")
+    return values
+  return parse
+
+
+def closed_form(arch: str, dims, bias: bool, flow: str):
+  """The number of laws the papers' formulas predict, or ``None`` where riemod knows none.
+
+  * gradient flow, ReLU (with or without biases): one law per hidden neuron (Marcotte, Gribonval &
+    Peyre 2023);
+  * gradient flow, linear: ``d_l (d_l + 1) / 2`` per hidden layer (the balancedness matrices), when
+    every hidden width satisfies ``d_l <= d_{l-1} + d_{l+1}`` (otherwise those entries are dependent);
+  * momentum, linear: ``d_l (d_l - 1) / 2`` per hidden layer (the decaying charges
+    ``exp(t / tau)(W^T W' - W'^T W)``, Marcotte, Gribonval & Peyre 2024); ReLU: none;
+  * mirror (NMF) flow: one law per hidden neuron (the rescaling balances ``sum in - sum out``).
+
+  A linear network with one input and one output computes a scalar product of its weights, whose single
+  field leaves ``D - 1`` laws under every flow: no formula above applies, so ``None``.
+
+  Example:
+    >>> closed_form("linear", (8, 10, 8), False, "gradient"), closed_form("relu", (3, 4, 2), True, "momentum")
+    (55, 0)
+  """
+  hidden = list(dims[1:-1])
+  if arch == "linear" and dims[0] * dims[-1] == 1:
+    return None
+  if flow == "mirror":
+    return sum(hidden)
+  if arch == "relu":
+    return sum(hidden) if flow == "gradient" else 0
+  if flow == "gradient":
+    if all(d <= a + b for a, d, b in zip(dims[:-2], hidden, dims[2:])):
+      return sum(d * (d + 1) // 2 for d in hidden)
+    return None
+  if flow == "momentum":
+    return sum(d * (d - 1) // 2 for d in hidden)
+  return None
+
+
+def representation(arch: str, dims, bias: bool, flow: str):
+  """The ``Reparametrization`` counted (positive points for the mirror flow)."""
+  from riemod import conservation  # pylint: disable=g-import-not-at-top
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  rep = conservation.linear_network(dims) if arch == "linear" else conservation.relu_network(dims, bias=bias)
+  return dataclasses.replace(rep, positive=True) if flow == "mirror" else rep
+
+
+def count_one(arch: str, dims, bias: bool = False, flow: str = "gradient", *, tau: float = 1.0,
+              points: int = 3, seed: int = 0) -> dict:
+  """Counts one architecture; a JSON-ready row with the closed form and the wall time."""
+  from riemod import conservation  # pylint: disable=g-import-not-at-top
+  rep = representation(arch, dims, bias, flow)
+  started = time.perf_counter()
+  counted = conservation.count_laws(rep, flow=flow, tau=tau, num_points=points, seed=seed)
+  seconds = time.perf_counter() - started
+  expected = closed_form(arch, dims, bias, flow)
+  row = counted.as_dict()
+  row.update(arch=arch, dims=list(dims), bias=bool(bias), flow=flow, count_seconds=seconds,
+             closed_form=expected, agrees=None if expected is None else counted.count == expected)
+  return row
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--arch", choices=("linear", "relu"), required=True, help="network family")
-  parser.add_argument("--dims", type=_dims, required=True, help="layer widths from input to output, e.g. 3,4,2")
+  parser.add_argument("action", nargs="?", choices=("count", "sweep"), default="count",
+                      help="count: one network (default); sweep: many random networks against the "
+                           "closed forms, with a table and a plot")
+  parser.add_argument("--arch", default=None,
+                      help="count: linear or relu; sweep: comma-separated (default for sweep: linear,relu)")
+  parser.add_argument("--dims", type=_dims, help="layer widths from input to output, e.g. 3,4,2 (count)")
   parser.add_argument("--bias", action="store_true", help="ReLU network with biases")
-  parser.add_argument("--flow", choices=("gradient", "momentum"), default="gradient")
+  parser.add_argument("--flow", default=None,
+                      help="gradient (default), momentum or mirror (NMF: theta' = -theta * grad E); sweep: "
+                           "comma-separated")
   parser.add_argument("--tau", type=float, default=1.0, help="momentum time constant")
   parser.add_argument("--degree", type=int, default=0,
                       help="also find polynomial laws up to this degree (>= 1; 0 = count only)")
   parser.add_argument("--points", type=int, default=3, help="random points that must agree")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--json", action="store_true", help="print one JSON object")
+  parser.add_argument("--nets", type=int, default=50, help="sweep: random networks per architecture family")
+  parser.add_argument("--max-params", type=int, default=200, help="sweep: at most this many parameters")
+  parser.add_argument("--layers", default="2,3,4", help="sweep: numbers of weight layers to draw from")
+  parser.add_argument("--max-width", type=int, default=8, help="sweep: widths drawn from 1..this")
+  parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+  parser.add_argument("--no-progress", action="store_true", help="sweep: hide the progress bar")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+  """Registers the ``laws`` subcommand on an argparse subparsers object."""
+  parser = subparsers.add_parser(
+      "laws", help="count and find conservation laws of a network's training flow",
+      description="Count the independent conservation laws D - dim Lie(W_phi) of gradient, mirror or "
+                  "momentum flows (Marcotte, Gribonval & Peyre 2023/2024) and list the polynomial laws up "
+                  "to a degree; 'riemod laws sweep' counts many random networks against the closed forms.",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  _configure(parser)
+  parser.set_defaults(func=run)
+  return parser
+
+
+def random_architectures(count: int, arch: str, *, layers=(2, 3, 4), max_width: int = 8,
+                         max_params: int = 200, seed: int = 0) -> list:
+  """``count`` distinct random ``(arch, dims, bias)`` with at most ``max_params`` parameters.
+
+  Example:
+    >>> len(random_architectures(5, "relu", max_params=60))
+    5
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  chosen, seen = [], set()
+  for _ in range(200 * count):
+    if len(chosen) == count:
+      break
+    depth = int(rng.choice(layers))
+    dims = tuple(int(w) for w in rng.integers(1, max_width + 1, size=depth + 1))
+    bias = arch == "relu" and bool(rng.integers(0, 2))
+    size = sum(a * b for a, b in zip(dims[:-1], dims[1:])) + (sum(dims[1:]) if bias else 0)
+    if size > max_params or (dims, bias) in seen:
+      continue
+    seen.add((dims, bias))
+    chosen.append((arch, dims, bias))
+  if len(chosen) < count:
+    raise ValueError(f"only {len(chosen)} distinct {arch} networks fit --max-params {max_params}; lower --nets "
+                     "or raise --max-params/--max-width.")
+  return chosen
+
+
+def _sweep_table(rows) -> str:
+  lines = ["| arch | dims | bias | flow | D | laws | closed form | agrees | seconds |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    dims = "-".join(map(str, r["dims"]))
+    expected = "-" if r["closed_form"] is None else r["closed_form"]
+    agrees = "-" if r["agrees"] is None else ("yes" if r["agrees"] else "**no**")
+    lines.append(f"| {r['arch']} | {dims} | {'yes' if r['bias'] else 'no'} | {r['flow']} | {r['parameters']} | "
+                 f"{r['count']} | {expected} | {agrees} | {r['count_seconds']:.2f} |")
+  return "\n".join(lines)
+
+
+def _sweep_plot(rows, path: str) -> bool:
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  markers = {"linear": "o", "relu": "s"}
+  for arch in sorted({r["arch"] for r in rows}):
+    for flow in sorted({r["flow"] for r in rows}):
+      pts = [r for r in rows if r["arch"] == arch and r["flow"] == flow and r["closed_form"] is not None]
+      if pts:
+        axes[0].scatter([r["closed_form"] for r in pts], [r["count"] for r in pts], marker=markers[arch],
+                        label=f"{arch}, {flow}", alpha=0.7)
+      pts = [r for r in rows if r["arch"] == arch and r["flow"] == flow]
+      if pts:
+        axes[1].scatter([r["parameters"] for r in pts], [r["count_seconds"] for r in pts],
+                        marker=markers[arch], label=f"{arch}, {flow}", alpha=0.7)
+  top = max([r["count"] for r in rows] + [1])
+  axes[0].plot([0, top], [0, top], "k:", lw=1)
+  axes[0].set(xlabel="closed form", ylabel="counted (D - dim Lie)", title="law counts")
+  axes[1].set(xlabel="parameters D", ylabel="seconds", yscale="log", title="time per network")
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
+def run_sweep(args) -> int:
+  """``riemod laws sweep``: random architectures, counts against the closed forms, table and plot."""
+  archs = _choices(("linear", "relu"))(args.arch or "linear,relu")
+  flows = _choices(FLOWS)(args.flow or "gradient")
+  layers = tuple(int(v) for v in args.layers.split(","))
+  nets = [net for arch in archs for net in random_architectures(
+      args.nets, arch, layers=layers, max_width=args.max_width, max_params=args.max_params, seed=args.seed)]
+  jobs = [(arch, dims, bias, flow) for arch, dims, bias in nets for flow in flows]
+  bar = None
+  if not args.no_progress:
+    try:
+      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+      bar = tqdm(total=len(jobs), desc="counting", unit="net")
+    except ImportError:
+      pass
+  rows, started = [], time.perf_counter()
+  try:
+    for arch, dims, bias, flow in jobs:
+      rows.append(count_one(arch, dims, bias, flow, tau=args.tau, points=args.points, seed=args.seed))
+      if bar is not None:
+        bar.set_postfix_str(f"{arch} {'-'.join(map(str, dims))} {flow}")
+        bar.update(1)
+  finally:
+    if bar is not None:
+      bar.close()
+  total = time.perf_counter() - started
+  os.makedirs(args.out, exist_ok=True)
+  checked = [r for r in rows if r["agrees"] is not None]
+  summary = {"networks": len(rows), "with_closed_form": len(checked),
+             "agree": sum(bool(r["agrees"]) for r in checked), "seconds": total,
+             "ambiguous": sum(bool(r["ambiguous"]) for r in rows)}
+  with open(os.path.join(args.out, "sweep.json"), "w") as handle:
+    json.dump({"summary": summary, "rows": [{k: v for k, v in r.items() if k != "points"} for r in rows]},
+              handle, indent=1, default=float)
+  table = _sweep_table(rows)
+  with open(os.path.join(args.out, "sweep.md"), "w") as handle:
+    handle.write(table + "\n")
+  plotted = _sweep_plot(rows, os.path.join(args.out, "sweep.png"))
+  if args.json:
+    print(json.dumps({"summary": summary}))
+  else:
+    print(table)
+    print(f"{summary['agree']} of {summary['with_closed_form']} counts agree with the closed form "
+          f"({summary['networks']} counts, {summary['ambiguous']} ambiguous) in {total:.1f} s")
+    print(f"wrote {os.path.join(args.out, 'sweep.md')}, sweep.json" + (", sweep.png" if plotted else ""))
+  return 0 if summary["agree"] == summary["with_closed_form"] else 1
 
 
 def run(args) -> int:
   """Runs ``riemod laws``; returns the exit status."""
+  if args.action == "sweep":
+    return run_sweep(args)
   # Imported here so that building the CLI parser stays cheap.
   from riemod import conservation  # pylint: disable=g-import-not-at-top
 
+  flow = args.flow or "gradient"
+  if args.arch not in ("linear", "relu") or args.dims is None:
+    print("error: counting needs --arch linear|relu and --dims (e.g. --arch relu --dims 3,4,2)", file=sys.stderr)
+    return 2
+  if flow not in FLOWS:
+    print(f"error: --flow {flow} is unknown; use one of {', '.join(FLOWS)}", file=sys.stderr)
+    return 2
   if args.bias and args.arch != "relu":
     print("error: --bias applies to --arch relu only (a linear network with biases is affine; use relu)",
           file=sys.stderr)
@@ -60,32 +272,32 @@ def run(args) -> int:
   if args.degree < 0:
     print(f"error: --degree {args.degree} must be >= 1 (or 0 to skip finding)", file=sys.stderr)
     return 2
-  rep = (conservation.linear_network(args.dims) if args.arch == "linear"
-         else conservation.relu_network(args.dims, bias=args.bias))
-  started = time.perf_counter()
-  counted = conservation.count_laws(rep, flow=args.flow, tau=args.tau, num_points=args.points, seed=args.seed)
-  count_seconds = time.perf_counter() - started
+  payload = count_one(args.arch, args.dims, args.bias, flow, tau=args.tau, points=args.points, seed=args.seed)
   found, find_seconds = None, 0.0
   if args.degree >= 1:
     started = time.perf_counter()
-    found = conservation.find_polynomial_laws(rep, degree=args.degree, flow=args.flow, tau=args.tau,
-                                              seed=args.seed)
+    rep = representation(args.arch, args.dims, args.bias, flow)
+    found = conservation.find_polynomial_laws(
+        rep, degree=args.degree, flow="gradient" if flow == "mirror" else flow,
+        metric="entropic" if flow == "mirror" else None, tau=args.tau, seed=args.seed)
     find_seconds = time.perf_counter() - started
+    payload.update(degree=args.degree, laws=[str(law) for law in found.laws],
+                   independent_polynomial_laws=found.num_independent, find_seconds=find_seconds)
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "count.json"), "w") as handle:
+    json.dump(payload, handle, indent=1, default=float)
   if args.json:
-    payload = counted.as_dict()
-    payload.update(arch=args.arch, dims=list(args.dims), bias=args.bias, flow=args.flow,
-                   count_seconds=count_seconds)
-    if found is not None:
-      payload.update(degree=args.degree, laws=[str(law) for law in found.laws],
-                     independent_polynomial_laws=found.num_independent, find_seconds=find_seconds)
-    print(json.dumps(payload))
+    print(json.dumps(payload, default=float))
     return 0
-  print(f"{counted.description}")
-  print(f"parameters D = {counted.dimension}, dim Lie(W) = {counted.lie_dimension}, "
-        f"laws = {counted.count}{'  (ambiguous rank!)' if counted.ambiguous else ''}")
-  print(f"rank per bracket round: {counted.rank_history[0]}  ({len(counted.points)} points agree: "
-        f"{len({h[-1] for h in counted.rank_history}) == 1})")
-  print(f"counting time: {count_seconds:.2f} s")
+  print(f"{payload['description']}")
+  print(f"parameters D = {payload['parameters']}, dim Lie(W) = {payload['lie_dimension']}, "
+        f"laws = {payload['count']}{'  (ambiguous rank!)' if payload['ambiguous'] else ''}"
+        + ("" if payload["closed_form"] is None else f"  (closed form: {payload['closed_form']})"))
+  print(f"rank per bracket round: {payload['rank_history'][0]}  ({args.points} points agree: "
+        f"{len({h[-1] for h in payload['rank_history']}) == 1})")
+  print(f"rank gap: smallest kept singular value {min(payload['smallest_kept']):.1e}, largest dropped "
+        f"{max(payload['largest_dropped']):.1e}")
+  print(f"counting time: {payload['count_seconds']:.2f} s")
   if found is not None:
     print(f"polynomial laws of degree <= {args.degree}: {len(found)} "
           f"({found.num_independent} functionally independent), {find_seconds:.2f} s")
@@ -95,7 +307,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="riemod laws")
+  parser = argparse.ArgumentParser(prog="riemod laws", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   _configure(parser)
   return run(parser.parse_args(argv))
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 
+from riemod.conservation.polyfields import PolyFamily, poly_family_for
 from riemod.conservation.reparametrizations import Reparametrization, as_reparametrization
 
 __all__ = [
@@ -54,6 +55,9 @@ class FieldFamily(NamedTuple):
     time_index: coordinate holding time ``t`` in phase space, else ``None``.
     tau: momentum time constant for phase-space families, else ``None``.
     reparametrization: the ``Reparametrization`` the fields come from.
+    polynomial: the same fields as an exact sparse ``polyfields.PolyFamily`` when they are polynomial
+      (linear and ReLU networks, factorisations; gradient, mirror and momentum flows), else ``None``.
+      ``count_laws`` then brackets them exactly instead of by nested differentiation.
   """
 
   field: Callable[[jax.Array, jax.Array], jax.Array]
@@ -65,6 +69,7 @@ class FieldFamily(NamedTuple):
   time_index: Optional[int] = None
   tau: Optional[float] = None
   reparametrization: Optional[Reparametrization] = None
+  polynomial: Optional[PolyFamily] = None
 
 
 def _output_size(rep: Reparametrization) -> int:
@@ -129,7 +134,8 @@ def gradient_fields(phi, theta_or_shapes=None, *, metric: Metric = None) -> Fiel
   flow = "gradient flow" if metric is None else f"metric flow ({metric if isinstance(metric, str) else 'user M'})"
   return FieldFamily(field=field, num_fields=_output_size(rep), dimension=rep.num_parameters,
                      sample_point=_point_sampler(rep, positive), variable_names=rep.variable_names,
-                     description=f"{flow} of {rep.name}", reparametrization=rep)
+                     description=f"{flow} of {rep.name}", reparametrization=rep,
+                     polynomial=poly_family_for(rep, "gradient", metric, 1.0))
 
 
 def momentum_lift(phi, theta_or_shapes=None, *, tau: float = 1.0,
@@ -180,7 +186,8 @@ def momentum_lift(phi, theta_or_shapes=None, *, tau: float = 1.0,
   return FieldFamily(field=field, num_fields=_output_size(rep) + 1, dimension=2 * size + 1,
                      sample_point=sample, variable_names=names,
                      description=f"momentum flow (tau={tau}) of {rep.name}", time_index=0, tau=float(tau),
-                     reparametrization=rep)
+                     reparametrization=rep,
+                     polynomial=None if position_rate is not None else poly_family_for(rep, "momentum", None, tau))
 
 
 def _rk4(rhs, state, dt, steps, observe):

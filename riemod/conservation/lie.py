@@ -4,7 +4,13 @@ Marcotte, Gribonval & Peyre (NeurIPS 2023, arXiv 2307.00144): a law is annihilat
 the family and by all their iterated brackets ``[a, b] = Db a - Da b``; by Frobenius the maximal number
 of independent laws near a generic point ``z`` is ``N - dim Lie(W)(z)``.
 
-Algorithm (no computer algebra): at a random point, take an orthonormal basis of the generators'
+Polynomial fields (linear and ReLU networks on an activation region, factorisations; gradient, mirror
+and momentum flows) are bracketed exactly, term by term (``polyfields``): a kept field is one sparse
+polynomial with integer coefficients, and a candidate ``[X_j, B](z) = DB(z) X_j(z) - DX_j(z) B(z)`` needs
+only the value and Jacobian of ``B`` at ``z``. The cost of a bracket round is then a pass over the kept
+fields' terms instead of the ``~3^k`` evaluations of nested forward-mode derivatives at depth ``k``.
+
+Other fields (any JAX ``phi``), no computer algebra: at a random point, take an orthonormal basis of the generators'
 span as constant-coefficient fields ``a_i``; each round brackets every ``a_i`` with the fields added
 by the previous round (right-nested brackets ``[a_i1, [a_i2, ... a_ik]]`` span the Lie algebra),
 evaluated by nested ``jax.jvp``; keep only candidates that raise the rank; stop when a round adds
@@ -32,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
+from riemod.conservation import polyfields
 from riemod.conservation.flows import FieldFamily, gradient_fields, momentum_lift
 
 __all__ = ["LawCount", "count_laws", "lie_rank", "AmbiguousRankWarning"]
@@ -187,8 +194,30 @@ def _finite_or_raise(values: np.ndarray, what: str):
                      "fixed activation region instead of relu itself).")
 
 
+_VANISHING = dict(rank=0, generator_rank=0, history=[0], smallest_kept=float("inf"), largest_dropped=0.0,
+                  ambiguous=True, complete=True)
+
+
+def _start_tracker(generators: np.ndarray, dimension: int, rtol: float, ambiguity: float):
+  """The generators' rank at the point and a tracker holding its singular-value gap (None: all vanish)."""
+  _finite_or_raise(generators, "The Jacobian of phi")
+  tracker = _RankTracker(dimension, rtol, ambiguity)
+  left, singular, right = np.linalg.svd(generators, full_matrices=False)
+  if singular.size == 0 or singular[0] == 0.0:
+    warnings.warn("All fields vanish at this point (phi has a zero Jacobian): every function is "
+                  "conserved locally. Is phi constant or piecewise constant?", AmbiguousRankWarning,
+                  stacklevel=4)
+    return None
+  generator_rank = int(np.sum(singular > rtol * singular[0]))
+  if generator_rank < singular.size:
+    tracker.largest_dropped = float(singular[generator_rank] / singular[0])
+  tracker.smallest_kept = float(singular[generator_rank - 1] / singular[0])
+  return tracker, generator_rank, left, singular, right
+
+
 def lie_rank(family: FieldFamily, point, *, rtol: float = 1e-8, ambiguity: float = 1e2,
-             max_rounds: Optional[int] = None, chunk: int = 1024, _cache: Optional[dict] = None) -> dict:
+             max_rounds: Optional[int] = None, chunk: int = 1024, method: str = "auto",
+             _cache: Optional[dict] = None) -> dict:
   """``dim Lie(W)(z)`` at one point, with the rank after every bracket round.
 
   Args:
@@ -198,7 +227,9 @@ def lie_rank(family: FieldFamily, point, *, rtol: float = 1e-8, ambiguity: float
       count as zero.
     ambiguity: singular values within a factor ``ambiguity`` of ``rtol`` flag the decision as ambiguous.
     max_rounds: bracket rounds at most (default ``dimension``, i.e. until a round adds nothing).
-    chunk: candidates evaluated per vectorised batch.
+    chunk: candidates evaluated per vectorised batch (nested-derivative method).
+    method: ``"auto"`` (exact polynomial brackets when ``family.polynomial`` is set, else nested
+      forward-mode derivatives), ``"polynomial"`` or ``"jvp"``.
 
   Returns:
     dict with ``rank``, ``generator_rank``, ``history``, ``smallest_kept``, ``largest_dropped``,
@@ -207,6 +238,13 @@ def lie_rank(family: FieldFamily, point, *, rtol: float = 1e-8, ambiguity: float
   dimension = family.dimension
   cache = {} if _cache is None else _cache
   max_rounds = dimension if max_rounds is None else int(max_rounds)
+  if method not in ("auto", "polynomial", "jvp"):
+    raise ValueError(f"method='{method}' is unknown; use 'auto', 'polynomial' or 'jvp'.")
+  if method == "polynomial" and family.polynomial is None:
+    raise ValueError("method='polynomial' needs polynomial fields (family.polynomial is None): phi must "
+                     "be a built-in linear/ReLU network or factorization; use method='jvp'.")
+  if method != "jvp" and family.polynomial is not None:
+    return _polynomial_lie_rank(family.polynomial, point, rtol, ambiguity, max_rounds, cache)
   with jax.enable_x64(True):
     z = jnp.asarray(point, jnp.float64)
     try:
@@ -216,19 +254,10 @@ def lie_rank(family: FieldFamily, point, *, rtol: float = 1e-8, ambiguity: float
     except (TypeError, jax.errors.JAXTypeError) as err:
       raise ValueError(f"phi is not differentiable by JAX ({type(err).__name__}: {err}). Write phi with "
                        "jax.numpy operations, without Python control flow on parameter values.") from err
-    _finite_or_raise(generators, "The Jacobian of phi")
-    tracker = _RankTracker(dimension, rtol, ambiguity)
-    left, singular, right = np.linalg.svd(generators, full_matrices=False)
-    if singular.size == 0 or singular[0] == 0.0:
-      warnings.warn("All fields vanish at this point (phi has a zero Jacobian): every function is "
-                    "conserved locally. Is phi constant or piecewise constant?", AmbiguousRankWarning,
-                    stacklevel=3)
-      return dict(rank=0, generator_rank=0, history=[0], smallest_kept=float("inf"),
-                  largest_dropped=0.0, ambiguous=True, complete=True)
-    generator_rank = int(np.sum(singular > rtol * singular[0]))
-    if generator_rank < singular.size:
-      tracker.largest_dropped = float(singular[generator_rank] / singular[0])
-    tracker.smallest_kept = float(singular[generator_rank - 1] / singular[0])
+    started = _start_tracker(generators, dimension, rtol, ambiguity)
+    if started is None:
+      return dict(_VANISHING)
+    tracker, generator_rank, left, singular, right = started
     # Constant combinations whose fields are orthonormal at z: well-conditioned generators.
     basis_coefficients = (left[:, :generator_rank] / singular[:generator_rank]).T
     tracker.basis = right[:generator_rank].T.copy()
@@ -272,11 +301,95 @@ def lie_rank(family: FieldFamily, point, *, rtol: float = 1e-8, ambiguity: float
               ambiguous=tracker.near_tolerance(), complete=complete)
 
 
+def _polynomial_lie_rank(poly, point, rtol: float, ambiguity: float, max_rounds: int, cache: dict,
+                         chunk_values: int = 4_000_000) -> dict:
+  """``lie_rank`` for exact polynomial fields: candidates from values and Jacobians at ``z``.
+
+  A candidate ``[X_j, B](z) = DB(z) X_j(z) - DX_j(z) B(z)`` needs only the value and Jacobian of the
+  kept field ``B`` at ``z``, both one pass over its terms; the bracket polynomial itself is formed
+  (exactly, by ``polyfields.bracket``) only for the candidates the rank search keeps. Raw generators
+  ``X_j`` (a subset whose values span the generators' span at ``z``) are bracketed, not orthonormal
+  combinations, so kept fields stay sparse with integer coefficients.
+  """
+  dimension = poly.dimension
+  z = np.asarray(point, np.float64)
+  generators = polyfields.evaluate(poly, z)
+  started = _start_tracker(generators, dimension, rtol, ambiguity)
+  if started is None:
+    return dict(_VANISHING)
+  tracker, generator_rank, _, _, right = started
+  tracker.basis = right[:generator_rank].T.copy()
+  # Generators whose values span W(z); by the constant-rank argument the others are smooth
+  # combinations of them near z, so their brackets add nothing new.
+  _, _, pivots = scipy.linalg.qr(generators.T, mode="economic", pivoting=True)
+  chosen = np.sort(pivots[:generator_rank])
+  subfamily = polyfields.select(poly, chosen)
+  values = generators[chosen]
+  derivatives = polyfields.jacobian(subfamily, z)
+  count = chosen.size
+  # Only the fields kept by the previous round are bracketed again: older ones are released.
+  fields = {(int(index),): polyfields.select(poly, [index]) for index in chosen}
+  newest = [(int(index),) for index in chosen]
+  history = [generator_rank]
+  complete = True
+  for round_index in range(1, max_rounds + 1):
+    if tracker.rank >= dimension or not newest:
+      break
+    per_chunk = max(1, chunk_values // max(1, count * dimension))
+    kept_keys, parents = [], fields
+    fields = {}
+    for start in range(0, len(newest), per_chunk):
+      block = newest[start:start + per_chunk]
+      firsts, seconds, labels = [], [], []
+      for key in block:
+        field = parents.get(key)
+        if field is None:
+          field = polyfields.bracket(poly, key[0], parents[key[1:]], 0)
+        fields[key] = field
+        value = polyfields.evaluate(field, z)[0]
+        jac = polyfields.dense_jacobian(field, z)[0]
+        first = values @ jac.T
+        second = np.asarray(derivatives @ value).reshape(count, dimension)
+        outer = np.arange(count)
+        if round_index == 1:
+          # Antisymmetry: [X_i, X_j] = -[X_j, X_i] and [X_i, X_i] = 0.
+          outer = outer[chosen[outer] < key[0]]
+        firsts.append(first[outer])
+        seconds.append(second[outer])
+        labels.extend((int(chosen[j]),) + key for j in outer)
+      if not labels:
+        continue
+      first, second = np.concatenate(firsts), np.concatenate(seconds)
+      candidates = first - second
+      _finite_or_raise(candidates, "A Lie bracket of the fields")
+      scale = np.linalg.norm(first, axis=1) + np.linalg.norm(second, axis=1)
+      scale = np.maximum(scale, _SCALE_FLOOR * scale.max())
+      nonzero = np.flatnonzero(scale > 0)
+      kept = tracker.add(candidates[nonzero] / scale[nonzero, None])
+      kept_keys.extend(labels[i] for i in nonzero[kept])
+      if tracker.rank >= dimension:
+        break
+    # The fields kept now are formed from their parents (this round's fields) in the next round.
+    newest = kept_keys
+    history.append(tracker.rank)
+    if not kept_keys:
+      break
+  else:
+    complete = tracker.rank >= dimension
+  return dict(rank=tracker.rank, generator_rank=generator_rank, history=history,
+              smallest_kept=tracker.smallest_kept, largest_dropped=tracker.largest_dropped,
+              ambiguous=tracker.near_tolerance(), complete=complete)
+
+
 def _as_family(phi, theta_or_shapes, flow, metric, tau) -> tuple[FieldFamily, Any]:
   if isinstance(phi, FieldFamily):
     return phi, None
   from riemod.conservation.reparametrizations import as_reparametrization  # pylint: disable=g-import-not-at-top
   rep, point = as_reparametrization(phi, theta_or_shapes)
+  if flow == "mirror":
+    if metric is not None:
+      raise ValueError("flow='mirror' is the NMF mirror flow theta' = -theta * grad E; do not pass a metric.")
+    flow, metric = "gradient", "entropic"
   if flow == "gradient":
     return gradient_fields(rep, metric=metric), (None if point is None else rep.ravel(point))
   if flow == "momentum":
@@ -289,18 +402,19 @@ def _as_family(phi, theta_or_shapes, flow, metric, tau) -> tuple[FieldFamily, An
       lifted_point = jnp.concatenate([jnp.zeros((1,), flat.dtype), flat,
                                       jax.random.normal(jax.random.PRNGKey(7), flat.shape, flat.dtype)])
     return momentum_lift(rep, tau=tau), lifted_point
-  raise ValueError(f"flow='{flow}' is unknown; use 'gradient' or 'momentum'.")
+  raise ValueError(f"flow='{flow}' is unknown; use 'gradient', 'mirror' or 'momentum'.")
 
 
 def count_laws(phi, theta_or_shapes=None, *, flow: str = "gradient", metric=None, tau: float = 1.0,
                num_points: int = 3, seed: int = 0, rtol: float = 1e-8, ambiguity: float = 1e2,
-               max_rounds: Optional[int] = None, warn: bool = True) -> LawCount:
+               max_rounds: Optional[int] = None, warn: bool = True, method: str = "auto") -> LawCount:
   """Maximal number of independent conservation laws, ``N - dim Lie(W_phi)``.
 
   Args:
     phi: a ``Reparametrization``, a ``FieldFamily`` or a JAX function ``phi(theta)``.
     theta_or_shapes: parameters (first evaluation point), a pytree of shapes, or the flat size.
-    flow: ``"gradient"`` (optionally with ``metric``) or ``"momentum"`` (phase-space lift).
+    flow: ``"gradient"`` (optionally with ``metric``), ``"mirror"`` (NMF mirror flow
+      ``theta' = -theta * grad E``, the same as ``metric="entropic"``) or ``"momentum"`` (phase-space lift).
     metric: ``None``, ``"entropic"`` or ``metric(params, grad)`` (see ``gradient_fields``).
     tau: momentum time constant (the count does not depend on it).
     num_points: random points; their ranks must agree (the maximum, the generic rank, is used).
@@ -309,6 +423,9 @@ def count_laws(phi, theta_or_shapes=None, *, flow: str = "gradient", metric=None
     ambiguity: warn when a singular value lies within this factor of ``rtol``.
     max_rounds: cap on bracket rounds (default: until a round adds nothing).
     warn: emit ``AmbiguousRankWarning`` when the decision is ambiguous.
+    method: ``"auto"``: exact polynomial brackets when the fields are polynomial (built-in linear and
+      ReLU networks, factorisations, under gradient, mirror and momentum flows), nested forward-mode
+      derivatives otherwise; ``"polynomial"`` or ``"jvp"`` to force one.
 
   Returns:
     ``LawCount`` (``count``, ``lie_dimension``, ``rank_history``, ``points``, ...).
@@ -335,7 +452,8 @@ def count_laws(phi, theta_or_shapes=None, *, flow: str = "gradient", metric=None
         point = np.asarray(family.sample_point(keys[index]), np.float64)
       points.append(point)
   cache = {}
-  results = [lie_rank(family, point, rtol=rtol, ambiguity=ambiguity, max_rounds=max_rounds, _cache=cache)
+  results = [lie_rank(family, point, rtol=rtol, ambiguity=ambiguity, max_rounds=max_rounds, method=method,
+                      _cache=cache)
              for point in points]
   ranks = [result["rank"] for result in results]
   ambiguous = any(result["ambiguous"] for result in results) or len(set(ranks)) > 1

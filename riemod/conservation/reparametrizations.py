@@ -51,6 +51,10 @@ class Reparametrization:
     known_laws: optional ``params -> (K,)`` array of quantities known to be conserved by gradient
       flow (``None`` for user functions).
     positive: draw random points with positive entries (needed by mirror/NMF flows).
+    polynomial: optional ``() -> (out, mono, coef, num_outputs)``, ``phi`` as an exact sparse
+      polynomial of the flat parameters: term ``t`` adds ``coef[t] * prod theta[mono[t]]`` to output
+      ``out[t]`` (``mono`` rows padded with ``D``). When present, ``count_laws`` brackets the fields
+      exactly (``riemod.conservation.polyfields``); ``None`` for user functions.
   """
 
   name: str
@@ -59,6 +63,7 @@ class Reparametrization:
   variable_names: tuple[str, ...]
   known_laws: Optional[Callable[[PyTree], jax.Array]] = None
   positive: bool = False
+  polynomial: Optional[Callable[[], tuple]] = None
 
   @property
   def num_parameters(self) -> int:
@@ -232,6 +237,68 @@ def _layer_names(dims, bias):
   return tuple(names)
 
 
+def _layer_offsets(dims, bias):
+  """Flat offsets of each layer's kernel and bias (``ravel_pytree`` order: "W" before "b")."""
+  offsets, start = [], 0
+  for fan_in, fan_out in zip(dims[:-1], dims[1:]):
+    kernel = start
+    start += fan_in * fan_out
+    offsets.append((kernel, start if bias else None))
+    if bias:
+      start += fan_out
+  return offsets, start
+
+
+def _path_monomials(dims, offsets, first_layer):
+  """Monomials (rows of flat kernel indices) of all paths through layers ``first_layer..q``.
+
+  Paths are enumerated in C order of ``(i_first, ..., i_q)``, the order of ``_path_lifting``.
+  """
+  widths = dims[first_layer:]
+  grid = np.indices(widths).reshape(len(widths), -1)
+  columns = []
+  for step in range(len(widths) - 1):
+    layer = first_layer + step
+    kernel = offsets[layer][0]
+    columns.append(kernel + grid[step] * dims[layer + 1] + grid[step + 1])
+  return grid, (np.stack(columns, axis=1) if columns else np.zeros((grid.shape[1], 0), np.int64))
+
+
+def _linear_polynomial(dims):
+  offsets, size = _layer_offsets(dims, False)
+
+  def polynomial():
+    grid, mono = _path_monomials(dims, offsets, 0)
+    out = grid[0] * dims[-1] + grid[-1]
+    return out, mono, np.ones(out.size), dims[0] * dims[-1]
+
+  return polynomial
+
+
+def _relu_polynomial(dims, bias):
+  offsets, size = _layer_offsets(dims, bias)
+
+  def polynomial():
+    outs, monos, start = [], [], 0
+    grid, mono = _path_monomials(dims, offsets, 0)
+    outs.append(np.arange(mono.shape[0]))
+    monos.append(mono)
+    start = mono.shape[0]
+    if bias:
+      for level in range(1, len(dims)):
+        grid, mono = _path_monomials(dims, offsets, level)
+        bias_index = offsets[level - 1][1] + grid[0]
+        mono = np.concatenate([bias_index[:, None], mono], axis=1)
+        outs.append(start + np.arange(mono.shape[0]))
+        width = len(dims) - 1
+        monos.append(np.pad(mono, ((0, 0), (0, width - mono.shape[1])), constant_values=size))
+        start += mono.shape[0]
+    out = np.concatenate(outs)
+    return out, np.concatenate(monos), np.ones(out.size), start
+
+  return polynomial
+
+
 def linear_network(dims: Sequence[int]) -> Reparametrization:
   """Linear network ``x -> x W1 ... Wq``; ``phi`` = the entries of the product.
 
@@ -259,7 +326,8 @@ def linear_network(dims: Sequence[int]) -> Reparametrization:
     return jnp.concatenate(values) if values else jnp.zeros((0,))
 
   return Reparametrization(name=f"linear network {dims}", phi=phi, template=_layer_template(dims, False),
-                           variable_names=_layer_names(dims, False), known_laws=laws)
+                           variable_names=_layer_names(dims, False), known_laws=laws,
+                           polynomial=_linear_polynomial(dims))
 
 
 def factorization(n: int, m: int, r: int, *, positive: bool = False) -> Reparametrization:
@@ -288,8 +356,13 @@ def factorization(n: int, m: int, r: int, *, positive: bool = False) -> Reparame
     rows, cols = np.triu_indices(r)
     return gram[rows, cols]
 
+  def polynomial():
+    i, j, k = (a.ravel() for a in np.indices((n, m, r)))
+    mono = np.stack([i * r + k, n * r + j * r + k], axis=1)
+    return i * m + j, mono, np.ones(i.size), n * m
+
   return Reparametrization(name=f"factorization U V^T (n={n}, m={m}, r={r})", phi=phi, template=template,
-                           variable_names=names, known_laws=laws, positive=positive)
+                           variable_names=names, known_laws=laws, positive=positive, polynomial=polynomial)
 
 
 def _path_lifting(params, bias: bool) -> jax.Array:
@@ -340,7 +413,7 @@ def relu_network(dims: Sequence[int], *, bias: bool = False) -> Reparametrizatio
   kind = "with" if bias else "without"
   return Reparametrization(name=f"ReLU network {dims} {kind} biases", phi=phi,
                            template=_layer_template(dims, bias), variable_names=_layer_names(dims, bias),
-                           known_laws=laws)
+                           known_laws=laws, polynomial=_relu_polynomial(dims, bias))
 
 
 def two_layer_relu(n_in: int, hidden: int, n_out: int) -> Reparametrization:
@@ -389,5 +462,11 @@ def homogeneous_neuron(k: float = 1.0) -> Reparametrization:
   def laws(params):
     return jnp.reshape(params["u"] ** 2 - params["v"] ** 2 / k, (1,))
 
+  polynomial = None
+  if float(k).is_integer():
+    # On v > 0, u |v|^k = u v^k: one monomial of degree k + 1.
+    degree = int(k)
+    polynomial = lambda: (np.zeros(1, np.int64), np.asarray([[0] + [1] * degree]), np.ones(1), 1)
   return Reparametrization(name=f"{k}-homogeneous neuron", phi=phi, template=template,
-                           variable_names=("u", "v"), known_laws=laws, positive=True)
+                           variable_names=("u", "v"), known_laws=laws, positive=True,
+                           polynomial=polynomial)
