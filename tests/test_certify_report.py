@@ -105,9 +105,26 @@ def test_bad_input_gives_clear_errors():
 def test_cli_certify_json(tmp_path, capsys):
   from riemod.cli.main import main
 
-  assert main(["certify", "--steps", "4", "--every", "2", "--json", "--out", str(tmp_path)]) == 0
+  assert main(["certify", "--steps", "4", "--every", "2", "--json", "--no-progress", "--out",
+               str(tmp_path)]) == 0
   out = json.loads(capsys.readouterr().out)
   for key in ("modules", "contraction_factor", "max_stable_learning_rate", "action_gap",
-              "stability_bound"):
+              "stability_bound", "verdict_detail"):
     assert key in out
+  # The default run converges: no verdict along it says "unstable".
+  assert [h["status"] for h in out["history"]] and all(
+      h["status"] != "unstable" for h in out["history"])
+  assert out["network"]["gauss_newton"]["lam_max"] > 0
+  measured = out["bound"]["measured_stability"]
+  assert measured["num_steps"] == 4 and measured["parameter_distance"] > 0
   assert (tmp_path / "certificate.png").exists() and (tmp_path / "certificate.md").exists()
+
+
+def test_cli_certify_help_shows_defaults(capsys, monkeypatch):
+  from riemod.cli.main import main
+
+  monkeypatch.setenv("COLUMNS", "200")  # no line breaks inside the default path
+  with pytest.raises(SystemExit):
+    main(["certify", "--help"])
+  text = capsys.readouterr().out
+  assert "riemod-output/certify" in text and "(default: 20)" in text and "``" not in text

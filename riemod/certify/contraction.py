@@ -176,3 +176,209 @@ def cascade_weights(block_matrix, slack: float = 1e-9) -> tuple[np.ndarray, floa
   d = d / np.max(d)
   rate = float(np.max((n @ d) / d))
   return d, rate
+
+
+def gauss_newton_product(apply_flat: Operator, flat: jax.Array,
+                         loss_fn: Callable[[jax.Array], jax.Array]) -> Operator:
+  """``v -> J^T (d^2 l / dy^2) J v``: the Gauss-Newton part of the Hessian, matrix free.
+
+  ``J`` is the Jacobian of ``apply_flat`` (flat parameters to outputs) at ``flat``. The full
+  Hessian adds ``sum_s (dl/dy_s) d^2 y_s / dw^2``, a term that is indefinite and scales with the
+  residuals; the Gauss-Newton part is positive semidefinite for a convex ``loss_fn`` and stays as
+  the residuals shrink. One linearised forward pass is shared by every product.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[1.0, 0.0], [1.0, 2.0]])
+    >>> gnvp = gauss_newton_product(lambda w: x @ w, jnp.zeros(2),
+    ...                             lambda y: 0.5 * jnp.sum(y ** 2))
+    >>> [float(v) for v in gnvp(jnp.array([1.0, 0.0]))]      # x^T x e_1
+    [2.0, 2.0]
+  """
+  outputs, forward = jax.linearize(apply_flat, flat)
+  backward = jax.linear_transpose(forward, flat)
+  output_grad = jax.grad(loss_fn)
+
+  def product(v):
+    u = forward(v)
+    return backward(jax.jvp(output_grad, (outputs,), (u,))[1])[0]
+
+  return product
+
+
+class Verdict(NamedTuple):
+  """What a certificate says about a step size, kept apart from curvature and contraction.
+
+  Attributes:
+    status: ``"contracting"`` (every direction shrinks: ``lam_min > 0`` and the step is inside the
+      edge), ``"stable"`` (inside the edge of stability; flat or negative directions remain),
+      ``"edge"`` (past the edge of the full Hessian only: the Gauss-Newton model is inside it, or
+      was not measured), ``"unstable"`` (past the edge of the Gauss-Newton model, or the loss rose
+      over the run) or ``"failed"`` (a non-finite spectrum).
+    edge_ratio: ``lr * lam_max(G^{-1} H) / 2``; the step is inside the edge of stability of the
+      local quadratic model when it is below 1.
+    gauss_newton_edge_ratio: the same with the Gauss-Newton part of ``H`` (``None`` if not
+      measured).
+    step_size: the step-size condition, in words.
+    curvature: negative curvature, in words: directions of descent, not instability.
+    contraction: where the step contracts and with which factor, stating on which part.
+    text: the one-line verdict (``status: reason``).
+  """
+
+  status: str
+  edge_ratio: float
+  gauss_newton_edge_ratio: float | None
+  step_size: str
+  curvature: str
+  contraction: str
+  text: str
+
+  def __str__(self) -> str:
+    return self.text
+
+
+def _g(value: float) -> str:
+  return f"{value:.3g}"
+
+
+def classify(lam_min: float, lam_max: float, learning_rate: float, *,
+             gauss_newton: tuple[float, float] | None = None,
+             history: tuple[float, float, int] | None = None) -> Verdict:
+  """Reads a spectrum of ``G^{-1} H`` as a verdict on the step size ``learning_rate``.
+
+  Three statements are kept apart:
+
+  * **Step size.** On the local quadratic model the step multiplies the component along an
+    eigenvector of ``G^{-1} H`` by ``1 - lr lam``; it stays bounded for ``lam > 0`` iff
+    ``lr < 2 / lam_max``, the edge of stability, reported as ``edge_ratio = lr lam_max / 2``.
+    On a network the top of the full Hessian's spectrum is often set by its indefinite residual
+    term (``sum_s (dl/dy_s) d^2 y_s / dw^2``) in directions the metric hardly weighs; that term
+    shrinks with the residuals, and runs past its edge routinely converge. The Gauss-Newton part
+    ``J^T (d^2 l / dy^2) J`` is positive semidefinite and persists: a step past *its* edge
+    overshoots in function space. ``"unstable"`` is therefore reserved for a step past the
+    Gauss-Newton edge, or a run whose loss has risen above its first value (``history``). Past the
+    full-Hessian edge only, the status is ``"edge"``.
+  * **Negative curvature** (``lam_min < 0``): along those directions the step moves away, by a
+    factor up to ``1 + lr |lam_min|`` per step, and the loss decreases faster than linearly:
+    directions of descent, not instability.
+  * **Contraction.** Claimed on the whole spectrum only if ``lam_min > 0`` and the step is inside
+    the edge (factor ``max |1 - lr lam|``); otherwise on the positive part of the spectrum
+    (each direction with ``0 < lam <= lam_max`` shrinks by ``|1 - lr lam| < 1``, no uniform rate
+    when ``lam`` comes close to 0), and on the Gauss-Newton model when it was measured.
+
+  Args:
+    lam_min, lam_max: extreme eigenvalues (Ritz values) of ``G^{-1} H``.
+    learning_rate: the step size (> 0).
+    gauss_newton: ``(lam_min, lam_max)`` of ``G^{-1} H_GN`` (see :func:`gauss_newton_spectrum`).
+    history: ``(initial_loss, current_loss, num_steps)`` of the run so far.
+
+  Returns:
+    A :class:`Verdict`.
+
+  Example:
+    >>> classify(-0.5, 4.0, 0.1).status       # inside the edge, negative curvature
+    'stable'
+    >>> classify(-90.0, 85.0, 0.1, gauss_newton=(0.0, 3.0)).status
+    'edge'
+    >>> classify(-90.0, 85.0, 1.0, gauss_newton=(0.0, 3.0)).status
+    'unstable'
+  """
+  lr = float(learning_rate)
+  values = [lam_min, lam_max] + (list(gauss_newton) if gauss_newton is not None else [])
+  if not all(np.isfinite(v) for v in values):
+    text = "failed: non-finite spectrum"
+    return Verdict("failed", float("nan"), None, text, "-", "-", text)
+  lam_min, lam_max = float(lam_min), float(lam_max)
+  ratio = lr * max(lam_max, 0.0) / 2.0
+  edge = f"edge of stability lr < 2/lam_max = {_g(2.0 / lam_max)}" if lam_max > 0 else \
+      "no positive curvature: no edge"
+  step = f"lr lam_max/2 = {_g(ratio)} ({'<' if ratio < 1 else '>='} 1; {edge})"
+  gn_ratio = None
+  if gauss_newton is not None:
+    gn_min, gn_max = (float(v) for v in gauss_newton)
+    gn_ratio = lr * max(gn_max, 0.0) / 2.0
+    step += f"; Gauss-Newton model lr lam_max/2 = {_g(gn_ratio)}"
+
+  if lam_min < 0:
+    curvature = (f"negative curvature down to lam_min = {_g(lam_min)}: directions of descent "
+                 f"(the step moves along them by up to 1 + lr|lam_min| = "
+                 f"{_g(1 + lr * -lam_min)} per step and the loss falls), not instability")
+  else:
+    curvature = f"no negative curvature (lam_min = {_g(lam_min)})"
+
+  factor = max(abs(1 - lr * lam_min), abs(1 - lr * lam_max))
+  parts = []
+  if lam_min > 0 and ratio < 1:
+    parts.append(f"contracting on the whole spectrum: factor max|1 - lr lam| = {_g(factor)} < 1")
+  elif ratio < 1 and lam_max > 0:
+    parts.append(f"contracting on the positive part of the spectrum only: every direction with "
+                 f"0 < lam <= {_g(lam_max)} shrinks by |1 - lr lam| < 1 (no uniform rate near "
+                 f"lam = 0)")
+  else:
+    parts.append(f"not contracting on the full Hessian (factor {_g(factor)})")
+  if gauss_newton is not None:
+    gn_factor = max(abs(1 - lr * gn_min), abs(1 - lr * gn_max))
+    if gn_ratio < 1 and gn_max > 0:
+      parts.append(f"on the Gauss-Newton model every curved direction (0 < lam <= {_g(gn_max)}) "
+                   f"shrinks by |1 - lr lam| < 1 (uniform factor {_g(gn_factor)} over its Ritz "
+                   f"range [{_g(gn_min)}, {_g(gn_max)}])")
+    else:
+      parts.append(f"the Gauss-Newton model does not contract (factor {_g(gn_factor)})")
+  contraction = "; ".join(parts)
+
+  diverged = None
+  if history is not None:
+    initial, current, steps = history
+    if int(steps) > 0 and np.isfinite(initial) and (not np.isfinite(current)
+                                                    or current > initial):
+      diverged = (f"the loss rose over the run ({_g(float(initial))} -> {_g(float(current))} "
+                  f"after {int(steps)} steps)")
+  if diverged is not None:
+    status, reason = "unstable", diverged
+  elif gn_ratio is not None and gn_ratio >= 1:
+    status, reason = "unstable", (f"past the edge of the Gauss-Newton model: lr lam_max/2 = "
+                                  f"{_g(gn_ratio)} >= 1 (lr >= {_g(2.0 / gn_max)})")
+  elif ratio >= 1:
+    status = "edge"
+    if gn_ratio is not None:
+      reason = (f"past the edge on the full Hessian only: lr lam_max/2 = {_g(ratio)}, "
+                f"Gauss-Newton model {_g(gn_ratio)} < 1 (the excess comes from the indefinite "
+                f"residual term, which shrinks with the residuals)")
+    else:
+      reason = (f"lr lam_max/2 = {_g(ratio)} >= 1 on the full Hessian; without the Gauss-Newton "
+                f"model or a loss history this cannot tell edge-of-stability oscillation from "
+                f"divergence")
+  elif lam_min > 0:
+    status, reason = "contracting", f"factor {_g(factor)} < 1, lr lam_max/2 = {_g(ratio)}"
+  else:
+    status = "stable"
+    reason = f"lr lam_max/2 = {_g(ratio)} < 1"
+    if lam_min < 0:
+      reason += f"; negative curvature (lam_min {_g(lam_min)}) = descent directions"
+  return Verdict(status, ratio, gn_ratio, step, curvature, contraction, f"{status}: {reason}")
+
+
+def gauss_newton_spectrum(apply_flat: Operator, flat: jax.Array,
+                          loss_fn: Callable[[jax.Array], jax.Array], solve: Operator,
+                          matvec: Operator, start: jax.Array, num_steps: int) -> LanczosResult:
+  """Ritz values of ``G^{-1} H_GN``: the metric against the Gauss-Newton part of the Hessian.
+
+  ``H_GN = J^T (d^2 l/dy^2) J`` (:func:`gauss_newton_product`), ``solve``/``matvec`` the flat
+  ``G^{-1} v`` and ``G v`` of the optimizer's metric at the same batch. The top Ritz value gives
+  the Gauss-Newton edge of stability ``2 / lam_max`` that :func:`classify` uses to tell a
+  divergent step from an edge-of-stability one. For a convex ``loss_fn`` the spectrum lies in
+  ``[0, lam_max]``; with a layerwise metric whose output metric is the loss's own output Hessian
+  (the exact softmax Fisher for cross-entropy) ``lam_max`` is at most the number of modules.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[1.0, 0.0], [1.0, 2.0]])
+    >>> g = x.T @ x + 0.5 * jnp.eye(2)                       # G = H_GN + mass I
+    >>> r = gauss_newton_spectrum(lambda w: x @ w, jnp.zeros(2), lambda y: 0.5 * jnp.sum(y ** 2),
+    ...                           lambda v: jnp.linalg.solve(g, v), lambda v: g @ v,
+    ...                           jnp.ones(2), 2)
+    >>> float(r.lam_max) < 1.0
+    True
+  """
+  return generalized_lanczos(gauss_newton_product(apply_flat, flat, loss_fn), solve, matvec,
+                             start, num_steps)
