@@ -49,13 +49,13 @@ def main(argv=None) -> int:
   problem = blr.make_blr()
   seeds = range(args.seeds)
   start = time.perf_counter()
-  rows = blr.sweep(("sgld", "sgworld"), (1e-5, 3e-5), seeds, problem=problem,
+  rows = study.sweep(("sgld", "sgworld"), (1e-5, 3e-5), seeds, problem=problem,
                    relaxation_times=args.relaxation_times, num_chains=1)
-  rows += blr.sweep(("sgld",), (3e-4,), seeds, problem=problem,
+  rows += study.sweep(("sgld",), (3e-4,), seeds, problem=problem,
                     relaxation_times=args.relaxation_times, num_chains=1)
-  rows += blr.sweep(("riemannian_sgld",), (args.riemannian_step,), seeds, problem=problem,
+  rows += study.sweep(("riemannian_sgld",), (args.riemannian_step,), seeds, problem=problem,
                     relaxation_times=args.riemannian_relaxation_times, num_chains=1)
-  summary = blr.summarize(rows)
+  summary = study.summarize(rows)
   med = {(r["sampler"], r["step_size"]): r for r in summary}
   ratios = {f"{h:.0e}": med[("sgworld", h)]["cov_error"] / med[("sgld", h)]["cov_error"]
             for h in (1e-5, 3e-5)}

@@ -4,7 +4,7 @@ Wraps ``riemod/sampling/blr.py`` (the sampling issue's problem: d = 5, N = 1000,
 for each sampler (SGLD, SGWORLD, Riemannian SGLD with the exact metric) and step size, on seeds
 {0, 1, 2}, the same number of steps per chain; measured: relative Frobenius error of the sample
 covariance, Mahalanobis error of the sample mean (in posterior standard deviations), wall seconds
-and seconds per step (``blr.run_blr``'s own timing, after a warm-up run that compiles). If
+and seconds per step (``riemod.cli.sample.run_blr``'s own timing, after a warm-up run that compiles). If
 ``riemod.sampling`` is missing, the result records that the task was not run.
 """
 
@@ -27,7 +27,8 @@ def run(out: Path, quick: bool = False) -> dict:
   machine = harness.machine_info()
   payload = {"task": NAME, "machine": machine}
   try:
-    from riemod.sampling import blr
+    from riemod.cli import sample as study
+from riemod.sampling import blr
   except Exception as error:  # noqa: BLE001 - not run, with the reason
     payload["not_run"] = f"riemod.sampling is not available: {type(error).__name__}: {error}"
     harness.write_json(out / f"{NAME}.json", payload)
@@ -39,9 +40,9 @@ def run(out: Path, quick: bool = False) -> dict:
   runs = []
   for sampler in blr.SAMPLERS:
     for h in STEP_SIZES:
-      blr.run_blr(problem, sampler, h, seed=99, num_steps=200, num_chains=4)  # compile
+      study.run_blr(problem, sampler, h, seed=99, num_steps=200, num_chains=4)  # compile
       for seed in seeds:
-        r = blr.run_blr(problem, sampler, h, seed=seed, num_steps=steps, num_chains=4)
+        r = study.run_blr(problem, sampler, h, seed=seed, num_steps=steps, num_chains=4)
         r["seed"] = seed
         r["seconds_per_step"] = r["seconds"] / r["num_steps"]
         runs.append(r)

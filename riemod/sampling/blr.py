@@ -19,13 +19,14 @@ with NumPy. The float32 rounding of a step (``~1e-7`` relative) is far below the
 (``sqrt(2 h) >~ 1e-3``).
 
 This module is the single home of the problem for the CLI (``riemod sample blr``), the example,
-the tests and the benchmark.
+the tests and the benchmark. :func:`conditional_covariance` measures a sampler's stationary
+covariance without the Monte-Carlo noise of its Gaussian draws (see its docstring), which is what
+makes SGLD's ``O(h)`` and SGWORLD's ``O(h^2)`` excess errors visible down to ``h = 1e-7``.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,12 +35,12 @@ import numpy as np
 from riemod import metrics
 from riemod.curvature import value_grad_and_curvature
 from riemod.sampling.batching import Minibatcher
-from riemod.sampling.diagnostics import moment_errors
-from riemod.sampling.driver import sample
+from riemod.sampling.diagnostics import langevin_stationary_covariance
 from riemod.sampling.langevin import potential_grad, riemannian_sgld, sgld, sgworld
 
 SAMPLERS = ("sgld", "sgworld", "riemannian_sgld")
-DEFAULT_STEP_SIZES = (1e-5, 3e-5)
+# Step sizes where SGLD's excess error (linear in h) and SGWORLD's (quadratic) separate clearly.
+DEFAULT_STEP_SIZES = (1e-7, 3e-7, 1e-6, 3e-6, 1e-5)
 
 
 class BayesianLinearRegression(NamedTuple):
@@ -126,7 +127,7 @@ def exact_metric_curvature(problem: BayesianLinearRegression):
   params0 = {"w": jnp.zeros(problem.dim, problem.x.dtype)}
   return value_grad_and_curvature(
       lambda p, batch: residual_model(p, batch, problem.noise_sd), (pseudo_x, pseudo_y),
-      _mean_loss, metrics.residual(), params=params0)[2]
+      _mean_loss, metrics.identity(), params=params0)[2]
 
 
 def grad_fn_for(problem: BayesianLinearRegression, sampler: str, metric: str = "exact"):
@@ -164,7 +165,7 @@ def grad_fn_for(problem: BayesianLinearRegression, sampler: str, metric: str = "
     if exact_curvature is not None:
       grads, curvature = mean_loss_grad(params, batch), exact_curvature
     else:
-      _, grads, curvature = value_grad_and_curvature(model, batch, _mean_loss, metrics.residual(),
+      _, grads, curvature = value_grad_and_curvature(model, batch, _mean_loss, metrics.identity(),
                                                      params=params)
     return potential_grad(grads, params, data_size=n, prior_precision=p), {"curvature": curvature}
 
@@ -195,68 +196,6 @@ def relaxation_rate(problem: BayesianLinearRegression, sampler: str, step_size: 
   return float(step_size * np.linalg.eigvalsh(problem.posterior_precision)[0])
 
 
-def run_blr(problem: BayesianLinearRegression, sampler: str, step_size: float, *, seed: int = 0,
-            num_steps: int | None = None, relaxation_times: float = 4000.0, num_chains: int = 4,
-            metric: str = "exact", thin: int | None = None, progress: bool = False,
-            max_steps: int = 2_000_000) -> dict[str, Any]:
-  """One chain setting: samples, then the errors against the exact posterior.
-
-  The run length is ``relaxation_times / rate`` steps per chain (``rate`` from
-  :func:`relaxation_rate`), capped at ``max_steps``, unless ``num_steps`` is given; the first
-  tenth is burn-in. Chains start at the posterior mean.
-
-  Returns:
-    ``{"sampler", "step_size", "cov_error", "mean_error", "num_steps", "num_chains", "seconds"}``
-    (``cov_error``: relative Frobenius error of the sample covariance; ``mean_error``: Mahalanobis
-    distance of the sample mean in posterior standard deviations).
-  """
-  rate = relaxation_rate(problem, sampler, step_size)
-  if num_steps is None:
-    num_steps = int(min(max_steps, max(2000, relaxation_times / rate)))
-  burn_in = num_steps // 10
-  thin = thin or max(1, int(0.25 / rate))
-  num_samples = max(1, (num_steps - burn_in) // thin)
-  tx, batcher = make_sampler(problem, sampler, step_size, seed=seed)
-  params = {"w": jnp.asarray(problem.posterior_mean, problem.x.dtype)}
-  start = time.perf_counter()
-  result = sample(tx, params, grad_fn_for(problem, sampler, metric), batcher,
-                  key=jax.random.key(seed), num_samples=num_samples, burn_in=burn_in, thin=thin,
-                  num_chains=num_chains, collect=lambda p: p["w"],
-                  chunk_size=max(1, min(num_samples, 20000)), progress=progress)
-  samples = np.asarray(result.samples, np.float64).reshape(-1, problem.dim)
-  seconds = time.perf_counter() - start
-  errors = moment_errors(samples, problem.posterior_mean, problem.posterior_cov)
-  return {"sampler": sampler, "step_size": float(step_size),
-          "cov_error": float(errors["cov_error"]), "mean_error": float(errors["mean_error"]),
-          "num_steps": int(burn_in + num_samples * thin), "num_chains": int(num_chains),
-          "metric": metric if sampler == "riemannian_sgld" else None,
-          "seconds": round(seconds, 3)}
-
-
-def sweep(samplers: Sequence[str] = SAMPLERS, step_sizes: Sequence[float] = DEFAULT_STEP_SIZES,
-          seeds: Sequence[int] = (0,), *, problem: BayesianLinearRegression | None = None,
-          **run_kwargs) -> list[dict[str, Any]]:
-  """:func:`run_blr` for every sampler, step size and seed (same data; seeds drive the chains)."""
-  problem = problem or make_blr()
-  return [dict(run_blr(problem, name, h, seed=seed, **run_kwargs), seed=int(seed))
-          for name in samplers for h in step_sizes for seed in seeds]
-
-
-def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Medians over seeds of ``cov_error`` and ``mean_error`` per (sampler, step size)."""
-  groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
-  for row in rows:
-    groups.setdefault((row["sampler"], row["step_size"]), []).append(row)
-  out = []
-  for (name, h), members in groups.items():
-    out.append({"sampler": name, "step_size": h,
-                "cov_error": float(np.median([m["cov_error"] for m in members])),
-                "mean_error": float(np.median([m["mean_error"] for m in members])),
-                "seeds": len(members), "num_steps": members[0]["num_steps"],
-                "num_chains": members[0]["num_chains"]})
-  return out
-
-
 def stationary_cov_error(problem: BayesianLinearRegression, sampler: str, step_size: float,
                          *, with_replacement: bool = True) -> float:
   """Closed-form covariance error of the chain linearised at the posterior mean.
@@ -275,3 +214,166 @@ def stationary_cov_error(problem: BayesianLinearRegression, sampler: str, step_s
   pre = problem.posterior_cov if sampler == "riemannian_sgld" else None
   s = langevin_stationary_covariance(hess, step_size, 1.0, noise, pre)
   return float(np.linalg.norm(s - problem.posterior_cov) / np.linalg.norm(problem.posterior_cov))
+
+
+class ConditionalCovariance(NamedTuple):
+  """Result of :func:`conditional_covariance` (NumPy float64; errors relative to ``||Sigma||_F``).
+
+  Attributes:
+    covariance: estimated stationary covariance of the chain.
+    full_batch: exact stationary covariance of the full-batch chain at the same step (the floor).
+    excess_error: ``||covariance - full_batch|| / ||Sigma||``: the minibatch schedule's own error.
+    excess_stderr: Monte-Carlo standard error of ``excess_error`` (spread over chains).
+    total_error: ``||covariance - Sigma|| / ||Sigma||``.
+    floor_error: ``||full_batch - Sigma|| / ||Sigma||`` (discretisation alone).
+    num_steps: steps per chain (burn-in included); num_chains: chains.
+  """
+
+  covariance: np.ndarray
+  full_batch: np.ndarray
+  excess_error: float
+  excess_stderr: float
+  total_error: float
+  floor_error: float
+  num_steps: int
+  num_chains: int
+
+
+def steps_for_target(problem: BayesianLinearRegression, sampler: str, step_size: float,
+                     target_error: float, num_chains: int) -> int:
+  """Steps per chain so that the relative Monte-Carlo error of the excess is about ``target_error``.
+
+  The estimate of a stationary covariance from ``n`` relaxation times has a relative standard
+  error of about ``c sqrt(1 / n)``; ``c^2 = 8`` covers the measured spread of SGLD's excess (the
+  noisier of the two schedules), with at least 20 relaxation times per chain. The chain relaxes at
+  rate :func:`relaxation_rate` per step; a tenth of burn-in is added.
+
+  Example:
+    >>> steps_for_target(make_blr(), "sgld", 1e-5, 0.1, 4) > 1000
+    True
+  """
+  if not 0 < target_error < 1:
+    raise ValueError(f"target_error={target_error!r}: pass a relative error in (0, 1), e.g. 0.1.")
+  relaxations = max(20.0, 8.0 / (target_error ** 2 * num_chains))
+  return int(1.1 * relaxations / relaxation_rate(problem, sampler, step_size)) + 1
+
+
+def conditional_covariance(problem: BayesianLinearRegression, sampler: str, step_size: float, *,
+                           num_steps: int, num_chains: int = 4, seed: int = 0,
+                           chunk: int = 200_000, progress: bool = False) -> ConditionalCovariance:
+  """Stationary covariance of a sampler on the regression, Rao-Blackwellised over its Gaussian noise.
+
+  On this linear model the batch gradient is ``grad U_B(w) = A_B w - b_B`` with
+  ``A_B = (N / B) X_B^T X_B / s^2 + P I``, so, given the sequence of batches, one step
+  ``w' = w - h C (A_B w - b_B) + sqrt(2 h) C^{1/2} xi`` (``C = I`` for SGLD and SGWORLD, the
+  posterior covariance for Riemannian SGLD with the exact metric) maps a Gaussian to a Gaussian:
+  the conditional mean ``m' = m - h C (A_B m - b_B)`` and covariance
+  ``P' = (I - h C A_B) P (I - h C A_B)^T + 2 h C``. By the law of total covariance the chain's
+  stationary covariance is ``E[P_t] + Cov(m_t)``, averaged over the batches the sampler's own
+  :class:`~riemod.sampling.Minibatcher` draws (independent for SGLD, epochs of a permutation for
+  SGWORLD). The Gaussian draws no longer add Monte-Carlo noise, so the remaining error of the
+  estimate is proportional to the minibatch excess itself.
+
+  Args:
+    problem: the regression; sampler: one of :data:`SAMPLERS`; step_size: ``h``.
+    num_steps: steps per chain (the first tenth is burn-in); num_chains: independent batch streams.
+    seed: key of the batches; chunk: steps per compiled scan; progress: tqdm bar over steps.
+
+  Returns:
+    :class:`ConditionalCovariance`.
+
+  Example:
+    >>> problem = make_blr()
+    >>> out = conditional_covariance(problem, "sgld", 1e-5, num_steps=4000, num_chains=2)
+    >>> out.excess_error > 0.01 > out.floor_error
+    True
+  """
+  if sampler not in SAMPLERS:
+    raise ValueError(f"sampler={sampler!r}: use one of {SAMPLERS}.")
+  if num_steps < 10 or num_chains < 1:
+    raise ValueError(f"num_steps={num_steps} (>= 10) and num_chains={num_chains} (>= 1) are too small.")
+  n, b, d = problem.num_data, problem.batch_size, problem.dim
+  pre = problem.posterior_cov if sampler == "riemannian_sgld" else np.eye(d)
+  full_batch = langevin_stationary_covariance(problem.posterior_precision, step_size, 1.0, None,
+                                              None if sampler != "riemannian_sgld" else pre)
+  batcher = Minibatcher(n, b, sampler != "sgworld")
+  burn_in = num_steps // 10
+  with jax.enable_x64(True):
+    x = jnp.asarray(problem.x, jnp.float64)
+    y = jnp.asarray(problem.y, jnp.float64)
+    scale = n / (b * problem.noise_sd ** 2)
+    precon = jnp.asarray(pre)
+    noise = 2.0 * step_size * precon
+    eye = jnp.eye(d)
+
+    def step(state, t):
+      mean, cov, batch_key, permutation = state
+      indices, permutation = batcher.draw(batch_key, t, permutation)
+      xb, yb = x[indices], y[indices]
+      a = scale * xb.T @ xb + problem.prior_precision * eye
+      grad = a @ mean - scale * xb.T @ yb
+      f = eye - step_size * precon @ a
+      return (mean - step_size * precon @ grad, f @ cov @ f.T + noise, batch_key, permutation)
+
+    def advance(carry, length, record):
+      def body(c, _):
+        state, t = c
+        state = jax.vmap(step, in_axes=(0, None))(state, t)
+        out = (state[0], state[1]) if record else None
+        return (state, t + 1), out
+
+      def summarise(c, steps):
+        (c, outs) = jax.lax.scan(body, c, None, length=steps)
+        if not record:
+          return c, None
+        means, covs = outs  # (steps, chains, d), (steps, chains, d, d)
+        centred = means - jnp.asarray(problem.posterior_mean)
+        return c, (jnp.sum(covs, 0), jnp.einsum("tci,tcj->cij", centred, centred), jnp.sum(means, 0))
+      return summarise(carry, length)
+
+    advance = jax.jit(advance, static_argnums=(1, 2))
+    keys = jax.random.split(jax.random.key(seed), num_chains)
+    init = jax.vmap(batcher.init)(keys)
+    mean0 = jnp.tile(jnp.asarray(problem.posterior_mean), (num_chains, 1))
+    cov0 = jnp.tile(jnp.asarray(full_batch), (num_chains, 1, 1))
+    carry = ((mean0, cov0, init.key, init.permutation), jnp.zeros((), jnp.int32))
+    bar = None
+    if progress:
+      try:
+        from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+        bar = tqdm(total=num_steps, desc=f"{sampler} h={step_size:.0e}", unit="step", leave=False)
+      except ImportError:
+        pass
+    sums = [np.zeros((num_chains, d, d)), np.zeros((num_chains, d, d)), np.zeros((num_chains, d))]
+    done = 0
+    try:
+      while done < num_steps:
+        length = min(chunk, (burn_in if done < burn_in else num_steps) - done)
+        record = done >= burn_in
+        carry, out = advance(carry, length, record)
+        if record:
+          for total, part in zip(sums, out):
+            total += np.asarray(part)
+        done += length
+        if bar is not None:
+          bar.update(length)
+    finally:
+      if bar is not None:
+        bar.close()
+  kept = num_steps - burn_in
+  mean_p, second, mean_m = sums[0] / kept, sums[1] / kept, sums[2] / kept
+  del mean_m
+  # Per chain: E[P] + Cov(m), the mean of m taken as the exact posterior mean (SG drifts are unbiased
+  # for a linear model) so that the short-chain bias of a sample mean does not enter.
+  per_chain = mean_p + second
+  covariance = per_chain.mean(axis=0)
+  norm = np.linalg.norm(problem.posterior_cov)
+  excess = per_chain - full_batch
+  spread = excess.std(axis=0, ddof=1) / np.sqrt(num_chains) if num_chains > 1 else np.full((d, d), np.nan)
+  return ConditionalCovariance(
+      covariance=covariance, full_batch=full_batch,
+      excess_error=float(np.linalg.norm(covariance - full_batch) / norm),
+      excess_stderr=float(np.linalg.norm(spread) / norm),
+      total_error=float(np.linalg.norm(covariance - problem.posterior_cov) / norm),
+      floor_error=float(np.linalg.norm(full_batch - problem.posterior_cov) / norm),
+      num_steps=int(num_steps), num_chains=int(num_chains))
