@@ -75,7 +75,8 @@ def _defaults_epilog(subparsers: argparse._SubParsersAction) -> str:  # pylint: 
              if action.option_strings and action.default is not None
              and action.default is not argparse.SUPPRESS and not isinstance(action.default, bool)]
     lines += textwrap.wrap(f"{name}: " + (", ".join(items) or "no options with defaults"),
-                           width=96, initial_indent="  ", subsequent_indent="      ")
+                           width=96, initial_indent="  ", subsequent_indent="      ",
+                           break_on_hyphens=False, break_long_words=False)  # keep paths whole
   return "\n".join(lines)
 
 
