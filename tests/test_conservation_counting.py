@@ -1,4 +1,4 @@
-"""Counting conservation laws against the known answers of CONSERVATION.md sections 1-2."""
+"""Counting conservation laws against the known answers (docs/conservation.md)."""
 
 import warnings
 

@@ -1,4 +1,4 @@
-"""Finding polynomial laws, and flows that keep (or break) them (CONSERVATION.md sections 1-2)."""
+"""Finding polynomial laws, and flows that keep (or break) them (docs/conservation.md)."""
 
 import jax
 import jax.numpy as jnp

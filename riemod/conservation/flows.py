@@ -1,7 +1,7 @@
 """Vector-field families of gradient, metric (non-Euclidean) and momentum flows, and ODE integrators.
 
 A conservation law of a flow is a function annihilated by every field of a family (and hence by
-their Lie brackets). The families built here follow ``CONSERVATION.md`` sections 1-2:
+their Lie brackets). The families built here (docs/conservation.md explains them):
 
 * gradient flow ``theta' = -grad E``: fields ``grad phi_j`` (Marcotte, Gribonval & Peyre, NeurIPS 2023,
   arXiv 2307.00144);
@@ -142,12 +142,13 @@ def momentum_lift(phi, theta_or_shapes=None, *, tau: float = 1.0,
                   position_rate: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None) -> FieldFamily:
   """Phase-space fields of the momentum flow ``tau theta'' + theta' = -grad E``.
 
-  Coordinates ``z = (t, theta, v)`` (``N = 2D + 1``). Generators (``CONSERVATION.md`` section 2):
+  Coordinates ``z = (t, theta, v)`` (``N = 2D + 1``). Generators:
   ``X_0 = d/dt + rate(theta, v) . d/dtheta - (1/tau) v . d/dv`` and ``X_j = grad phi_j . d/dv``, with
   ``rate(theta, v) = v`` for the heavy-ball flow. ``position_rate`` replaces it on flat vectors, e.g.
   ``lambda theta, p: theta * p`` for the metric-aware NMF momentum ``theta' = theta * p``.
 
   Example:
+    >>> from riemod.conservation import factorization
     >>> family = momentum_lift(factorization(3, 2, 2), tau=0.5)
     >>> family.dimension, family.num_fields
     (21, 7)

@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 # Above this many terms a single bracket is formed in pieces, to bound the temporary memory.
-_CHUNK_TERMS = 2_000_000
+_CHUNK_TERMS = 500_000
 # Variable indices (and the padding index N) fit in int16 for the phase spaces riemod counts.
 _INDEX = np.int16
 
@@ -214,7 +214,10 @@ def _derivative_along(b: PolyFamily, a: PolyFamily, b_field: int, a_field: int, 
     reduced = b_mono[term[pair]].copy()
     reduced[np.arange(total), position[pair]] = n
     mono = np.concatenate([reduced, a_mono[a_index]], axis=1)
-    pieces.append((b_comp[term[pair]], mono, sign * b_coef[term[pair]] * a_coef[a_index]))
+    # Merge each piece at once: the joined terms repeat a lot, and merging keeps memory bounded.
+    merged = _canonical(np.zeros(total, np.int64), b_comp[term[pair]], mono,
+                        sign * b_coef[term[pair]] * a_coef[a_index], 1, n)
+    pieces.append((merged.comp, merged.mono, merged.coef))
   return pieces
 
 
@@ -228,6 +231,9 @@ def bracket(a: PolyFamily, a_field: int, b: PolyFamily, b_field: int) -> PolyFam
   if not pieces:
     return PolyFamily(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), _INDEX),
                       np.zeros(0), 1, n)
+  if len(pieces) == 1 and pieces[0][2].size:
+    comp, mono, coef = pieces[0]
+    return PolyFamily(np.zeros(coef.size, np.int64), comp, mono, coef, 1, n)
   width = max(p[1].shape[1] for p in pieces)
   monos = [np.pad(p[1], ((0, 0), (0, width - p[1].shape[1])), constant_values=n) for p in pieces]
   comp = np.concatenate([p[0] for p in pieces])

@@ -1,6 +1,6 @@
 """Minibatch index schedules, deterministic from a PRNG key and usable inside ``jit``/``lax.scan``.
 
-Two schedules, as a first-class choice of the sampler (``CONSERVATION.md`` sec. 4):
+Two schedules, as a first-class choice of the sampler (docs/sampling.md):
 
 * ``replace=True``: every step draws ``B`` distinct indices, independently of all other steps
   (SGLD, Welling & Teh 2011);

@@ -285,7 +285,7 @@ def conditional_covariance(problem: BayesianLinearRegression, sampler: str, step
   Example:
     >>> problem = make_blr()
     >>> out = conditional_covariance(problem, "sgld", 1e-5, num_steps=4000, num_chains=2)
-    >>> out.excess_error > 0.01 > out.floor_error
+    >>> out.excess_error > 5 * out.floor_error   # SGLD's minibatch excess dominates at h = 1e-5
     True
   """
   if sampler not in SAMPLERS:

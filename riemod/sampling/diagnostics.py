@@ -21,7 +21,7 @@
 All closed forms are NumPy float64 (they are small dense problems).
 
 Reference: Yuret, Kabakcioglu, Hinczewski, Strang & Adhikari, *Machine learning in and out of
-equilibrium* (``CONSERVATION.md`` sec. 4); Seifert, *Stochastic thermodynamics, fluctuation
+equilibrium* (see docs/sampling.md); Seifert, *Stochastic thermodynamics, fluctuation
 theorems and molecular machines*, Rep. Prog. Phys. 2012, for the fluctuation theorems.
 """
 
