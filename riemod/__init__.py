@@ -1,37 +1,29 @@
 """riemod: modular Riemannian training for JAX/Flax.
 
 Riemannian modules carry a layerwise metric (a mass plus the output metric pulled back through the
-network); the Woodbury composer turns those metrics into natural-gradient steps, used as optax
-transformations. Reference: Pehle & Slotine, *Riemannian Optimization in Modular Systems*
-(arXiv 2603.03610).
+network); a :class:`Geometry` turns those metrics into natural-gradient steps with the Woodbury
+composer, used as optax transformations. Reference: Pehle & Slotine, *Riemannian Optimization in
+Modular Systems* (arXiv 2603.03610).
 """
-
-import types as _types
 
 from riemod._threads import set_blas_threads  # one BLAS thread from here on; see riemod._threads
 from riemod import certify, composer, conservation, metrics, nn, sampling
-from riemod.composer import ComposedMetric, compose_metric
+from riemod.composer import ComposedMetric, Geometry, GeometryState, masses
 from riemod.curvature import Curvature, ModuleCurvature, value_grad_and_curvature
 from riemod.linesearch import GridLinesearchState, scale_by_grid_linesearch
 from riemod.nn import MetricDeclaration
 from riemod.state import find_state
-from riemod.transforms import (LayerwiseMetricState, layerwise_natural_gradient, module_diagnostics,
-                               natural_gradient, scale_by_layerwise_metric)
+from riemod.transforms import (ActionState, MetricState, StepRefusedError, ValidStepState,
+                               apply_if_valid, layerwise_natural_gradient, module_diagnostics,
+                               natural_gradient, scale_by_metric, track_action)
 
 __version__ = "0.1.0"
 
-
-class _CallableCertify(_types.ModuleType):
-  """``riemod.certify(...)`` runs the certificate; ``riemod.certify.<part>`` stays a package."""
-
-  def __call__(self, *args, **kwargs):
-    return self.certify(*args, **kwargs)
-
-
-certify.__class__ = _CallableCertify
-
 __all__ = [
-    "ComposedMetric", "Curvature", "GridLinesearchState", "certify", "conservation", "sampling", "LayerwiseMetricState", "MetricDeclaration", "ModuleCurvature",
-    "compose_metric", "composer", "find_state", "layerwise_natural_gradient", "metrics", "module_diagnostics",
-    "natural_gradient", "nn", "scale_by_grid_linesearch", "scale_by_layerwise_metric", "value_grad_and_curvature",
+    "ActionState", "ComposedMetric", "Curvature", "Geometry", "GeometryState",
+    "GridLinesearchState", "MetricDeclaration", "MetricState", "ModuleCurvature",
+    "StepRefusedError", "ValidStepState", "apply_if_valid", "certify", "composer",
+    "conservation", "find_state", "layerwise_natural_gradient", "masses", "metrics",
+    "module_diagnostics", "natural_gradient", "nn", "sampling", "scale_by_grid_linesearch",
+    "scale_by_metric", "track_action", "value_grad_and_curvature",
 ]

@@ -30,11 +30,18 @@ class OutputMetric:
     name: readable name, shown in diagnostics.
     factor: the factor-row function.
     needs_key: whether ``factor`` draws random numbers (then a PRNG key is required).
+    coordinates: ``(outputs, cotangent) -> (B, k)``: coordinates ``e_s`` of a loss cotangent in
+      the unscaled rows, ``L_s^T e_s = c_s``, for metrics that are the loss's exact
+      Gauss-Newton factor (``None`` otherwise). With them the step is computed in the
+      range-aware form, free of the ``1 / mass`` cancellation (see :class:`riemod.Geometry`).
+      Where a cotangent is not in the rows' span (another loss), the remainder is solved by
+      Woodbury, so the step stays exact.
   """
 
   name: str
   factor: Callable[[jax.Array, jax.Array | None], jax.Array]
   needs_key: bool = False
+  coordinates: Callable[[jax.Array, jax.Array], jax.Array] | None = None
 
   def __call__(self, outputs: jax.Array, key: jax.Array | None = None) -> jax.Array:
     if self.needs_key and key is None:
@@ -57,20 +64,20 @@ def _eye_rows(outputs: jax.Array) -> jax.Array:
 
 
 def identity() -> OutputMetric:
-  """``M_o = I``: matches the squared error ``0.5 * mean_s ||y_s - t_s||^2`` (sum over outputs).
+  """``M_o = I``: the Gauss-Newton metric of ``0.5 * mean_s ||r_s||^2`` (sum over outputs).
 
-  One row per output coordinate, so ``k`` is the output size.
+  For squared errors ``r_s = y_s - t_s``, and for any residual model (PINNs, least squares) whose
+  function returns the residuals ``r`` themselves. One row per output coordinate, so ``k`` is the
+  output size. A loss that averages over output coordinates too (``jnp.mean((y - t) ** 2)``) has
+  the metric ``I / out_size``: declare it with a matching mass, or sum over outputs.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> identity()(jnp.zeros((2, 3))).shape   # (batch, rows per sample, outputs)
+    (2, 3, 3)
   """
-  return OutputMetric("identity", lambda outputs, key: _eye_rows(outputs))
-
-
-def residual() -> OutputMetric:
-  """``M_o = I`` on residuals: matches ``0.5 * mean_s ||r_s||^2`` (PINNs, least squares).
-
-  The network function returns the residuals ``r`` (``(B, m)``); the Gauss-Newton metric of that
-  loss is ``J^T J / B``, which is this metric.
-  """
-  return OutputMetric("residual", lambda outputs, key: _eye_rows(outputs))
+  return OutputMetric("identity", lambda outputs, key: _eye_rows(outputs),
+                      coordinates=lambda outputs, c: c.reshape(c.shape[0], -1))
 
 
 def _check_logits(outputs: jax.Array, name: str) -> None:
@@ -92,7 +99,15 @@ def softmax_fisher() -> OutputMetric:
     eye = jnp.eye(p.shape[-1], dtype=p.dtype)
     return jnp.sqrt(p)[:, :, None] * (eye[None] - p[:, None, :])
 
-  return OutputMetric("softmax_fisher", factor)
+  def coordinates(logits, cotangent):
+    # sum_i e_i sqrt(p_i) (e_i - p) = c - p sum(c) = c for e = c / sqrt(p), since a
+    # cross-entropy cotangent p - y sums to zero. A class with p = 0 has a zero row: its
+    # coordinate is set to 0 (what remains is solved outside the rows' span).
+    p = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
+    root = jnp.sqrt(p)
+    return jnp.where(root > 0, cotangent / jnp.where(root > 0, root, 1), 0)
+
+  return OutputMetric("softmax_fisher", factor, coordinates=coordinates)
 
 
 def sampled_softmax_fisher(num_samples: int = 1) -> OutputMetric:

@@ -1,25 +1,27 @@
-"""optax transformations: layerwise and full natural-gradient steps with the Woodbury composer.
+"""optax transformations: natural-gradient steps with one :class:`~riemod.Geometry`.
 
 For a batch-mean loss with output-metric rows ``L_o`` (each divided by ``sqrt(B)``), module ``a``
-with gradient ``g_a``, ``K_a = L_o J_a`` and mass ``D_a``:
+with gradient ``g_a``, ``K_a = L_o J_a`` and mass ``D_a``, the step is ``-lr G^{-1} g`` with
+``G = K^T K + D`` as the geometry describes it: block diagonal over modules
+(:func:`layerwise_natural_gradient`) or one block (:func:`natural_gradient`). Euclidean modules get
+``-lr D_a^{-1} g_a`` and frozen modules zero.
 
-* :func:`layerwise_natural_gradient`: ``-lr (K_a^T K_a + D_a)^{-1} g_a`` for every module;
-* :func:`natural_gradient`: the same with the whole network as one block (cross-module blocks of
-  ``K^T K`` included), from summed per-module kernels in sample space;
-* ``euclidean`` modules get ``-lr D_a^{-1} g_a`` and ``frozen`` modules zero.
+The pieces compose in the optax way:
 
-Momentum (``momentum=mu``) is SPRING (Goldshlager, Abrahamsen & Lin, arXiv 2401.10190):
-``phi_k = mu phi_{k-1} + G^{-1}(g - mu K^T K phi_{k-1})``. Since ``K^T K = G - D`` this is
-``phi_k = G^{-1}(g + mu D phi_{k-1})``: one solve with the already factored ``G``, no extra
-factorisation. For euclidean modules (``G = D``) it is heavy-ball momentum.
+* :func:`scale_by_metric`: the core, ``g -> G^{-1} g`` (or SPRING's direction); its state holds the
+  geometry's state, the momentum buffer and a small per-block diagnostics record.
+* :func:`track_action`: a wrapper that accumulates the terms of the discrete action functional.
+* :func:`apply_if_valid`: a wrapper that applies the non-finite policy to the final update, with
+  the step's precision estimate counted as a failure when it exceeds ``max_error``.
+* :func:`natural_gradient` / :func:`layerwise_natural_gradient`: the aliases, built by one builder.
 
 Curvature enters as the keyword extra argument ``curvature`` (from
-:func:`riemod.value_grad_and_curvature`). The state tracks the terms of the action functional
-(``METHOD.md`` sec. 6): per step ``g^T G^{-1} g`` and the cumulative discrete action
-``S = sum_k lr_k g_k^T G_k^{-1} g_k``: on the Riemannian gradient flow both terms of the integrand
-``0.5 |w'|_G^2 + 0.5 g^T G^{-1} g`` equal ``0.5 g^T G^{-1} g`` and ``dt = lr``.
+:func:`riemod.value_grad_and_curvature`).
 
-Reference: Pehle & Slotine, *Riemannian Optimization in Modular Systems* (arXiv 2603.03610).
+References:
+  Pehle & Slotine, *Riemannian Optimization in Modular Systems* (arXiv 2603.03610).
+  Goldshlager, Abrahamsen & Lin, *A Kaczmarz-inspired approach to accelerate the optimization of
+  neural network wavefunctions* (SPRING, arXiv 2401.10190).
 """
 
 from __future__ import annotations
@@ -30,24 +32,42 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
-from riemod.composer.metric import STRUCTURES, compose_metric
-from riemod.composer.rms_mass import rms_scaled_curvature
+from riemod.composer.geometry import Geometry, GeometryState
+from riemod.composer.metric import StepReport
+from riemod.curvature.types import Curvature
+from riemod.nn.adapter import parameter_groups
 from riemod.state import find_state
 
 NONFINITE_POLICIES = ("error", "skip", "ignore")
 
 
-class LayerwiseMetricState(NamedTuple):
-  """State of :func:`scale_by_layerwise_metric`.
+class MetricState(NamedTuple):
+  """State of :func:`scale_by_metric`.
 
-  Per-leaf diagnostics are flat arrays over ``jax.tree.leaves(params)``; the block a leaf belongs to
-  gives its ``condition`` (lower-bound estimate of the factored matrix's condition number),
-  ``residual`` (relative residual of the small solve; NaN unless the transform was built with
-  ``residuals=True``) and ``jitter``. Use
-  :func:`riemod.module_diagnostics` to read them per module. ``momentum_buffer`` holds the last
-  step (SPRING momentum only) and ``second_moment`` the moving average of squared gradients
-  (adaptive mass only); both are ``None`` otherwise.
+  Attributes:
+    geometry: the geometry's state (count, mass scale, the mass policy's moments).
+    momentum: the last direction (SPRING momentum only; ``None`` otherwise).
+    report: the last step's per-block diagnostics (a :class:`~riemod.composer.StepReport`;
+      layerwise: one entry per module, ``NaN``/0 for modules without a block; full: one entry).
+  """
+
+  geometry: GeometryState
+  momentum: Any
+  report: StepReport
+
+
+class ActionState(NamedTuple):
+  """State of :func:`track_action`: the terms of the discrete action functional.
+
+  Attributes:
+    count: steps taken.
+    action: ``S = sum_k lr_k g_k^T G_k^{-1} g_k``.
+    metric_grad_norm_sq: ``g^T G^{-1} g`` of the last step.
+    initial_loss: the loss (``value=``) at the first step (NaN if never given).
+    last_loss: the loss at the last step.
+    inner_state: the wrapped transform's state.
   """
 
   count: jax.Array
@@ -55,50 +75,191 @@ class LayerwiseMetricState(NamedTuple):
   metric_grad_norm_sq: jax.Array
   initial_loss: jax.Array
   last_loss: jax.Array
+  inner_state: Any
+
+
+class ValidStepState(NamedTuple):
+  """State of :func:`apply_if_valid`.
+
+  Attributes:
+    skipped_steps: steps refused (non-finite, or estimated error above ``max_error``).
+    inner_state: the wrapped transform's state.
+  """
+
   skipped_steps: jax.Array
-  condition: jax.Array
-  residual: jax.Array
-  jitter: jax.Array
-  step_norm: jax.Array
-  momentum_buffer: Any = None
-  second_moment: Any = None
+  inner_state: Any
 
 
 def _float():
   return jnp.result_type(float)
 
 
-def _raise_nonfinite(bad_grads, bad_curvature, bad_step):
-  what = [name for name, bad in (("updates (the gradient)", bad_grads),
-                                 ("curvature", bad_curvature),
-                                 ("the solved step", bad_step)) if np.any(bad)]
-  if what:
-    raise FloatingPointError(
-        f"riemod: non-finite values in {', '.join(what)}. Check the loss and inputs for NaN/inf, "
-        "raise the mass if the metric is near-singular, or pass on_nonfinite='skip' to skip such "
-        "steps (parameters unchanged, state.skipped_steps counts them).")
-  return np.zeros(np.shape(bad_grads), np.int32)  # batched under jax.vmap
+def _num_slots(params: Any, structure: str) -> int:
+  """Diagnostics slots: one per module (layerwise) or one (full), known from the parameters."""
+  if structure == "full":
+    return 1
+  if isinstance(params, nnx.State):
+    params = nnx.as_pure(params)
+  return len(parameter_groups(params))
 
 
-def _report_nonfinite(ok, ok_grads, ok_curvature, ok_step) -> jax.Array:
-  """Raises on the host if ``ok`` is false; returns an int32 zero to be added to the state.
+def _empty_report(slots: int) -> StepReport:
+  dtype = _float()
+  nan = jnp.full((slots,), jnp.nan, dtype)
+  zero = jnp.zeros((slots,), dtype)
+  return StepReport(jnp.zeros((), dtype), nan, nan, zero, zero)
 
-  The host call sits in the branch taken only on failure, and it is a ``pure_callback`` whose
-  zero result the updates and state depend on (so it is never dropped): unlike ``jax.debug.callback``, it
-  adds no side-effect ordering to the step, which on XLA:CPU cost ~0.6 ms per digits-MLP step.
-  The error reaches the caller when the step's results are next read (jax dispatches
-  asynchronously).
+
+def _per_slot(report: StepReport, metric, slots: int) -> StepReport:
+  """Spreads per-block values over the state's slots (layerwise: a module's own slot)."""
+  if metric.structure == "full":
+    if report.condition.shape[0] == 1:
+      return report
+    filled = _empty_report(1)
+    return filled._replace(metric_grad_norm_sq=report.metric_grad_norm_sq,
+                           error=jnp.where(metric.mass_ok, filled.error, jnp.nan))
+  index = np.asarray([members[0] for members in metric.block_modules], np.int32)
+  filled = _empty_report(slots)
+  put = lambda base, values: base.at[index].set(values.astype(base.dtype)) if len(index) else base
+  return StepReport(
+      metric_grad_norm_sq=report.metric_grad_norm_sq.astype(filled.metric_grad_norm_sq.dtype),
+      condition=put(filled.condition, report.condition),
+      residual=put(filled.residual, report.residual),
+      jitter=put(filled.jitter, report.jitter),
+      error=jnp.where(metric.mass_ok, put(filled.error, report.error), jnp.nan))
+
+
+def _require_curvature(curvature: Any, who: str) -> None:
+  if curvature is None:
+    raise ValueError(
+        f"{who} needs the curvature: call tx.update(grads, state, params, curvature=curvature) "
+        "(or optimizer.update(model, grads, curvature=curvature)) with the curvature from "
+        "riemod.value_grad_and_curvature. Without it there is no metric to solve with.")
+  if not isinstance(curvature, Curvature):
+    raise TypeError(f"curvature={type(curvature).__name__}: pass the Curvature returned by "
+                    "riemod.value_grad_and_curvature (as the keyword curvature=).")
+
+
+def scale_by_metric(geometry: Geometry, *, momentum: float | None = None,
+                    residuals: bool = False) -> optax.GradientTransformationExtraArgs:
+  """Preconditions gradients by ``G^{-1}``, ``G`` as ``geometry`` describes it (no learning rate).
+
+  Args:
+    geometry: the :class:`~riemod.Geometry` (mass, mass policy, structure, space, refinement).
+    momentum: SPRING momentum ``mu`` in ``[0, 1)``: the direction is
+      ``phi_k = G^{-1}(g + mu D phi_{k-1})``, one more right-hand side for the same
+      factorisation (``None``: off, no buffer in the state). For euclidean modules it is
+      heavy-ball momentum.
+    residuals: record each block's small-solve residual (reads every ``d x d`` factor once
+      more, about 3% of an exact-Fisher step on a CPU); ``NaN`` otherwise.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``curvature=``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, riemod
+    >>> tx = optax.chain(riemod.scale_by_metric(riemod.Geometry(mass=1e-2)), optax.scale(-0.1))
+    >>> state = tx.init({"w": jnp.zeros((3, 2))})
   """
-  def report():
-    return jax.pure_callback(_raise_nonfinite, jax.ShapeDtypeStruct((), jnp.int32),
-                             ~ok_grads, ~ok_curvature, ~ok_step, vmap_method="broadcast_all")
-  return jax.lax.cond(ok, lambda: jnp.zeros((), jnp.int32), report)
+  if not isinstance(geometry, Geometry):
+    raise TypeError(f"geometry={geometry!r}: pass a riemod.Geometry(...).")
+  if isinstance(momentum, (int, float)) and not 0 <= momentum < 1:
+    raise ValueError(f"momentum={momentum!r}: SPRING momentum must lie in [0, 1), e.g. 0.8.")
+
+  def init_fn(params):
+    return MetricState(
+        geometry=geometry.init(params),
+        momentum=None if momentum is None else jax.tree.map(jnp.zeros_like, params),
+        report=_empty_report(_num_slots(params, geometry.structure)))
+
+  def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
+    del params, extra_args
+    _require_curvature(curvature, "riemod.scale_by_metric")
+    slots = state.report.condition.shape[0]
+    if geometry.structure == "layerwise" and len(curvature.modules) != slots:
+      raise ValueError(
+          f"The optimizer state does not belong to this model: it was initialised for {slots} "
+          f"modules, the curvature has {len(curvature.modules)}. Initialise the optimizer on the "
+          "parameters of the model you train (tx.init(params) / nnx.Optimizer(model, tx)).")
+    geometry_state = geometry.advance(state.geometry, updates)
+    metric = geometry.compose(curvature, geometry_state)
+    direction, report = metric.step(updates, state.momentum, momentum)
+    if not residuals:
+      report = report._replace(residual=jnp.full_like(report.residual, jnp.nan))
+    return direction, MetricState(geometry_state, None if momentum is None else direction,
+                                  _per_slot(report, metric, slots))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _scale_leaves(tree: Any, scales: list[Any], inverse: bool = False) -> Any:
-  leaves, treedef = jax.tree.flatten(tree)
-  return jax.tree.unflatten(treedef, [
-      x if s is None else (x / s if inverse else x * s) for x, s in zip(leaves, scales)])
+def track_action(inner: optax.GradientTransformation,
+                 learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
+  """Accumulates the discrete action ``S = sum_k lr_k g_k^T G_k^{-1} g_k`` of a riemod transform.
+
+  On the Riemannian gradient flow both terms of the integrand ``0.5 |w'|_G^2 + 0.5 g^T G^{-1} g``
+  equal ``0.5 g^T G^{-1} g`` and ``dt = lr``; ``S - (l_0 - l_K)`` (the action gap, see
+  :func:`riemod.certify.action_terms`) measures how far a run strays from the flow. ``update``
+  accepts ``value=`` (the loss) for the loss terms; ``g^T G^{-1} g`` is read from the wrapped
+  :func:`scale_by_metric` state, so the wrapper adds no solve.
+
+  Args:
+    inner: a transform containing :func:`scale_by_metric`.
+    learning_rate: the step size (or schedule) the chain applies.
+
+  Example:
+    >>> import jax.numpy as jnp, riemod
+    >>> tx = riemod.track_action(riemod.scale_by_metric(riemod.Geometry()), learning_rate=0.1)
+    >>> float(tx.init({"w": jnp.zeros(2)}).action)
+    0.0
+  """
+  def init_fn(params):
+    zero, nan = jnp.zeros((), _float()), jnp.full((), jnp.nan, _float())
+    return ActionState(jnp.zeros((), jnp.int32), zero, zero, nan, nan, inner.init(params))
+
+  def update_fn(updates, state, params=None, *, value=None, **extra_args):
+    out, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+    metric_state = find_state(inner_state, MetricState)
+    if metric_state is None:
+      raise ValueError("track_action wraps a transform without riemod.scale_by_metric inside.")
+    dtype = state.action.dtype
+    q = metric_state.report.metric_grad_norm_sq.astype(dtype)
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    loss = jnp.asarray(jnp.nan if value is None else value, dtype)
+    return out, ActionState(optax.safe_increment(state.count),
+                            state.action + jnp.asarray(lr, dtype) * q, q,
+                            jnp.where(state.count == 0, loss, state.initial_loss), loss,
+                            inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class StepRefusedError(FloatingPointError):
+  """A step was refused: non-finite values, or an estimated error above ``max_error``."""
+
+
+def _refusal_message(bad_grads, bad_curvature, bad_step, bad_precision, worst_error) -> str:
+  what = [name for name, bad in (("the gradient", bad_grads), ("the curvature", bad_curvature),
+                                 ("the update", bad_step)) if np.any(bad)]
+  parts = []
+  if what:
+    parts.append(f"non-finite values in {', '.join(what)}: check the loss, the inputs and the "
+                 "learning rate for NaN/inf")
+  if np.any(bad_precision):
+    worst = float(np.max(worst_error))
+    parts.append(
+        "an invalid mass (not finite and > 0)" if not np.isfinite(worst) else
+        f"an estimated relative error of {worst:.2g} in the solved step (above max_error): the "
+        "metric is too ill-conditioned for this precision; raise the mass, enable "
+        "jax_enable_x64, or use the parameter-space solve")
+  return ("riemod: step refused: " + "; ".join(parts) + ". Pass on_nonfinite='skip' to skip such "
+          "steps (parameters unchanged, skipped_steps counts them).")
+
+
+def _raise_refused(bad_grads, bad_curvature, bad_step, bad_precision, worst_error):
+  if np.any(bad_grads) or np.any(bad_curvature) or np.any(bad_step) or np.any(bad_precision):
+    raise StepRefusedError(_refusal_message(bad_grads, bad_curvature, bad_step, bad_precision,
+                                            worst_error))
+  return np.zeros(np.shape(bad_grads), np.int32)  # batched under jax.vmap
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -107,190 +268,112 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def scale_by_layerwise_metric(
-    mass: optax.ScalarOrSchedule = 1e-2,
-    *,
-    structure: str = "layerwise",
-    space: str = "auto",
-    on_nonfinite: str = "error",
-    learning_rate: optax.ScalarOrSchedule = 1.0,
-    momentum: float | None = None,
-    residuals: bool = False,
-    rms_decay: float | None = None,
-    rms_eps: float = 1e-8,
-    refine: bool = False,
-) -> optax.GradientTransformationExtraArgs:
-  """Preconditions gradients by ``G^{-1}``, ``G = K^T K + D`` (no learning rate, no sign flip).
+def apply_if_valid(inner: optax.GradientTransformation, policy: str = "error", *,
+                   max_error: float | None = 1e-2) -> optax.GradientTransformationExtraArgs:
+  """Applies the non-finite policy to a riemod chain's final update (learning rate included).
+
+  A step is refused when the gradient, the curvature or the final update holds NaN or inf, or
+  when the :func:`scale_by_metric` inside estimates its direction's relative error (round-off
+  times the metric's condition times what the Woodbury subtraction cancels) above
+  ``max_error``, or the mass is not finite and > 0. So a float32 step is either accurate to about
+  ``max_error`` or refused, never silently wrong.
 
   Args:
-    mass: default mass ``D`` for modules that declare none (> 0), or an optax schedule of the
-      step count (e.g. a damping that decays over training; module declarations are not
-      scheduled). ``mass -> inf`` gives ``g / mass``, i.e. SGD with learning rate ``lr / mass``.
-    structure: ``"layerwise"`` (block diagonal over modules) or ``"full"`` (one block).
-    space: ``"auto"``, ``"sample"`` (Woodbury) or ``"parameter"`` solves per block.
-    on_nonfinite: ``"error"`` raises ``FloatingPointError`` on non-finite gradients, curvature
-      or steps (a host callback in a branch taken only on failure; the error surfaces when the
-      step's results are read); ``"skip"`` returns a zero update and counts it in
-      ``skipped_steps``; ``"ignore"`` checks nothing.
-    learning_rate: used only to accumulate the action ``sum lr_k g^T G^{-1} g`` (the aliases
-      pass theirs).
-    momentum: SPRING momentum ``mu`` in ``[0, 1)`` (``None``: off, no buffer in the state).
-    residuals: record the relative residual of every block's small solve in ``state.residual``.
-      Off by default: it reads each ``d x d`` factor once more (about 3% of an exact-Fisher step
-      on a CPU); when off the field holds NaN.
-    rms_decay: make the default mass adaptive: ``mass * (sqrt(v) + rms_eps)`` per parameter,
-      ``v`` the bias-corrected moving average of squared gradients with this decay (Adam's
-      ``b2``, e.g. 0.99); rank-one (Adafactor) for dense kernels so their kernels stay cheap (see
-      :mod:`riemod.composer.rms_mass`). Outside the factor's range the step is then Adam's
-      scaling instead of ``1 / mass``. ``None``: a constant mass.
-    rms_eps: added to ``sqrt(v)``.
-    refine: one step of iterative refinement of each small solve against the metric as an
-      operator (``refinement_steps=1`` of :func:`riemod.compose_metric`): corrects round-off
-      where ``G`` is ill-conditioned (float32 solves 5-15x closer to a float64 reference in the
-      tests). It costs one more ``K`` and ``K^T`` product per module and two triangular solves.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``curvature=`` and accepts
-    ``value=`` (the loss) for the action bookkeeping.
+    inner: the chain to guard (e.g. ``chain(scale_by_metric(...), scale_by_learning_rate(lr))``).
+    policy: ``"error"`` raises :class:`StepRefusedError` (a ``FloatingPointError``; eagerly at
+      once, under ``jax.jit`` from a host callback in a branch taken only on failure, so it
+      surfaces when the step's results are read, wrapped by jax in a ``JaxRuntimeError`` whose
+      message names it); ``"skip"`` returns a zero update and rolls the inner state back,
+      counting the step in ``skipped_steps``; ``"ignore"`` checks nothing.
+    max_error: the largest accepted estimated relative error (``None``: no precision check).
 
   Example:
     >>> import jax.numpy as jnp, optax, riemod
-    >>> tx = optax.chain(riemod.scale_by_layerwise_metric(mass=1e-2), optax.scale(-0.1))
-    >>> state = tx.init({"w": jnp.zeros((3, 2))})
+    >>> tx = riemod.apply_if_valid(riemod.scale_by_metric(riemod.Geometry()), "skip")
+    >>> int(tx.init({"w": jnp.zeros(2)}).skipped_steps)
+    0
   """
-  if structure not in STRUCTURES:
-    raise ValueError(f"structure={structure!r}: use one of {STRUCTURES}.")
-  if on_nonfinite not in NONFINITE_POLICIES:
-    raise ValueError(f"on_nonfinite={on_nonfinite!r}: use one of {NONFINITE_POLICIES}.")
-  if isinstance(mass, (int, float)) and not (mass > 0 and mass < float("inf")):
-    raise ValueError(f"mass={mass!r}: the mass must be a finite positive number, e.g. 1e-2.")
-  if isinstance(momentum, (int, float)) and not 0 <= momentum < 1:
-    raise ValueError(f"momentum={momentum!r}: SPRING momentum must lie in [0, 1), e.g. 0.8.")
-  if isinstance(rms_decay, (int, float)) and not 0 <= rms_decay < 1:
-    raise ValueError(f"rms_decay={rms_decay!r}: the second-moment decay must lie in [0, 1), "
-                     "e.g. 0.99 (or None for a constant mass).")
-  if isinstance(rms_eps, (int, float)) and not rms_eps > 0:
-    raise ValueError(f"rms_eps={rms_eps!r}: must be > 0, e.g. 1e-8.")
+  if policy not in NONFINITE_POLICIES:
+    raise ValueError(f"on_nonfinite={policy!r}: use one of {NONFINITE_POLICIES}.")
+  if isinstance(max_error, (int, float)) and not max_error > 0:  # arrays: inject_hyperparams
+    raise ValueError(f"max_error={max_error!r}: a positive number (e.g. 1e-2) or None.")
 
   def init_fn(params):
-    n = len(jax.tree.leaves(params))
-    zero = jnp.zeros((), _float())
-    nan = jnp.full((), jnp.nan, _float())
-    per_leaf = jnp.zeros((n,), _float())
-    return LayerwiseMetricState(
-        count=jnp.zeros((), jnp.int32), action=zero, metric_grad_norm_sq=zero,
-        initial_loss=nan, last_loss=nan, skipped_steps=jnp.zeros((), jnp.int32),
-        condition=per_leaf, residual=per_leaf, jitter=per_leaf, step_norm=per_leaf,
-        momentum_buffer=None if momentum is None else jax.tree.map(jnp.zeros_like, params),
-        second_moment=None if rms_decay is None else jax.tree.map(jnp.zeros_like, params))
+    return ValidStepState(jnp.zeros((), jnp.int32), inner.init(params))
 
-  def update_fn(updates, state, params=None, *, curvature=None, value=None, **extra_args):
-    del params, extra_args
-    if curvature is None:
-      raise ValueError(
-          "riemod's natural-gradient transforms need the curvature: call "
-          "tx.update(grads, state, params, curvature=curvature) (or "
-          "optimizer.update(model, grads, curvature=curvature)) with the curvature from "
-          "riemod.value_grad_and_curvature. Without it there is no metric to solve with.")
-    default_mass = mass(state.count) if callable(mass) else mass
-    second_moment, scales = None, None
-    grads, previous = updates, state.momentum_buffer
-    if rms_decay is not None:
-      second_moment = jax.tree.map(lambda v, g: rms_decay * v + (1 - rms_decay) * g * g,
-                                   state.second_moment, updates)
-      correction = 1 - rms_decay ** optax.safe_increment(state.count).astype(_float())
-      curvature, scales = rms_scaled_curvature(
-          curvature, [v / correction.astype(v.dtype) for v in jax.tree.leaves(second_moment)],
-          default_mass, rms_eps)
-      # Solve S G S in the scaled variables: gradient S g, carried step S^{-1} phi.
-      grads = _scale_leaves(updates, scales)
-      if previous is not None:
-        previous = _scale_leaves(previous, scales, inverse=True)
-    metric = compose_metric(curvature, mass=default_mass, structure=structure, space=space,
-                            refinement_steps=int(bool(refine)))
-    leaves = jax.tree.leaves(grads)
-    dtype = _float()
-    if momentum is None:
-      direction, block_residuals = metric.solve_with_residuals(grads)
-      g_ginv_g = sum(jnp.vdot(g, d).real
-                     for g, d in zip(leaves, jax.tree.leaves(direction))).astype(dtype)
-    else:
-      direction, g_ginv_g, block_residuals = metric.spring_solve(grads, previous, momentum)
-      g_ginv_g = jnp.asarray(g_ginv_g).real.astype(dtype)
-    if scales is not None:
-      direction = _scale_leaves(direction, scales)
-    dir_leaves = jax.tree.leaves(direction)
-
-    per_leaf = {name: [jnp.zeros((), dtype)] * len(leaves)
-                for name in ("condition", "residual", "jitter")}
-    for block, members, res in zip(metric.blocks, metric.block_modules, block_residuals):
-      block_values = {"condition": block.condition_estimate(),
-                      "residual": res if residuals else jnp.full((), jnp.nan, dtype),
-                      "jitter": block.jitter}
-      for i in (i for m in members for i in curvature.modules[m].leaf_indices):
-        for name, block_value in block_values.items():
-          per_leaf[name][i] = block_value.astype(dtype)
-    condition, residual, jitter = (jnp.stack(per_leaf[name]) if leaves else jnp.zeros((0,), dtype)
-                                   for name in ("condition", "residual", "jitter"))
-    step_norm = jnp.stack([jnp.linalg.norm(d).astype(dtype) for d in dir_leaves]) if (
-        dir_leaves) else jnp.zeros((0,), dtype)
-
-    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    loss = jnp.asarray(jnp.nan if value is None else value, dtype)
-    new_state = LayerwiseMetricState(
-        count=optax.safe_increment(state.count),
-        action=state.action + jnp.asarray(lr, dtype) * g_ginv_g,
-        metric_grad_norm_sq=g_ginv_g,
-        initial_loss=jnp.where(state.count == 0, loss, state.initial_loss),
-        last_loss=loss, skipped_steps=state.skipped_steps, condition=condition,
-        residual=residual, jitter=jitter, step_norm=step_norm,
-        momentum_buffer=None if momentum is None else direction, second_moment=second_moment)
-
-    if on_nonfinite == "ignore":
-      return direction, new_state
-    ok_grads = _all_finite(updates)
-    ok_curvature = _all_finite(curvature)
-    ok_step = _all_finite(direction)
-    ok = ok_grads & ok_curvature & ok_step
-    if on_nonfinite == "error":
-      zero = _report_nonfinite(ok, ok_grads, ok_curvature, ok_step)
+  def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
+    out, inner_state = inner.update(updates, state.inner_state, params, curvature=curvature,
+                                    **extra_args)
+    if policy == "ignore":
+      return out, ValidStepState(state.skipped_steps, inner_state)
+    ok_grads, ok_curvature, ok_step = _all_finite(updates), _all_finite(curvature), _all_finite(out)
+    metric_state = find_state(inner_state, MetricState)
+    errors = jnp.zeros((1,)) if metric_state is None else metric_state.report.error
+    # NaN marks an invalid mass: refused with or without a precision threshold.
+    ok_precision = (jnp.all(errors <= max_error) if max_error is not None
+                    else ~jnp.any(jnp.isnan(errors)))
+    ok = ok_grads & ok_curvature & ok_step & ok_precision
+    worst = jnp.max(jnp.where(jnp.isnan(errors), jnp.inf, errors)) if errors.size else 0.0
+    if policy == "error":
+      if not isinstance(ok, jax.core.Tracer):
+        _raise_refused(~ok_grads, ~ok_curvature, ~ok_step, ~ok_precision, worst)
+        return out, ValidStepState(state.skipped_steps, inner_state)
+      zero = jax.lax.cond(ok, lambda: jnp.zeros((), jnp.int32), lambda: jax.pure_callback(
+          _raise_refused, jax.ShapeDtypeStruct((), jnp.int32), ~ok_grads, ~ok_curvature,
+          ~ok_step, ~ok_precision, worst, vmap_method="broadcast_all"))
       # The updates and the state both depend on the check, so neither can be used without it.
-      direction = jax.tree.map(lambda d: d + zero.astype(d.dtype), direction)
-      return direction, new_state._replace(skipped_steps=new_state.skipped_steps + zero)
-    # Skip: parameters unchanged, only the skip counter moves.
-    direction = jax.tree.map(lambda d: jnp.where(ok, d, jnp.zeros_like(d)), direction)
-    skipped_state = state._replace(skipped_steps=state.skipped_steps + 1)
-    new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, skipped_state)
-    return direction, new_state
+      out = jax.tree.map(lambda d: d + zero.astype(d.dtype), out)
+      return out, ValidStepState(state.skipped_steps + zero, inner_state)
+    out = jax.tree.map(lambda d: jnp.where(ok, d, jnp.zeros_like(d)), out)
+    inner_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), inner_state,
+                               state.inner_state)
+    return out, ValidStepState(state.skipped_steps + (~ok).astype(jnp.int32), inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def layerwise_natural_gradient(
+def _natural_gradient(structure: str, learning_rate, mass, geometry, momentum, on_nonfinite,
+                      max_error, residuals) -> optax.GradientTransformationExtraArgs:
+  """The one builder behind both aliases."""
+  if geometry is None:
+    geometry = Geometry(mass=1e-2 if mass is None else mass, structure=structure)
+  elif mass is not None:
+    raise ValueError("Pass the mass either as mass= or inside geometry=, not both.")
+  elif geometry.structure != structure:
+    raise ValueError(
+        f"geometry.structure={geometry.structure!r} but this alias steps with structure="
+        f"{structure!r}: use riemod.natural_gradient for 'full' and "
+        "riemod.layerwise_natural_gradient for 'layerwise' (or scale_by_metric directly).")
+  core = optax.chain(scale_by_metric(geometry, momentum=momentum, residuals=residuals),
+                     optax.scale_by_learning_rate(learning_rate))
+  return apply_if_valid(track_action(core, learning_rate), on_nonfinite, max_error=max_error)
+
+
+def natural_gradient(
     learning_rate: optax.ScalarOrSchedule,
-    mass: optax.ScalarOrSchedule = 1e-2,
+    mass: optax.ScalarOrSchedule | None = None,
     *,
+    geometry: Geometry | None = None,
     momentum: float | None = None,
-    space: str = "auto",
     on_nonfinite: str = "error",
+    max_error: float | None = 1e-2,
     residuals: bool = False,
-    rms_decay: float | None = None,
-    rms_eps: float = 1e-8,
-    refine: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  """Layerwise Riemannian (natural-gradient / Gauss-Newton) descent: ``-lr (K_a^T K_a + D_a)^{-1} g_a``.
+  """Whole-network damped natural-gradient / Gauss-Newton descent: ``-lr (K^T K + D)^{-1} g``.
+
+  One block for all Riemannian modules; the kernel is the sum of the per-module kernels, so no
+  ``n x n`` matrix is formed.
 
   Args:
     learning_rate: step size or optax schedule.
-    mass: default mass for modules that declare none, or a schedule of the step count.
-    momentum: SPRING momentum in ``[0, 1)`` (``None``: off).
-    space: per-block solve space (``"auto"``, ``"sample"``, ``"parameter"``).
-    on_nonfinite: ``"error"``, ``"skip"`` or ``"ignore"`` (see :func:`scale_by_layerwise_metric`).
-    residuals: record the small solves' residuals in the state (see
-      :func:`scale_by_layerwise_metric`).
-    rms_decay, rms_eps: an adaptive per-parameter mass from the gradients' second moment (see
-      :func:`scale_by_layerwise_metric`; ``None``: constant).
-    refine: iterative refinement of the small solves (see :func:`scale_by_layerwise_metric`).
+    mass: the default mass (or a schedule of the step), shorthand for
+      ``geometry=riemod.Geometry(mass=..., structure="full")`` (default 1e-2).
+    geometry: the full description of the metric (mass policy, space, refinement).
+    momentum: SPRING momentum in ``[0, 1)`` (``None``: off); see :func:`scale_by_metric`.
+    on_nonfinite: ``"error"``, ``"skip"`` or ``"ignore"`` (see :func:`apply_if_valid`).
+    max_error: the largest accepted estimated relative error of a step (see
+      :func:`apply_if_valid`; ``None``: unchecked).
+    residuals: record the small solves' residuals (see :func:`scale_by_metric`).
 
   Example:
     >>> import jax, jax.numpy as jnp, riemod
@@ -300,62 +383,54 @@ def layerwise_natural_gradient(
     >>> loss, g, curv = riemod.value_grad_and_curvature(
     ...     f, x, lambda y: 0.5 * jnp.mean(jnp.sum((y - t) ** 2, -1)),
     ...     riemod.metrics.identity(), params=params)
-    >>> tx = riemod.layerwise_natural_gradient(learning_rate=1.0, mass=1e-3)
+    >>> tx = riemod.natural_gradient(learning_rate=1.0, mass=1e-3)
     >>> updates, state = tx.update(g, tx.init(params), params, curvature=curv)
     >>> bool(jnp.all(updates["w"] > 0))
     True
   """
-  return optax.chain(
-      scale_by_layerwise_metric(mass, structure="layerwise", space=space,
-                                on_nonfinite=on_nonfinite, learning_rate=learning_rate,
-                                momentum=momentum, residuals=residuals,
-                                rms_decay=rms_decay, rms_eps=rms_eps,
-                                refine=refine),
-      optax.scale_by_learning_rate(learning_rate))
+  return _natural_gradient("full", learning_rate, mass, geometry, momentum, on_nonfinite,
+                           max_error, residuals)
 
 
-def natural_gradient(
+def layerwise_natural_gradient(
     learning_rate: optax.ScalarOrSchedule,
-    mass: optax.ScalarOrSchedule = 1e-2,
+    mass: optax.ScalarOrSchedule | None = None,
     *,
+    geometry: Geometry | None = None,
     momentum: float | None = None,
-    space: str = "auto",
     on_nonfinite: str = "error",
+    max_error: float | None = 1e-2,
     residuals: bool = False,
-    rms_decay: float | None = None,
-    rms_eps: float = 1e-8,
-    refine: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  """Whole-network damped natural-gradient / Gauss-Newton descent: ``-lr (K^T K + D)^{-1} g``.
+  """Layerwise Riemannian descent: ``-lr (K_a^T K_a + D_a)^{-1} g_a`` for every module.
 
-  One block for all layerwise modules; the kernel is the sum of per-module kernels, so no
-  ``n x n`` matrix is formed. Arguments as :func:`layerwise_natural_gradient`.
+  The block-diagonal geometry (``structure="layerwise"``); arguments as :func:`natural_gradient`.
+
+  Example:
+    >>> import jax.numpy as jnp, riemod
+    >>> tx = riemod.layerwise_natural_gradient(0.1, geometry=riemod.Geometry(
+    ...     mass=30.0, mass_policy=riemod.masses.adaptive(0.99)))
+    >>> state = tx.init({"w": jnp.zeros((3, 2))})
   """
-  return optax.chain(
-      scale_by_layerwise_metric(mass, structure="full", space=space,
-                                on_nonfinite=on_nonfinite, learning_rate=learning_rate,
-                                momentum=momentum, residuals=residuals,
-                                rms_decay=rms_decay, rms_eps=rms_eps,
-                                refine=refine),
-      optax.scale_by_learning_rate(learning_rate))
+  return _natural_gradient("layerwise", learning_rate, mass, geometry, momentum, on_nonfinite,
+                           max_error, residuals)
 
 
-def module_diagnostics(state: Any, curvature: Any) -> dict[str, dict[str, float]]:
-  """Per-module diagnostics from an optimizer state (searched inside chains) and its curvature.
+def module_diagnostics(state: Any, curvature: Curvature) -> dict[str, dict[str, float]]:
+  """Per-module diagnostics of the last step, from an optimizer state (searched inside chains).
 
-  Returns ``{module name: {"condition", "residual", "jitter", "step_norm"}}``; the step norm is
-  the norm of the module's preconditioned gradient ``G^{-1} g``.
+  Returns ``{module name: {"condition", "residual", "jitter", "error"}}``: the values of the
+  block the module belongs to (the one block under ``structure="full"``; NaN for modules outside
+  every block, e.g. euclidean ones).
   """
-  inner = find_state(state, LayerwiseMetricState)
+  inner = find_state(state, MetricState)
   if inner is None:
-    raise ValueError("No riemod LayerwiseMetricState inside this optimizer state.")
+    raise ValueError("No riemod MetricState inside this optimizer state.")
+  report = inner.report
+  slots = report.condition.shape[0]
   out = {}
-  for module in curvature.modules:
-    idx = jnp.asarray(module.leaf_indices)
-    out[module.name] = {
-        "condition": float(jnp.max(inner.condition[idx])),
-        "residual": float(jnp.max(inner.residual[idx])),
-        "jitter": float(jnp.max(inner.jitter[idx])),
-        "step_norm": float(jnp.sqrt(jnp.sum(inner.step_norm[idx] ** 2))),
-    }
+  for i, module in enumerate(curvature.modules):
+    j = 0 if slots == 1 and len(curvature.modules) != 1 else i
+    out[module.name] = {name: float(getattr(report, name)[j])
+                        for name in ("condition", "residual", "jitter", "error")}
   return out

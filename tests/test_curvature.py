@@ -201,7 +201,7 @@ def test_pinn_style_residuals_of_input_derivatives():
     return jax.vmap(one)(x)[:, None]
 
   x = jnp.stack([jnp.linspace(0, 3, 7), (jnp.arange(7) % 3 == 0).astype(dtype)], 1)
-  _check_rows_and_grads(residuals, x, lambda r: 0.5 * jnp.mean(r**2), riemod.metrics.residual(),
+  _check_rows_and_grads(residuals, x, lambda r: 0.5 * jnp.mean(r**2), riemod.metrics.identity(),
                         dtype, params=params)
 
 
@@ -216,7 +216,7 @@ def test_declarations_kinds_and_masses():
   _, _, curv = riemod.value_grad_and_curvature(model, x, lambda y: jnp.mean(y**2),
                                                riemod.metrics.identity())
   by_name = {m.name: m for m in curv.modules}
-  assert by_name["layers/0"].kind == "layerwise"
+  assert by_name["layers/0"].kind == "riemannian"
   assert float(by_name["layers/0"].mass["kernel"]) == 0.5
   assert by_name["layers/2"].kind == "euclidean" and by_name["layers/2"].factor is None
   assert by_name["layers/3"].kind == "frozen" and by_name["layers/3"].factor is None
@@ -224,7 +224,7 @@ def test_declarations_kinds_and_masses():
   # Overrides by name, e.g. for Linen and plain functions.
   _, _, curv = riemod.value_grad_and_curvature(
       model, x, lambda y: jnp.mean(y**2), riemod.metrics.identity(),
-      declarations={"layers/3": riemod.MetricDeclaration(kind="layerwise", mass=3.0)})
+      declarations={"layers/3": riemod.MetricDeclaration(kind="riemannian", mass=3.0)})
   assert {m.name: m.kind for m in curv.modules}["layers/3"] == "layerwise"
 
 

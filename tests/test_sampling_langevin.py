@@ -36,7 +36,7 @@ def test_riemannian_drift_and_noise_use_the_metric_of_the_potential(structure):
   f, x, params, jac, unravel = _two_module_problem()
   n_data, prior, h, temperature = 200, 2.0, 0.3, 1.5
   loss = lambda y: 0.5 * jnp.mean((y - 1.0) ** 2)
-  _, grads, curv = riemod.value_grad_and_curvature(f, x, loss, riemod.metrics.residual(),
+  _, grads, curv = riemod.value_grad_and_curvature(f, x, loss, riemod.metrics.identity(),
                                                    params=params)
   # Dense metric of U = N * mean loss + prior: N J^T J / B + P (block diagonal if layerwise).
   ggn = n_data * jac.T @ jac / x.shape[0]
@@ -108,7 +108,7 @@ def test_riemannian_chain_with_exact_metric_matches_its_lyapunov_covariance():
   data = (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
   params = {"w": jnp.zeros(3, jnp.float32)}
   loss = lambda r: 0.5 * jnp.mean(r ** 2)
-  _, _, curv = riemod.value_grad_and_curvature(f, data, loss, riemod.metrics.residual(),
+  _, _, curv = riemod.value_grad_and_curvature(f, data, loss, riemod.metrics.identity(),
                                                params=params)
 
   def grad_fn(p, idx, key):

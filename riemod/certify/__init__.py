@@ -22,8 +22,8 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import importlib
 import math
 from typing import Any, Callable
 
@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
+from riemod.composer import Geometry, masses
 from riemod.certify.action import ActionTerms, action_terms, path_action
 from riemod.certify.bound import FORMULA, StabilityBound, stability_bound
 from riemod.certify.contraction import (Contraction, cascade_weights, composed_rate,
@@ -77,10 +78,9 @@ def _module_masks(curvature, unravel, size, dtype) -> list[np.ndarray]:
   return masks
 
 
-def _measure(model_kind, model_static, loss_fn, output_metric, structure, num_lanczos,
-             num_power, mass, params, rest, x, learning_rate, mass_scale, key):
+def _measure(model_kind, model_static, loss_fn, output_metric, geometry, num_lanczos,
+             num_power, params, rest, x, learning_rate, geometry_state, key):
   """The whole measurement as one traceable function (jitted by :func:`_measure_jit`)."""
-  from riemod.composer.metric import compose_metric
   from riemod.curvature import value_grad_and_curvature
 
   if model_kind == "nnx":
@@ -95,9 +95,10 @@ def _measure(model_kind, model_static, loss_fn, output_metric, structure, num_la
   flat, unravel = ravel_pytree(params)
   dtype, size = flat.dtype, flat.shape[0]
   ravel = lambda tree: ravel_pytree(tree)[0]
-  metric = compose_metric(curvature, mass=mass, structure=structure, mass_scale=mass_scale)
-  layerwise = metric if structure == "layerwise" else compose_metric(
-      curvature, mass=mass, structure="layerwise", mass_scale=mass_scale)
+  # The optimizer's own G (same geometry, same state), and its block-diagonal part per module.
+  metric = geometry.compose(curvature, geometry_state)
+  layerwise = metric if geometry.structure == "layerwise" else dataclasses.replace(
+      geometry, structure="layerwise").compose(curvature, geometry_state)
 
   loss_of_flat = lambda f: loss_fn(apply(unravel(f), x))
   grad_of_flat = jax.grad(loss_of_flat)
@@ -127,9 +128,10 @@ def _measure(model_kind, model_static, loss_fn, output_metric, structure, num_la
     g_blocks = jax.vmap(lambda m, v: generalized_lanczos(
         lambda u: m * matvec_lw(m * u), lambda u: m * u, lambda u: m * u, m * v, steps))(
             stack, starts[1 + k:1 + 2 * k])
-    min_mass = jnp.stack([
-        1.0 / jnp.max(jnp.stack([jnp.max(v) for v in layerwise.inverse_masses[i].values()]))
-        for i in active])
+    # The smallest mass of each module, in the parameters' own coordinates (policy included).
+    mass_diagonal = ravel(layerwise.mass_times(unravel(jnp.ones((size,), dtype))))
+    min_mass = jnp.stack([jnp.min(jnp.where(jnp.asarray(masks[i]) > 0, mass_diagonal, jnp.inf))
+                          for i in active])
     conditions = (g_blocks.lam_max, min_mass)
     if pairs:
       pa = jnp.asarray(np.stack([masks[a] for a, _ in pairs]), dtype)
@@ -156,11 +158,11 @@ def _measure(model_kind, model_static, loss_fn, output_metric, structure, num_la
 _STATIC_INFO: dict = {}
 
 
-@functools.partial(jax.jit, static_argnums=tuple(range(9)))
+@functools.partial(jax.jit, static_argnums=tuple(range(8)))
 def _measure_jit(signature, *args):
   out = _measure(*args)
   # Module names and indices are trace-time constants; keep them beside the compiled function.
-  _STATIC_INFO[(signature,) + args[:8]] = {k: out.pop(k) for k in ("active", "num_rows", "names",
+  _STATIC_INFO[(signature,) + args[:7]] = {k: out.pop(k) for k in ("active", "num_rows", "names",
                                                                     "lip_meta")}
   return out
 
@@ -182,19 +184,9 @@ def _check_loss_batch(apply, params, x, loss_fn) -> None:
                      f"{value.shape}. Are the labels the same batch as x?")
 
 
-def _verdict(lam_min: float, lam_max: float, factor: float, learning_rate: float) -> str:
-  if not (math.isfinite(lam_min) and math.isfinite(lam_max)):
-    return "failed: non-finite spectrum"
-  if lam_max > 0 and learning_rate >= 2.0 / lam_max:
-    return f"unstable: lr {learning_rate:.3g} >= 2/lam_max {2.0 / lam_max:.3g}"
-  if factor < 1.0:
-    return f"contracting: factor {factor:.4g} < 1"
-  return f"stable, not contracting: lam_min {lam_min:.3g} <= 0 (flat or negative directions)"
-
-
 def certify(model: Any, x: Any, loss_fn: Callable[[jax.Array], jax.Array], output_metric: Any, *,
-            learning_rate: float, opt_state: Any = None, mass: float = 1e-2,
-            structure: str = "layerwise", params: Any = None, key: jax.Array | None = None,
+            learning_rate: float, geometry: Any = None, opt_state: Any = None,
+            params: Any = None, key: jax.Array | None = None,
             num_lanczos: int = 20, dataset_size: int | None = None,
             num_power_iterations: int = 20) -> CertificateReport:
   """Certifies one Riemannian training step at the batch ``x``.
@@ -207,9 +199,10 @@ def certify(model: Any, x: Any, loss_fn: Callable[[jax.Array], jax.Array], outpu
     output_metric: the output metric of the optimizer (:mod:`riemod.metrics`).
     learning_rate: the step size to certify (> 0).
     opt_state: optional optimizer state (riemod transform, possibly in a chain or under
-      :func:`guarded`): gives the action terms and the guard's mass scale.
-    mass: the optimizer's default mass.
-    structure: the optimizer's metric structure, ``"layerwise"`` or ``"full"``.
+      :func:`guarded`): gives the action terms and the geometry's state (step count, mass
+      scale, the mass policy's moments), so the certified ``G`` is the optimizer's own.
+    geometry: the optimizer's :class:`~riemod.Geometry` (default ``riemod.Geometry()``). An
+      adaptive mass policy needs ``opt_state`` (its moments are there).
     params: parameters for Linen and function models.
     key: PRNG key (start vectors, random output metrics).
     num_lanczos: Lanczos steps per spectrum.
@@ -225,7 +218,7 @@ def certify(model: Any, x: Any, loss_fn: Callable[[jax.Array], jax.Array], outpu
     >>> params = {"w": jnp.zeros((3, 1))}
     >>> x = jax.random.normal(jax.random.key(0), (16, 3))
     >>> report = certify(f, x, lambda y: 0.5 * jnp.mean(y ** 2), riemod.metrics.identity(),
-    ...                  learning_rate=1.0, params=params, mass=1e-3)
+    ...                  learning_rate=1.0, params=params, geometry=riemod.Geometry(mass=1e-3))
     >>> report.max_stable_learning_rate > 1.0
     True
   """
@@ -233,7 +226,7 @@ def certify(model: Any, x: Any, loss_fn: Callable[[jax.Array], jax.Array], outpu
 
   from riemod.metrics import OutputMetric
   from riemod.state import find_state
-  from riemod.transforms import LayerwiseMetricState
+  from riemod.transforms import ActionState, MetricState
 
   if not isinstance(output_metric, OutputMetric):
     raise TypeError(f"output_metric={output_metric!r}: pass one of riemod.metrics (identity(), "
@@ -241,10 +234,10 @@ def certify(model: Any, x: Any, loss_fn: Callable[[jax.Array], jax.Array], outpu
   if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate)
           and learning_rate > 0):
     raise ValueError(f"learning_rate={learning_rate!r}: pass the positive step size to certify.")
-  if not (isinstance(mass, (int, float)) and math.isfinite(mass) and mass > 0):
-    raise ValueError(f"mass={mass!r}: pass the optimizer's default mass (> 0).")
-  if structure not in ("layerwise", "full"):
-    raise ValueError(f"structure={structure!r}: use 'layerwise' or 'full'.")
+  geometry = Geometry() if geometry is None else geometry
+  if not isinstance(geometry, Geometry):
+    raise TypeError(f"geometry={geometry!r}: pass the optimizer's riemod.Geometry.")
+  structure = geometry.structure
   if int(num_lanczos) < 1 or int(num_power_iterations) < 1:
     raise ValueError("num_lanczos and num_power_iterations must be >= 1.")
   key = jax.random.key(0) if key is None else key
@@ -269,28 +262,31 @@ def certify(model: Any, x: Any, loss_fn: Callable[[jax.Array], jax.Array], outpu
   if dataset_size is not None and int(dataset_size) < batch:
     raise ValueError(f"dataset_size={dataset_size} is smaller than the batch ({batch}).")
 
-  num_leaves = len(jax.tree.leaves(params))
-  mass_scale = 1.0
   inner = None
   notes: list[str] = []
+  geometry_state = geometry.init(params)
   if opt_state is not None:
-    inner = find_state(opt_state, LayerwiseMetricState)
-    if not isinstance(inner, LayerwiseMetricState):
-      raise ValueError("opt_state holds no riemod LayerwiseMetricState: pass the state of "
+    metric_state = find_state(opt_state, MetricState)
+    if metric_state is None:
+      raise ValueError("opt_state holds no riemod MetricState: pass the state of "
                        "riemod.layerwise_natural_gradient / natural_gradient (or a chain or guard "
                        "around it), or leave opt_state=None.")
-    if inner.condition.shape[0] != num_leaves:
-      raise ValueError(f"opt_state does not belong to this model: it tracks "
-                       f"{inner.condition.shape[0]} parameter arrays, the model has {num_leaves}. "
-                       "Pass the state of the optimizer that trains this model.")
-    guard = find_state(opt_state, GuardState)
-    if guard is not None:
-      mass_scale = float(guard.mass_scale)
+    geometry_state = metric_state.geometry
+    shapes = [np.shape(v) for v in jax.tree.leaves(geometry_state.moments)]
+    if shapes and shapes != [np.shape(v) for v in jax.tree.leaves(params)]:
+      raise ValueError("opt_state does not belong to this model: its mass moments have shapes "
+                       f"{shapes}. Pass the state of the optimizer that trains this model.")
+    inner = find_state(opt_state, ActionState)
+  elif not isinstance(geometry.mass_policy, masses.ConstantMass):
+    raise ValueError("certify: an adaptive mass needs the optimizer's moments: pass opt_state= "
+                     "(the state of the optimizer built with this geometry).")
+  mass_scale = float(geometry_state.mass_scale)
+  mass = float(geometry.mass_at(geometry_state))
 
-  args = (kind, static, loss_fn, output_metric, structure, int(num_lanczos),
-          int(num_power_iterations), float(mass))
-  dyn = (params, rest, x, jnp.asarray(learning_rate, jnp.result_type(float)),
-         jnp.asarray(mass_scale, jnp.result_type(float)), key)
+  args = (kind, static, loss_fn, output_metric, geometry, int(num_lanczos),
+          int(num_power_iterations))
+  dyn = (params, rest, x, jnp.asarray(learning_rate, jnp.result_type(float)), geometry_state,
+         key)
   signature = (str(jax.tree.structure(params)),
                tuple((l.shape, str(l.dtype)) for l in jax.tree.leaves((params, rest, x))))
   if (signature,) + args not in _STATIC_INFO:
@@ -386,15 +382,5 @@ def _build_report(out, box, lr, mass, mass_scale, structure, batch, dataset_size
   settings = {"learning_rate": lr, "mass": mass, "mass_scale": mass_scale, "structure": structure,
               "batch_size": batch, "dataset_size": dataset_size, "loss": f(out["loss"]),
               "num_lanczos": num_lanczos, "num_rows": box["num_rows"]}
-  verdict = _verdict(network["lam_min"], network["lam_max"], network["contraction_factor"], lr)
+  verdict = str(CertificateReport.verdict_of(network, settings, action))
   return CertificateReport(modules, network, composition, action, bound, settings, verdict, notes)
-
-
-# ``from riemod.certify import certify`` in ``riemod/__init__.py`` binds ``riemod.certify`` to this
-# function; the attributes keep ``riemod.certify.guarded(...)`` and friends working either way.
-for _name in __all__:
-  if _name != "certify":
-    setattr(certify, _name, globals()[_name])
-for _name in ("action", "bound", "contraction", "guard", "lanczos", "lipschitz", "report"):
-  setattr(certify, _name, importlib.import_module(f"riemod.certify.{_name}"))
-del _name

@@ -15,7 +15,7 @@ time ``dt = eta_k`` with the integrand frozen at ``w_k``; both terms then equal
 
     S_K = sum_{k<K} eta_k g_k^T G_k^{-1} g_k        gap_K = S_K - (l(w_0) - l(w_K))
 
-The optimizer state accumulates ``S_K`` (``LayerwiseMetricState.action``) and stores the loss
+The optimizer state accumulates ``S_K`` (``ActionState.action``) and stores the loss
 passed as ``value=`` at the first and at the latest update: ``l(w_0)`` and ``l(w_{K-1})``, the
 loss *before* the latest step. From the state alone riemod therefore pairs
 ``S_{K-1} = S_K - eta g_{K-1}^T G_{K-1}^{-1} g_{K-1}`` with ``l(w_0) - l(w_{K-1})``; given the
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from riemod.state import find_state
-from riemod.transforms import LayerwiseMetricState
+from riemod.transforms import ActionState
 
 
 class ActionTerms(NamedTuple):
@@ -68,7 +68,7 @@ def action_terms(opt_state: Any, *, learning_rate: float | None = None,
   """Action, loss decrease and action gap from a riemod optimizer state (searched in chains).
 
   Args:
-    opt_state: a state holding a :class:`riemod.LayerwiseMetricState`; every ``update`` must have
+    opt_state: a state holding a :class:`riemod.ActionState`; every ``update`` must have
       received ``value=loss``.
     learning_rate: the (constant) learning rate; needed without ``final_loss`` to remove the
       latest step's term.
@@ -94,9 +94,9 @@ def action_terms(opt_state: Any, *, learning_rate: float | None = None,
     >>> action_terms(state, learning_rate=0.1).gap >= 0
     True
   """
-  state = find_state(opt_state, LayerwiseMetricState)
-  if not isinstance(state, LayerwiseMetricState):
-    raise ValueError("opt_state holds no riemod LayerwiseMetricState: pass the state of "
+  state = find_state(opt_state, ActionState)
+  if not isinstance(state, ActionState):
+    raise ValueError("opt_state holds no riemod ActionState: pass the state of "
                      "riemod.layerwise_natural_gradient / natural_gradient (or a chain with it).")
   count = int(state.count)
   if count == 0:

@@ -5,8 +5,8 @@ quadratic model of the loss in the metric ``G`` it was solved with::
 
     predicted = -(g^T s + 0.5 s^T G s)        actual = l(w) - l(w + s)        rho = actual / predicted
 
-(``G s`` by ``ComposedMetric.matvec``; under ``jit`` the factorisation it would build is unused and
-removed). Levenberg-Marquardt rule: ``rho < lower`` multiplies the mass scale by ``increase``
+(``G s`` by ``ComposedMetric.matvec`` of the geometry's own ``G``; under ``jit`` the factorisation
+it would build is unused and removed). Levenberg-Marquardt rule: ``rho < lower`` multiplies the mass scale by ``increase``
 (more damping, shorter steps), ``rho > upper`` multiplies it by ``decrease``. A step whose
 certificate fails (the new loss is not finite, the model predicts no decrease, or
 ``rho < reject_below``) is rejected: the update is zero, the parameters are unchanged and the inner
@@ -25,53 +25,51 @@ the reduction-ratio rule is the classical Levenberg-Marquardt trust-region updat
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from riemod.composer.metric import STRUCTURES, compose_metric
+from riemod.composer.geometry import Geometry
+from riemod.state import find_state
+from riemod.transforms import MetricState
 
 
 class GuardState(NamedTuple):
   """State of :func:`guarded`.
 
+  The mass scale itself lives in the inner transform's geometry state
+  (``riemod.find_state(state, riemod.MetricState).geometry.mass_scale``), where the inner step,
+  the certificates and the samplers all read it.
+
   Attributes:
-    mass_scale: the factor on every mass, adapted by the reduction ratio.
     rejected_steps: steps rejected (parameters unchanged).
     adapted_steps: steps after which the mass scale changed.
     last_ratio: the latest reduction ratio ``rho``.
     inner_state: the wrapped transform's state.
   """
 
-  mass_scale: jax.Array
   rejected_steps: jax.Array
   adapted_steps: jax.Array
   last_ratio: jax.Array
   inner_state: Any
 
 
-def _scaled_curvature(curvature: Any, mass: float, scale: jax.Array, updates: Any) -> Any:
-  """The curvature with every module's mass (declared or default) multiplied by ``scale``."""
-  leaves = jax.tree.leaves(updates)
-  modules = []
-  for module in curvature.modules:
-    dtype = leaves[module.leaf_indices[0]].dtype
-    masses = module.mass if module.mass is not None else {
-        name: jnp.asarray(mass, dtype) for name in module.leaf_names}
-    modules.append(dataclasses.replace(
-        module, mass={k: (v * scale).astype(dtype) for k, v in masses.items()}))
-  return dataclasses.replace(curvature, modules=tuple(modules))
+def _with_mass_scale(opt_state: Any, scale: jax.Array) -> Any:
+  """``opt_state`` with the geometry's mass scale set to ``scale`` (every MetricState inside)."""
+  def visit(node):
+    if isinstance(node, MetricState):
+      return node._replace(geometry=node.geometry._replace(
+          mass_scale=scale.astype(node.geometry.mass_scale.dtype)))
+    return node
+  return jax.tree.map(visit, opt_state, is_leaf=lambda n: isinstance(n, MetricState))
 
 
 def guarded(
     inner: optax.GradientTransformation,
+    geometry: Geometry,
     *,
-    mass: float,
-    structure: str = "layerwise",
-    space: str = "auto",
     lower: float = 0.25,
     upper: float = 0.75,
     increase: float = 2.0,
@@ -83,10 +81,10 @@ def guarded(
   """Wraps a riemod natural-gradient transform with LM mass adaptation and step rejection.
 
   Args:
-    inner: e.g. ``riemod.layerwise_natural_gradient(lr, mass)`` (its output must be the step).
-    mass: the inner transform's default mass (the guard scales it).
-    structure: the inner transform's structure (``"layerwise"`` or ``"full"``), for ``G s``.
-    space: solve space of the metric (only its products are used).
+    inner: e.g. ``riemod.layerwise_natural_gradient(lr, geometry=geometry)`` (its output must be
+      the step).
+    geometry: the inner transform's :class:`~riemod.Geometry`: ``G s`` is computed with the very
+      ``G`` the inner step was solved with (adaptive masses and schedules included).
     lower, upper: reduction-ratio thresholds of the LM rule.
     increase, decrease: mass-scale factors for ``rho < lower`` and ``rho > upper``.
     reject_below: a step with ``rho < reject_below`` is rejected (0: reject loss increases).
@@ -101,7 +99,8 @@ def guarded(
     >>> f = lambda p, x: x @ p["w"]
     >>> params, x = {"w": jnp.zeros((2, 1))}, jnp.eye(2)
     >>> loss_of = lambda p: 0.5 * jnp.mean((f(p, x) - 1.0) ** 2)
-    >>> tx = guarded(riemod.layerwise_natural_gradient(1.0, mass=1e-2), mass=1e-2)
+    >>> geometry = riemod.Geometry(mass=1e-2)
+    >>> tx = guarded(riemod.layerwise_natural_gradient(1.0, geometry=geometry), geometry)
     >>> state = tx.init(params)
     >>> loss, g, curv = riemod.value_grad_and_curvature(
     ...     f, x, lambda y: 0.5 * jnp.mean((y - 1.0) ** 2), riemod.metrics.identity(), params=params)
@@ -109,19 +108,21 @@ def guarded(
     >>> int(state.rejected_steps)
     0
   """
-  if structure not in STRUCTURES:
-    raise ValueError(f"structure={structure!r}: use one of {STRUCTURES}.")
-  if not (isinstance(mass, (int, float)) and mass > 0):
-    raise ValueError(f"mass={mass!r}: pass the inner transform's default mass (> 0).")
+  if not isinstance(geometry, Geometry):
+    raise TypeError(f"geometry={geometry!r}: pass the riemod.Geometry of the inner transform.")
   if not (0 <= lower < upper) or not (increase > 1 > decrease > 0):
     raise ValueError("Need 0 <= lower < upper and increase > 1 > decrease > 0 (LM rule).")
   if not 0 < min_scale <= 1 <= max_scale:
     raise ValueError("Need 0 < min_scale <= 1 <= max_scale.")
 
   def init_fn(params):
+    state = inner.init(params)
+    if find_state(state, MetricState) is None:
+      raise ValueError("guarded(...) wraps a transform with riemod.scale_by_metric inside (e.g. "
+                       "riemod.layerwise_natural_gradient); this one has none.")
     dtype = jnp.result_type(float)
-    return GuardState(jnp.ones((), dtype), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
-                      jnp.full((), jnp.nan, dtype), inner.init(params))
+    return GuardState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
+                      jnp.full((), jnp.nan, dtype), state)
 
   def update_fn(updates, state, params=None, *, curvature=None, value=None,
                 value_fn: Callable[[Any], jax.Array] | None = None, **extra_args):
@@ -132,11 +133,11 @@ def guarded(
                        "(params -> loss on the same batch) to measure the actual reduction; "
                        "e.g. tx.update(grads, state, params, curvature=c, value=loss, "
                        "value_fn=loss_of_params).")
-    scale = state.mass_scale
-    scaled = _scaled_curvature(curvature, mass, scale, updates)
-    step, inner_state = inner.update(updates, state.inner_state, params, curvature=scaled,
+    scale = find_state(state.inner_state, MetricState).geometry.mass_scale
+    step, inner_state = inner.update(updates, state.inner_state, params, curvature=curvature,
                                      value=value, **extra_args)
-    metric = compose_metric(scaled, mass=mass, structure=structure, space=space)
+    # The G the inner step was solved with (under jit its unused factorisation is removed).
+    metric = geometry.compose(curvature, find_state(inner_state, MetricState).geometry)
     g_step = metric.matvec(step)
     dot = lambda a, b: sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     predicted = -(dot(updates, step) + 0.5 * dot(step, g_step))
@@ -153,9 +154,8 @@ def guarded(
     step = jax.tree.map(lambda s: jnp.where(accept, s, jnp.zeros_like(s)), step)
     inner_state = jax.tree.map(lambda new, old: jnp.where(accept, new, old), inner_state,
                                state.inner_state)
-    return step, GuardState(new_scale,
-                            state.rejected_steps + (~accept).astype(jnp.int32),
+    return step, GuardState(state.rejected_steps + (~accept).astype(jnp.int32),
                             state.adapted_steps + (new_scale != scale).astype(jnp.int32),
-                            ratio, inner_state)
+                            ratio, _with_mass_scale(inner_state, new_scale))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,8 +1,16 @@
-"""The Woodbury composer: per-module kernels, block factorisations, solves and exact draws."""
+"""The composer: from curvature to the metric ``G = K^T K + D`` and its solves.
 
-from riemod.composer.factors import DenseFactor, RowsFactor
-from riemod.composer.metric import STRUCTURES, ComposedMetric, compose_metric
-from riemod.composer.woodbury import BlockFactorization, cholesky_with_jitter, factorize_block
+:class:`Geometry` describes the metric (mass, mass policy, block structure, solve space,
+refinement); :meth:`Geometry.compose` factors it into a :class:`ComposedMetric`, whose blocks are
+:class:`BlockFactorization` objects (Woodbury in sample space, or Cholesky in parameter space).
+"""
 
-__all__ = ["BlockFactorization", "ComposedMetric", "DenseFactor", "RowsFactor", "STRUCTURES",
-           "cholesky_with_jitter", "compose_metric", "factorize_block"]
+from riemod.composer import masses
+from riemod.composer.geometry import SPACES, Geometry, GeometryState, validate_mass
+from riemod.composer.metric import STRUCTURES, ComposedMetric, StepReport
+from riemod.composer.woodbury import (BlockFactorization, BlockStep, cholesky_with_jitter,
+                                      factorize_block)
+
+__all__ = ["BlockFactorization", "BlockStep", "ComposedMetric", "Geometry", "GeometryState",
+           "SPACES", "STRUCTURES", "StepReport", "cholesky_with_jitter", "factorize_block",
+           "masses", "validate_mass"]

@@ -1,12 +1,15 @@
-"""The composed metric ``G``: modules grouped into blocks, each block factored once.
+"""The composed metric ``G = K^T K + D``: modules grouped into blocks, each block factored once.
 
-``structure="layerwise"`` gives every layerwise module its own block (``G`` block diagonal over
-modules); ``structure="full"`` puts all layerwise modules in one block whose kernel is the sum of the
-module kernels, so the cross-module blocks of ``K^T K`` are included without an ``n x n`` matrix.
+``structure="layerwise"`` gives every Riemannian module its own block (``G`` block diagonal over
+modules); ``structure="full"`` puts them all in one block whose kernel is the sum of the module
+kernels, so the cross-module blocks of ``K^T K`` are included without an ``n x n`` matrix.
 Euclidean modules have ``G = D`` and frozen modules are left out (zero step, zero noise).
 
-The same object serves the optimizer (``solve``), the certificates (``solve`` and ``matvec``) and
-the Riemannian samplers (``sample``), so there is one implementation of every solve.
+A :class:`ComposedMetric` is built only by :meth:`riemod.Geometry.compose`. The same object serves
+the optimizer (:meth:`ComposedMetric.step`), the certificates (``solve``, ``matvec``) and the
+Riemannian samplers (``sample``), so there is one implementation of every solve. A mass policy's
+change of variables ``S`` (see :mod:`riemod.masses`) is applied here, at the boundary: every
+method takes and returns vectors in the parameters' own coordinates.
 
 Reference: Pehle & Slotine, *Riemannian Optimization in Modular Systems* (arXiv 2603.03610), sec. 3.
 """
@@ -14,24 +17,33 @@ Reference: Pehle & Slotine, *Riemannian Optimization in Modular Systems* (arXiv 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from riemod.composer.woodbury import BlockFactorization, factorize_block
-
-if TYPE_CHECKING:  # riemod.curvature imports the composer's factors; avoid the import cycle.
-  from riemod.curvature import Curvature, ModuleCurvature
+from riemod.curvature.types import Curvature, ModuleCurvature
 
 STRUCTURES = ("layerwise", "full")
 
 
-def _inverse_mass(module: ModuleCurvature, default_mass: float, dtype):
-  if module.mass is None:
-    # Cast first: a float32 scalar mass (a schedule's value) must not be inverted in float32.
-    return {name: 1.0 / jnp.asarray(default_mass, dtype) for name in module.leaf_names}
-  return {name: (1.0 / module.mass[name]).astype(dtype) for name in module.leaf_names}
+class StepReport(NamedTuple):
+  """What one optimizer step measured, per block (arrays of length ``num_blocks``).
+
+  Attributes:
+    metric_grad_norm_sq: ``g^T G^{-1} g`` over the whole network (a scalar).
+    condition: each block's condition estimate (see :class:`~riemod.composer.BlockFactorization`).
+    residual: relative residual of each block's small solves.
+    jitter: the jitter each block's factorisation needed (0 when none).
+    error: each block's estimated relative error of its direction (``NaN`` for an invalid mass).
+  """
+
+  metric_grad_norm_sq: jax.Array
+  condition: jax.Array
+  residual: jax.Array
+  jitter: jax.Array
+  error: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -39,13 +51,17 @@ def _inverse_mass(module: ModuleCurvature, default_mass: float, dtype):
 class ComposedMetric:
   """``G = K^T K + D`` over a whole parameter tree, factored block by block.
 
-  Build it with :func:`compose_metric`. All methods take and return pytrees with the structure of
-  the parameters.
+  All methods take and return pytrees with the structure of the parameters (leaves may carry one
+  leading batch axis for several right-hand sides, except in :meth:`step`).
 
   Attributes:
-    curvature: the curvature it was built from.
-    inverse_masses: per module ``{leaf name: 1 / mass}``.
+    curvature: the curvature in the mass policy's variables (``S K``).
+    inverse_masses: per module ``{leaf name: 1 / mass}`` in those variables, the mass scale
+      included.
     blocks: the factored blocks.
+    scales: per parameter leaf, the policy's ``S`` (``None``: identity).
+    mass_ok: whether the default mass and scale are finite and > 0 (checked at run time for
+      traced masses).
     block_modules: for each block, the indices (into ``curvature.modules``) of its modules.
     structure: ``"layerwise"`` or ``"full"``.
   """
@@ -53,22 +69,36 @@ class ComposedMetric:
   curvature: Curvature
   inverse_masses: tuple[dict[str, jax.Array], ...]
   blocks: tuple[BlockFactorization, ...]
+  scales: tuple[Any, ...]
+  mass_ok: jax.Array
   block_modules: tuple[tuple[int, ...], ...] = dataclasses.field(metadata=dict(static=True))
   structure: str = dataclasses.field(metadata=dict(static=True))
+
+  # -- the policy's change of variables, at the boundary
+  def _rescale(self, tree: Any, inverse: bool = False) -> Any:
+    leaves, treedef = _checked_leaves(tree, self.curvature)
+    out = []
+    for x, s in zip(leaves, self.scales):
+      if s is None:
+        out.append(x)
+      else:
+        s = s.astype(x.dtype)
+        out.append(x / s if inverse else x * s)
+    return jax.tree.unflatten(treedef, out)
 
   def _module_leaves(self, leaves, module: ModuleCurvature) -> dict[str, jax.Array]:
     return {name: leaves[i] for name, i in zip(module.leaf_names, module.leaf_indices)}
 
-  def _map(self, tree: Any, block_fn, diagonal_fn, pass_members: bool = False
-           ) -> tuple[Any, list]:
+  def _map(self, tree: Any, block_fn, diagonal_fn) -> tuple[Any, list]:
+    """Applies ``block_fn(block, inputs, members)`` per block and ``diagonal_fn(module, inverse
+    mass, leaf, index)`` to the leaves of modules outside every block."""
     leaves, treedef = _checked_leaves(tree, self.curvature)
     out = [None] * len(leaves)
     extras = []
     modules = self.curvature.modules
     for block, members in zip(self.blocks, self.block_modules):
       inputs = [self._module_leaves(leaves, modules[i]) for i in members]
-      results, extra = (block_fn(block, inputs, members) if pass_members
-                        else block_fn(block, inputs))
+      results, extra = block_fn(block, inputs, members)
       extras.append(extra)
       for i, result in zip(members, results):
         for name, index in zip(modules[i].leaf_names, modules[i].leaf_indices):
@@ -82,55 +112,82 @@ class ComposedMetric:
     return jax.tree.unflatten(treedef, out), extras
 
   def solve(self, tree: Any) -> Any:
-    """``G^{-1} v`` (frozen modules: zero). Leaves may carry one leading batch axis."""
+    """``G^{-1} v`` (frozen modules: zero)."""
     return self.solve_with_residuals(tree)[0]
 
   def solve_with_residuals(self, tree: Any) -> tuple[Any, list[jax.Array]]:
     """``G^{-1} v`` and the relative residual of each block's small solve."""
-    return self._map(
-        tree, lambda block, v: block.solve(v),
+    out, residuals = self._map(
+        self._rescale(tree), lambda block, v, _: block.solve(v),
         lambda m, inv, g, _: jnp.zeros_like(g) if m.kind == "frozen" else inv * g)
+    return self._rescale(out), residuals
 
-  def spring_solve(self, tree: Any, previous: Any, momentum) -> tuple[Any, jax.Array, list]:
-    """SPRING: ``G^{-1}(g + mu D phi)``, with ``g^T G^{-1} g`` and per-block residuals.
+  def step(self, grads: Any, previous: Any = None, momentum=None) -> tuple[Any, StepReport]:
+    """The optimizer's direction ``G^{-1}(g + mu D phi)`` (SPRING when ``previous`` is given).
 
-    One factorisation, and in sample space a single extra ``K phi`` product (see
-    :meth:`BlockFactorization.spring_solve`).
+    Range-aware: where the curvature carries the gradient's coordinates in the factor rows, the
+    in-range part of ``g`` is solved without the Woodbury subtraction (see
+    :meth:`~riemod.composer.BlockFactorization.step`). Frozen modules get zero; euclidean ones
+    ``D^{-1} g + mu phi``.
+
+    Args:
+      grads: the gradient, shaped like the parameters.
+      previous: the previous direction (SPRING momentum), or ``None``.
+      momentum: SPRING ``mu``.
+
+    Returns:
+      ``(direction, report)``.
     """
-    prev_leaves, _ = _checked_leaves(previous, self.curvature)
+    with_momentum = previous is not None
+    prev_leaves = None
+    if with_momentum:
+      prev_leaves, _ = _checked_leaves(self._rescale(previous, inverse=True), self.curvature)
     modules = self.curvature.modules
+    coordinates = self.curvature.coordinates
     quadratic = []
 
     def block_fn(block, inputs, members):
-      prev = [self._module_leaves(prev_leaves, modules[i]) for i in members]
-      direction, g_ginv_g, residual = block.spring_solve(inputs, prev, momentum)
-      quadratic.append(g_ginv_g)
-      return direction, residual
+      prev = ([self._module_leaves(prev_leaves, modules[i]) for i in members]
+              if with_momentum else None)
+      result = block.step(inputs, coordinates, prev, momentum)
+      quadratic.append(result.metric_grad_norm_sq)
+      return result.direction, result
 
     def diagonal(m, inv, g, index):
       if m.kind == "frozen":
         return jnp.zeros_like(g)
-      quadratic.append(jnp.vdot(g, inv * g))
-      return inv * g + momentum * prev_leaves[index]
+      quadratic.append(jnp.vdot(g, inv * g).real)
+      return inv * g + momentum * prev_leaves[index] if with_momentum else inv * g
 
-    direction, residuals = self._map(tree, block_fn, diagonal, pass_members=True)
-    return direction, sum(quadratic), residuals
+    direction, results = self._map(self._rescale(grads), block_fn, diagonal)
+    dtype = jax.tree.leaves(grads)[0].dtype if jax.tree.leaves(grads) else jnp.float32
+    stack = lambda values: (jnp.stack([jnp.asarray(v, dtype) for v in values]) if values
+                            else jnp.zeros((0,), dtype))
+    error = stack([r.error for r in results])
+    report = StepReport(
+        metric_grad_norm_sq=jnp.asarray(sum(quadratic), dtype),
+        condition=stack([r.condition for r in results]),
+        residual=stack([r.residual for r in results]),
+        jitter=stack([b.jitter for b in self.blocks]),
+        error=jnp.where(self.mass_ok, error, jnp.nan))
+    return self._rescale(direction), report
 
   def matvec(self, tree: Any) -> Any:
     """``G v`` (frozen modules: zero)."""
-    return self._map(
-        tree, lambda block, v: (block.matvec(v), None),
+    out = self._map(
+        self._rescale(tree, inverse=True), lambda block, v, _: (block.matvec(v), None),
         lambda m, inv, g, _: jnp.zeros_like(g) if m.kind == "frozen" else g / inv)[0]
+    return self._rescale(out, inverse=True)
 
   def mass_times(self, tree: Any) -> Any:
     """``D v``: the mass alone (frozen modules: zero)."""
-    leaves, treedef = _checked_leaves(tree, self.curvature)
+    leaves, treedef = _checked_leaves(self._rescale(tree, inverse=True), self.curvature)
     out = list(leaves)
     for module, inverse in zip(self.curvature.modules, self.inverse_masses):
       for name, index in zip(module.leaf_names, module.leaf_indices):
         out[index] = (jnp.zeros_like(leaves[index]) if module.kind == "frozen"
                       else leaves[index] / inverse[name])
-    return jax.tree.unflatten(treedef, out)
+    return self._rescale(jax.tree.unflatten(treedef, out), inverse=True)
 
   def sample(self, key: jax.Array, like: Any) -> Any:
     """An exact draw from ``N(0, G^{-1})`` shaped like ``like`` (frozen modules: zero).
@@ -142,7 +199,8 @@ class ComposedMetric:
       >>> _, g, curv = riemod.value_grad_and_curvature(
       ...     f, jnp.ones((4, 3)), lambda y: 0.5 * jnp.mean(y**2), riemod.metrics.identity(),
       ...     params=params)
-      >>> compose_metric(curv, mass=1.0).sample(jax.random.key(0), params)["w"].shape
+      >>> geometry = riemod.Geometry(mass=1.0)
+      >>> geometry.compose(curv, geometry.init(params)).sample(jax.random.key(0), params)["w"].shape
       (3, 1)
     """
     block_keys = iter(jax.random.split(key, len(self.blocks) + 1)[1:])
@@ -154,10 +212,12 @@ class ComposedMetric:
       noise = jax.random.normal(jax.random.fold_in(diagonal_key, index), g.shape, g.dtype)
       return jnp.sqrt(inv) * noise
 
-    return self._map(like, lambda block, v: (block.sample(next(block_keys), v), None),
-                     diagonal)[0]
+    out = self._map(like, lambda block, v, _: (block.sample(next(block_keys), v), None),
+                    diagonal)[0]
+    return self._rescale(out)
 
   def block_names(self) -> list[str]:
+    """One name per block: its modules' names joined by ``+``."""
     return ["+".join(self.curvature.modules[i].name for i in members)
             for members in self.block_modules]
 
@@ -182,45 +242,34 @@ def _checked_leaves(tree: Any, curvature: Curvature):
   return leaves, treedef
 
 
-def compose_metric(curvature: Curvature, *, mass: float = 1e-2, structure: str = "layerwise",
-                   space: str = "auto", mass_scale: jax.Array | float = 1.0,
-                   refinement_steps: int = 0) -> ComposedMetric:
-  """Factors the metric ``G = K^T K + D`` of a :class:`~riemod.Curvature`.
+def _inverse_masses(module: ModuleCurvature, mass: jax.Array, dtype) -> dict[str, jax.Array]:
+  if module.mass is None:
+    # Cast first: a float32 scalar mass (a schedule's value) must not be inverted in float32.
+    return {name: 1.0 / mass.astype(dtype) for name in module.leaf_names}
+  return {name: (1.0 / (module.mass[name].astype(dtype))) for name in module.leaf_names}
 
-  Args:
-    curvature: from :func:`riemod.value_grad_and_curvature`.
-    mass: the default mass for modules that declare none (> 0).
-    structure: ``"layerwise"`` (one block per module) or ``"full"`` (one block for all).
-    space: ``"auto"``, ``"sample"`` or ``"parameter"`` (see :func:`factorize_block`).
-    mass_scale: multiplies every mass (used by adaptive damping; 1 by default).
-    refinement_steps: iterative refinement of every block's small solves (see
-      :func:`factorize_block`).
 
-  Returns:
-    A :class:`ComposedMetric`.
-  """
-  from riemod.curvature import Curvature
-
-  if not isinstance(curvature, Curvature):
-    raise TypeError(f"curvature={type(curvature).__name__}: pass the Curvature returned by "
-                    "riemod.value_grad_and_curvature.")
-  if structure not in STRUCTURES:
-    raise ValueError(f"structure={structure!r}: use one of {STRUCTURES}.")
-  if isinstance(mass, (int, float)) and not mass > 0:
-    raise ValueError(f"mass={mass!r}: the default mass must be > 0.")
+def compose(curvature: Curvature, scales: list[Any], *, mass: jax.Array, mass_scale: jax.Array,
+            structure: str, space: str, refinement_steps: int) -> ComposedMetric:
+  """Factors ``G`` block by block (called by :meth:`riemod.Geometry.compose`, which validates the
+  arguments and applies the mass policy first)."""
   dtype = _dtype_of(curvature)
+  mass = jnp.asarray(mass, dtype) * jnp.asarray(mass_scale, dtype)
+  mass_ok = jnp.isfinite(mass) & (mass > 0)
   inverse_masses = tuple(
-      {k: v / mass_scale for k, v in _inverse_mass(m, mass, dtype).items()}
+      {k: v / jnp.asarray(mass_scale, dtype) if m.mass is not None else v
+       for k, v in _inverse_masses(m, mass, dtype).items()}
       for m in curvature.modules)
   solvable = [i for i, m in enumerate(curvature.modules)
-              if m.kind == "layerwise" and m.factor is not None]
+              if m.kind == "riemannian" and m.factor is not None]
   groups = [(i,) for i in solvable] if structure == "layerwise" else (
       [tuple(solvable)] if solvable else [])
   blocks = tuple(factorize_block([curvature.modules[i].factor for i in members],
                                  [inverse_masses[i] for i in members], space=space,
                                  refinement_steps=refinement_steps)
                  for members in groups)
-  return ComposedMetric(curvature, inverse_masses, blocks, tuple(groups), structure)
+  return ComposedMetric(curvature, inverse_masses, blocks, tuple(scales), mass_ok, tuple(groups),
+                        structure)
 
 
 def _dtype_of(curvature: Curvature):

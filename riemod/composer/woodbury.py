@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from riemod.composer.factors import Factor
+from riemod.curvature.factors import Factor
 
 Params = dict  # one module's {leaf name: array}
 
@@ -120,6 +120,60 @@ def _scale(inv_mass: Params, v: Params) -> Params:
 
 def _add(a: Params, b: Params, alpha=1.0) -> Params:
   return {k: a[k] + alpha * b[k] for k in a}
+
+
+def _dot(a: Sequence[Params], b: Sequence[Params]) -> jax.Array:
+  return sum(jnp.vdot(x, y).real for x, y in zip(jax.tree.leaves(tuple(a)),
+                                                  jax.tree.leaves(tuple(b))))
+
+
+def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), 0)
+
+
+# A gradient differs from K^T e (the same sum, accumulated in another order) by a few eps times
+# sqrt(terms); measured on the tests' models: below 30 eps relative. A remainder under this many
+# eps is treated as that round-off.
+_ROUNDOFF = 256
+
+# Margin of the error estimate over the measured errors (see BlockFactorization.step).
+_ERROR_SAFETY = 4.0
+
+# Power iterations for lam_max of the factored matrix: each costs two triangular products
+# (2 d^2), against d^3 / 3 for the factorisation.
+_POWER_ITERATIONS = 8
+
+
+def _largest_eigenvalue(chol: jax.Array) -> jax.Array:
+  """``lam_max(L L^T)`` by power iteration on the factor (a slight under-estimate at worst)."""
+  d = chol.shape[-1]
+  v = jnp.cos(0.7 * jnp.arange(d, dtype=chol.dtype) + 0.3)
+  v = v / jnp.linalg.norm(v)
+  lam = jnp.ones((), chol.dtype)
+  for _ in range(_POWER_ITERATIONS):
+    w = chol @ (v @ chol)
+    lam = jnp.linalg.norm(w)
+    v = w / jnp.where(lam > 0, lam, 1)
+  return lam
+
+
+class BlockStep(NamedTuple):
+  """One block's share of an optimizer step.
+
+  Attributes:
+    direction: ``G^{-1}(g + mu D phi)`` per module.
+    metric_grad_norm_sq: ``g^T G^{-1} g``.
+    residual: relative residual of the small solves.
+    error: estimated relative error of the direction (``eps * cond * cancellation``).
+    condition: estimate of the factored matrix's condition number (``lam_max(C)`` in sample
+      space, where ``C >= I``; ``lam_max(G) / min(D)`` in parameter space).
+  """
+
+  direction: tuple[Params, ...]
+  metric_grad_norm_sq: jax.Array
+  residual: jax.Array
+  error: jax.Array
+  condition: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -227,33 +281,95 @@ class BlockFactorization:
                 for f, m, s in zip(self.factors, self.inv_masses, scaled))
     return out, residual
 
-  def spring_solve(self, rhs: Sequence[Params], previous: Sequence[Params], momentum
-                   ) -> tuple[tuple[Params, ...], jax.Array, jax.Array]:
-    """SPRING direction ``G^{-1}(g + mu D phi)``, ``g^T G^{-1} g`` and the solve residual.
+  def step(self, rhs: Sequence[Params], coordinates: jax.Array | None,
+           previous: Sequence[Params] | None, momentum) -> BlockStep:
+    """The optimizer's direction ``G^{-1}(g + mu D phi)`` with its diagnostics.
 
-    In sample space the two right-hand sides share everything but one product ``K phi``:
-    ``u0 = K D^{-1} g``, ``[t0, t1] = C^{-1}[u0, K phi]``, direction
-    ``D^{-1} g + mu phi - D^{-1} K^T (t0 + mu t1)`` and ``g^T G^{-1} g = g^T D^{-1} g - u0 . t0``.
+    Sample space, range-aware: with coordinates ``e`` of the gradient in the factor rows
+    (``g ~ alpha K^T e``), the in-range part is solved by the push-through identity
+    ``(K^T K + D)^{-1} K^T e = D^{-1} K^T C^{-1} e``, which has no ``1 / mass`` cancellation;
+    only the remainder ``r = g - alpha K^T e`` (structurally non-zero for a sub-batch curvature,
+    a prior or weight-decay term, a loss whose cotangent leaves the rows' span) goes through
+    Woodbury, ``D^{-1} r - D^{-1} K^T C^{-1} K D^{-1} r``. A remainder at the round-off level of
+    the gradient itself (``|r| <= tol |g|``) is dropped: solved, it would only amplify that
+    round-off by ``1 / mass``. SPRING momentum (``mu``, previous direction ``phi``) adds
+    ``mu G^{-1} D phi = mu (phi - D^{-1} K^T C^{-1} K phi)``. All right-hand sides share one
+    factorisation and one batched pair of triangular solves.
+
+    Args:
+      rhs: the gradient per module.
+      coordinates: ``e`` (``(d,)``) or ``None`` (plain Woodbury).
+      previous: the previous direction per module (SPRING), or ``None``.
+      momentum: SPRING ``mu`` (ignored without ``previous``).
+
+    Returns:
+      A :class:`BlockStep`.
     """
+    with_momentum = previous is not None
+    g_flat = jax.tree.leaves(tuple(rhs))
+    dtype = g_flat[0].dtype
+    eps = jnp.finfo(dtype).eps
+    norm = lambda tree: jnp.sqrt(sum(jnp.vdot(x, x).real for x in jax.tree.leaves(tree)))
     if self.space == "parameter":
+      carried = ([] if not with_momentum else
+                 [self._flatten([{k: v[k] / m[k] for k in v}
+                                 for v, m in zip(previous, self.inv_masses)])])
       b = self._flatten(rhs)
-      carried = self._flatten([{k: v[k] / m[k] for k in v}
-                               for v, m in zip(previous, self.inv_masses)])
-      both, residual = self._cho_solve(jnp.stack([b, carried]))
-      direction = self._unflatten(both[0] + momentum * both[1])
-      return direction, jnp.vdot(b, both[0]), residual
-    scaled = [_scale(m, g) for m, g in zip(self.inv_masses, rhs)]
-    u0 = sum(f.matvec(s) for f, s in zip(self.factors, scaled))
-    v1 = sum(f.matvec(p) for f, p in zip(self.factors, previous))
-    rhs_rows = jnp.stack([u0, v1])
-    t, residual = self._cho_solve(rhs_rows)
-    combined = t[0] + momentum * t[1]
-    direction = tuple(
-        {k: s[k] + momentum * p[k] - m[k] * back[k] for k in s}
-        for s, p, m, back in zip(scaled, previous, self.inv_masses,
-                                 (f.rmatvec(combined) for f in self.factors)))
-    g_ginv_g = sum(jnp.vdot(g[k], s[k]) for g, s in zip(rhs, scaled) for k in g) - jnp.vdot(u0, t[0])
-    return direction, g_ginv_g, residual
+      solved, residual = self._cho_solve(jnp.stack([b] + carried))
+      x_g = solved[0]
+      direction = x_g + momentum * solved[1] if with_momentum else x_g
+      g_ginv_g = jnp.vdot(b, x_g).real
+      lam_max = self._with_factor(_largest_eigenvalue)
+      min_mass = 1.0 / jnp.max(jnp.stack([jnp.max(m[k]) for m in self.inv_masses for k in m]))
+      error = _ERROR_SAFETY * eps * lam_max / min_mass
+      return BlockStep(self._unflatten(direction), g_ginv_g, residual, error, lam_max / min_mass)
+
+    rows, parts = [], {}
+    if coordinates is not None:
+      kte = [f.rmatvec(coordinates) for f in self.factors]
+      alpha = _safe_div(_dot(rhs, kte), _dot(kte, kte))
+      remainder = [_add(g, k, -alpha) for g, k in zip(rhs, kte)]
+      keep = norm(remainder) > _ROUNDOFF * eps * norm(rhs)
+      remainder = jax.tree.map(lambda r: jnp.where(keep, r, jnp.zeros_like(r)), remainder)
+      parts["range"] = len(rows)
+      rows.append(alpha * coordinates)
+    else:
+      remainder = list(rhs)
+    scaled = [_scale(m, r) for m, r in zip(self.inv_masses, remainder)]
+    parts["remainder"] = len(rows)
+    rows.append(sum(f.matvec(s) for f, s in zip(self.factors, scaled)))
+    if with_momentum:
+      parts["momentum"] = len(rows)
+      rows.append(sum(f.matvec(p) for f, p in zip(self.factors, previous)))
+    t, residual = self._cho_solve(jnp.stack(rows))
+
+    # The three parts, from one batched K^T product: the in-range part x_e = D^{-1} K^T t_e,
+    # the remainder's Woodbury solve x_r = D^{-1} r - D^{-1} K^T t_r, and SPRING's
+    # x_phi = G^{-1} D phi = phi - D^{-1} K^T t_phi.
+    order = [name for name in ("range", "remainder", "momentum") if name in parts]
+    signs = {"range": 1.0, "remainder": -1.0, "momentum": -1.0}
+    backs = [f.rmatvec(jnp.stack([signs[n] * t[parts[n]] for n in order])) for f in self.factors]
+    piece = lambda n: [{k: m[k] * back[k][order.index(n)] for k in back}
+                       for m, back in zip(self.inv_masses, backs)]
+    x_r = [_add(s_, b) for s_, b in zip(scaled, piece("remainder"))]
+    x_e = piece("range") if "range" in parts else None
+    x_g = x_r if x_e is None else [_add(a, b) for a, b in zip(x_e, x_r)]
+    direction = x_g
+    x_phi = None
+    if with_momentum:
+      x_phi = [_add(p, b) for p, b in zip(previous, piece("momentum"))]
+      direction = [_add(a, b, momentum) for a, b in zip(x_g, x_phi)]
+    g_ginv_g = _dot(rhs, x_g)
+    lam_max = self._with_factor(_largest_eigenvalue)
+    # Relative error of the direction, calibrated on float32 against float64 (tests and
+    # docs/method.md): a Woodbury subtraction loses about eps * cond(C) of its own size (measured
+    # 0.2-0.35 eps lam_max(C) for masses 1e-1..1e-8); the push-through part about
+    # eps * sqrt(cond(C)) at most (measured below 4e-4 at cond 1e9). C >= I, so cond(C) <= lam_max.
+    subtracted = norm(x_r) + (jnp.abs(momentum) * norm(x_phi) if with_momentum else 0.0)
+    pushed = norm(x_e) if x_e is not None else 0.0
+    error = _ERROR_SAFETY * eps * _safe_div(jnp.sqrt(lam_max) * pushed + lam_max * subtracted,
+                                             norm(direction))
+    return BlockStep(tuple(direction), g_ginv_g, residual, error, lam_max)
 
   def matvec(self, v: Sequence[Params]) -> tuple[Params, ...]:
     """``G v`` per module (the metric itself, never formed)."""
@@ -275,14 +391,6 @@ class BlockFactorization:
                 for f, m, z in zip(self.factors, self.inv_masses, z2))
     return self.solve(rhs)[0]
 
-  def condition_estimate(self) -> jax.Array:
-    """``(max L_ii / min L_ii)^2``: a cheap lower bound on the condition number."""
-    def estimate(chol):
-      diag = jnp.abs(jnp.diag(chol))
-      return (jnp.max(diag) / jnp.min(diag)) ** 2
-    return self._with_factor(estimate)
-
-
 def factorize_block(factors: Sequence[Factor], inv_masses: Sequence[Params],
                     space: str = "auto", refinement_steps: int = 0) -> BlockFactorization:
   """Factors one block of modules that share a kernel.
@@ -298,7 +406,7 @@ def factorize_block(factors: Sequence[Factor], inv_masses: Sequence[Params],
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from riemod.composer.factors import RowsFactor
+    >>> from riemod.curvature.factors import RowsFactor
     >>> f = RowsFactor({"w": jnp.ones((1, 2, 3))})          # R=1, B=2, three parameters
     >>> block = factorize_block([f], [{"w": jnp.asarray(1.0)}], space="sample")
     >>> x, _ = block.solve([{"w": jnp.ones(3)}])

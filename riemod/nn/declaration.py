@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-KINDS = ("layerwise", "euclidean", "frozen")
+KINDS = ("riemannian", "euclidean", "frozen")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -26,19 +26,22 @@ class MetricDeclaration:
     mass: the diagonal mass ``D_a``: ``None`` (use the transform's default), a positive float, or a
       per-parameter pytree/array of positive values shaped like the module's parameters (a dict
       ``{"kernel": ..., "bias": ...}`` for dense and conv layers).
-    kind: ``"layerwise"`` (default: the Riemannian step ``(K^T K + D)^{-1} g``), ``"euclidean"``
+    kind: ``"riemannian"`` (default: the Riemannian step ``(K^T K + D)^{-1} g``), ``"euclidean"``
       (``D^{-1} g``) or ``"frozen"`` (no update).
 
   Example:
     >>> MetricDeclaration(mass=1e-2).kind
-    'layerwise'
+    'riemannian'
   """
 
   mass: Any = None
-  kind: str = "layerwise"
+  kind: str = "riemannian"
 
   def __post_init__(self):
     object.__setattr__(self, "mass", validate_mass(self.mass, "mass"))
+    if self.kind == "layerwise":
+      raise ValueError('kind="layerwise" was renamed kind="riemannian" (trained with its metric); '
+                       '"layerwise" now only names the block-diagonal structure of a Geometry.')
     if self.kind not in KINDS:
       raise ValueError(f"kind={self.kind!r} is not one of {KINDS}; pick one of them.")
 

@@ -29,20 +29,20 @@ class Dense(nnx.Linear):
     out_features: output width.
     mass: ``None`` (the transform's default), a positive float, or per-parameter masses
       ``{"kernel": (in, out) array, "bias": (out,) array}``.
-    kind: ``"layerwise"`` (default), ``"euclidean"`` or ``"frozen"``.
+    kind: ``"riemannian"`` (default), ``"euclidean"`` or ``"frozen"``.
     **kwargs: passed to :class:`flax.nnx.Linear` (``rngs``, ``use_bias``, initialisers, dtypes).
 
   Example:
     >>> from flax import nnx
     >>> layer = Dense(3, 2, mass=1e-2, rngs=nnx.Rngs(0))
     >>> layer.riemod_mass, layer.riemod_kind
-    (0.01, 'layerwise')
+    (0.01, 'riemannian')
   """
 
   _riemod_dense = True
 
   def __init__(self, in_features: int, out_features: int, *, mass: Any = None,
-               kind: str = "layerwise", **kwargs):
+               kind: str = "riemannian", **kwargs):
     super().__init__(in_features, out_features, **kwargs)
     _declare(self, mass, kind)
 
@@ -58,7 +58,7 @@ class Conv(nnx.Conv):
     out_features: output channels.
     kernel_size: e.g. ``(3, 3)``.
     mass: ``None``, a positive float, or ``{"kernel": (kh, kw, c_in, c_out), "bias": (c_out,)}``.
-    kind: ``"layerwise"`` (default), ``"euclidean"`` or ``"frozen"``.
+    kind: ``"riemannian"`` (default), ``"euclidean"`` or ``"frozen"``.
     **kwargs: passed to :class:`flax.nnx.Conv` (``strides``, ``padding``, ``rngs``, ...).
 
   Example:
@@ -70,7 +70,7 @@ class Conv(nnx.Conv):
   _riemod_conv = True
 
   def __init__(self, in_features: int, out_features: int, kernel_size, *, mass: Any = None,
-               kind: str = "layerwise", **kwargs):
+               kind: str = "riemannian", **kwargs):
     super().__init__(in_features, out_features, kernel_size, **kwargs)
     _declare(self, mass, kind)
 

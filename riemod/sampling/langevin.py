@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from riemod.composer.metric import STRUCTURES, compose_metric
+from riemod.composer import Geometry, masses
 
 
 class LangevinState(NamedTuple):
@@ -66,11 +66,13 @@ class RiemannianLangevinState(NamedTuple):
     count: steps taken.
     key: noise key (step ``t`` uses ``fold_in(key, t)``).
     drift_norm_sq: ``grad U_B^T G_U^{-1} grad U_B`` of the last step (a diagnostic).
+    geometry: the geometry's state.
   """
 
   count: jax.Array
   key: jax.Array
   drift_norm_sq: jax.Array
+  geometry: Any = None
 
 
 def _prng_key(key) -> jax.Array:
@@ -194,9 +196,7 @@ def riemannian_sgld(
     *,
     data_size: int | None = None,
     prior_precision: float = 1.0,
-    structure: str = "layerwise",
-    space: str = "auto",
-    mass: float | None = None,
+    geometry: Geometry | None = None,
     key: jax.Array | int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """Riemannian SGLD with the composer's metric: ``-h G_U^{-1} grad U_B + N(0, 2 h T G_U^{-1})``.
@@ -214,14 +214,14 @@ def riemannian_sgld(
       curvature into the metric of ``U``).
     prior_precision: ``P > 0`` of the isotropic Gaussian prior, the mass of modules that declare
       none is ``P / N``.
-    structure: ``"layerwise"`` or ``"full"``.
-    space: ``"auto"``, ``"sample"`` or ``"parameter"`` solves (see :func:`riemod.compose_metric`).
-    mass: the default mass ``D`` in the batch-mean scale; ``None`` means ``prior_precision / N``,
-      for which ``G_U`` is exactly the Gauss-Newton matrix of ``U``. Any constant ``D > 0`` gives
-      a valid preconditioner (the stationary law is still ``exp(-U / T)``); a larger one damps the
+    geometry: the metric as a :class:`~riemod.Geometry` in the batch-mean scale (structure,
+      space, mass); ``None`` means ``Geometry(mass=prior_precision / N)``, for which ``G_U`` is
+      exactly the Gauss-Newton matrix of ``U``. Any constant mass ``D > 0`` gives a valid
+      preconditioner (the stationary law is still ``exp(-U / T)``); a larger one damps the
       directions the batch's curvature does not see, which a network needs when the batch metric
       has rank far below the parameter count (there ``G_U = P`` would let the chain take prior-
-      sized steps against the full-data gradient).
+      sized steps against the full-data gradient). A parameter-dependent mass policy (adaptive)
+      would need the dropped divergence term and is refused.
     key: PRNG key (or integer seed) of the injected noise.
 
   Returns:
@@ -257,18 +257,20 @@ def riemannian_sgld(
   if not (float(prior_precision) > 0 and np.isfinite(float(prior_precision))):
     raise ValueError(f"prior_precision={prior_precision!r}: it must be finite and > 0 (it sets "
                      "the mass P / N that keeps the metric invertible).")
-  if structure not in STRUCTURES:
-    raise ValueError(f"structure={structure!r}: use one of {STRUCTURES}.")
   key = _prng_key(key)
-  if mass is not None and not (float(mass) > 0 and np.isfinite(float(mass))):
-    raise ValueError(f"mass={mass!r}: pass a finite mass > 0, or None for prior_precision / N.")
   n = float(data_size)
-  mass = float(prior_precision) / n if mass is None else float(mass)
+  if geometry is None:
+    geometry = Geometry(mass=float(prior_precision) / n)
+  if not isinstance(geometry, Geometry):
+    raise TypeError(f"geometry={geometry!r}: pass a riemod.Geometry (or None).")
+  if not isinstance(geometry.mass_policy, masses.ConstantMass):
+    raise ValueError("riemannian_sgld needs a constant mass policy: a mass that follows the "
+                     "gradients makes G depend on the parameters, and the sampler drops the "
+                     "divergence term that would then be needed.")
 
   def init_fn(params):
-    del params
     return RiemannianLangevinState(jnp.zeros((), jnp.int32), key,
-                                   jnp.zeros((), jnp.result_type(float)))
+                                   jnp.zeros((), jnp.result_type(float)), geometry.init(params))
 
   def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
     del params, extra_args
@@ -277,7 +279,8 @@ def riemannian_sgld(
                        "curvature=curvature) with the curvature from "
                        "riemod.value_grad_and_curvature on the batch-mean loss.")
     h = _step_value(step_size, state.count)
-    metric = compose_metric(curvature, mass=mass, structure=structure, space=space)
+    geometry_state = geometry.advance(state.geometry, updates)
+    metric = geometry.compose(curvature, geometry_state)
     direction = metric.solve(updates)  # G^{-1} grad U_B
     noise = metric.sample(jax.random.fold_in(state.key, state.count), updates)  # ~ N(0, G^{-1})
     drift_scale = h / n
@@ -287,7 +290,8 @@ def riemannian_sgld(
     norm_sq = sum(jnp.vdot(g, d).real for g, d in
                   zip(jax.tree.leaves(updates), jax.tree.leaves(direction))) / n
     return out, RiemannianLangevinState(optax.safe_increment(state.count), state.key,
-                                        jnp.asarray(norm_sq, state.drift_norm_sq.dtype))
+                                        jnp.asarray(norm_sq, state.drift_norm_sq.dtype),
+                                        geometry_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -13,226 +13,19 @@ secs. 1-2.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from typing import Any, Callable, Hashable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from riemod import _tape
-from riemod.composer.factors import DenseFactor, Factor, RowsFactor
+from riemod.curvature.factors import DenseFactor, RowsFactor
+from riemod.curvature.types import Curvature, ModuleCurvature
 from riemod.metrics import OutputMetric
-from riemod.nn.declaration import KINDS, MetricDeclaration, validate_mass
-from riemod.nn.structure import DenseStructure, linen_structure, structure_of
+from riemod.nn.adapter import Frontend, ModuleGroup, _LinenFrontend, frontend as make_frontend, module_name
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class ModuleCurvature:
-  """One module's share of the curvature.
-
-  Attributes:
-    factor: its ``K_a`` (``None`` for euclidean and frozen modules, which need none).
-    mass: declared masses ``{leaf name: array}`` or ``None`` (the transform's default applies).
-    name: the module's path, e.g. ``"layers/0"``.
-    kind: ``"layerwise"``, ``"euclidean"`` or ``"frozen"``.
-    leaf_indices: positions of its parameters in ``jax.tree.leaves(params)``.
-    leaf_names: the parameters' names (``"kernel"``, ``"bias"``, ...), aligned with ``leaf_indices``.
-  """
-
-  factor: Factor | None
-  mass: dict[str, jax.Array] | None
-  name: str = dataclasses.field(metadata=dict(static=True))
-  kind: str = dataclasses.field(metadata=dict(static=True))
-  leaf_indices: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-  leaf_names: tuple[str, ...] = dataclasses.field(metadata=dict(static=True))
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Curvature:
-  """What the optimizer needs besides the gradient: a pytree, safe under jit and optax.chain.
-
-  Attributes:
-    modules: one :class:`ModuleCurvature` per module, in parameter order.
-    leaf_shapes: the shapes of ``jax.tree.leaves(params)``, to check the curvature matches.
-    num_rows: ``d = k * B``, the number of factor rows.
-    output_metric: the output metric's name.
-  """
-
-  modules: tuple[ModuleCurvature, ...]
-  leaf_shapes: tuple[tuple[int, ...], ...] = dataclasses.field(metadata=dict(static=True))
-  num_rows: int = dataclasses.field(metadata=dict(static=True))
-  output_metric: str = dataclasses.field(metadata=dict(static=True))
-
-
-@dataclasses.dataclass
-class _Group:
-  """Parameters sharing a parent path: one module."""
-
-  path: tuple[Hashable, ...]
-  leaf_indices: list[int]
-  leaf_names: list[str]
-  declaration: MetricDeclaration
-  structure: DenseStructure | None = None
-
-
-def _path_entry(key) -> Hashable:
-  for attr in ("key", "idx", "name"):
-    if hasattr(key, attr):
-      return getattr(key, attr)
-  return str(key)
-
-
-def _groups(params: Any) -> list[_Group]:
-  flat, _ = jax.tree_util.tree_flatten_with_path(params)
-  groups: dict[tuple, _Group] = {}
-  for index, (path, _) in enumerate(flat):
-    entries = tuple(_path_entry(k) for k in path)
-    parent, name = entries[:-1], str(entries[-1]) if entries else "param"
-    group = groups.setdefault(parent, _Group(parent, [], [], MetricDeclaration()))
-    group.leaf_indices.append(index)
-    group.leaf_names.append(name)
-  return list(groups.values())
-
-
-def _name(path: tuple) -> str:
-  return "/".join(map(str, path)) if path else "<root>"
-
-
-def _apply_declarations(groups: list[_Group], declarations: Mapping[str, Any] | None) -> None:
-  if not declarations:
-    return
-  by_name = {_name(g.path): g for g in groups}
-  for name, declaration in declarations.items():
-    if name not in by_name:
-      raise KeyError(f"declarations names module {name!r}, which has no parameters here; the "
-                     f"modules are {sorted(by_name)}.")
-    if not isinstance(declaration, MetricDeclaration):
-      declaration = MetricDeclaration(**declaration)
-    by_name[name].declaration = declaration
-
-
-# --------------------------------------------------------------------------- frontends
-class _Frontend:
-  """How to run one kind of model: NNX module, Linen apply function, or plain function."""
-
-  params: Any
-  groups: list[_Group]
-
-  def apply(self, params: Any, x: Any, tape: _tape.Tape | None) -> jax.Array:
-    raise NotImplementedError
-
-
-_TAPPED_CLASSES: dict[type, type] = {}
-
-
-def _tapped_class(cls: type) -> type:
-  """A subclass of a plain ``nnx.Linear``/``nnx.Conv`` whose call goes through the tape."""
-  if cls not in _TAPPED_CLASSES:
-    def __call__(self, x, *args, **kwargs):
-      return _tape.tapped_call(self, None, x, lambda v: cls.__call__(self, v, *args, **kwargs))
-    _TAPPED_CLASSES[cls] = type(f"Tapped{cls.__name__}", (cls,), {"__call__": __call__})
-  return _TAPPED_CLASSES[cls]
-
-
-class _NNXFrontend(_Frontend):
-
-  def __init__(self, model: nnx.Module, declarations):
-    self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
-    self.groups = _groups(nnx.as_pure(self.params))
-    nodes = dict(nnx.iter_graph(model))
-    for group in self.groups:
-      node = nodes.get(group.path)
-      if node is None:
-        continue
-      kind = getattr(node, "riemod_kind", "layerwise")
-      mass = getattr(node, "riemod_mass", None)
-      if isinstance(mass, Mapping):
-        mass = dict(mass)
-      group.declaration = MetricDeclaration(mass=mass, kind=kind)
-      group.structure = structure_of(node)
-    _apply_declarations(self.groups, declarations)
-    self.structured_paths = {g.path for g in self.groups if g.structure is not None}
-
-  def apply(self, params, x, tape):
-    model = nnx.merge(self.graphdef, params, self.rest)
-    if tape is not None:
-      for path, node in nnx.iter_graph(model):
-        if path in self.structured_paths:
-          tape.owners[id(node)] = path
-          if type(node) in (nnx.Linear, nnx.Conv):
-            node.__class__ = _tapped_class(type(node))
-    return model(x)
-
-
-class _LinenFrontend(_Frontend):
-
-  def __init__(self, apply_fn: Callable, params: Any, declarations):
-    self.apply_fn, self.params = apply_fn, params
-    self.groups = _groups(params)
-    _apply_declarations(self.groups, declarations)
-
-  def apply(self, params, x, tape):
-    from flax import linen
-
-    if tape is None:
-      return self.apply_fn(params, x)
-
-    def interceptor(next_fun, args, kwargs, context):
-      module = context.module
-      if context.method_name != "__call__" or type(module) not in (linen.Dense, linen.Conv):
-        return next_fun(*args, **kwargs)
-      key = ("params",) + tuple(module.path)
-      if tape.taps is None:  # shape pass: learn the structure of each layer
-        structure = linen_structure(module, module.variables["params"]["kernel"].shape)
-        if structure is None:
-          return next_fun(*args, **kwargs)
-        tape.structures[key] = structure
-      elif key not in tape.taps:
-        return next_fun(*args, **kwargs)
-      return _tape.tapped_call(module, key, args[0],
-                               lambda v: next_fun(v, *args[1:], **kwargs))
-
-    with linen.intercept_methods(interceptor):
-      return self.apply_fn(params, x)
-
-
-class _FunctionFrontend(_Frontend):
-
-  def __init__(self, fn: Callable, params: Any, declarations):
-    self.fn, self.params = fn, params
-    self.groups = _groups(params)
-    _apply_declarations(self.groups, declarations)
-
-  def apply(self, params, x, tape):
-    return self.fn(params, x)
-
-
-def _frontend(model, params, declarations) -> _Frontend:
-  from flax import linen
-
-  if isinstance(model, nnx.Module):
-    if params is not None:
-      raise ValueError("An NNX model carries its parameters: do not pass params=.")
-    return _NNXFrontend(model, declarations)
-  if isinstance(model, linen.Module):
-    model = model.apply
-  if not callable(model):
-    raise TypeError(f"model={model!r} is neither an nnx.Module nor a callable f(params, x).")
-  if params is None:
-    raise ValueError("A Linen apply function or a plain function needs params=: the parameter "
-                     "pytree it is applied to.")
-  owner = getattr(model, "__self__", None)
-  if isinstance(owner, linen.Module):
-    return _LinenFrontend(model, params, declarations)
-  return _FunctionFrontend(model, params, declarations)
-
-
-# --------------------------------------------------------------------------- the computation
 def _check_inputs(x: Any, params: Any) -> int:
   leaves = jax.tree.leaves(x)
   if not leaves:
@@ -248,8 +41,8 @@ def _check_inputs(x: Any, params: Any) -> int:
   return batch.pop()
 
 
-def _generic_rows(frontend: _Frontend, params: Any, x: Any, rows: jax.Array,
-                  groups: list[_Group]) -> dict[tuple, dict[str, jax.Array]]:
+def _generic_rows(frontend: Frontend, params: Any, x: Any, rows: jax.Array,
+                  groups: list[ModuleGroup]) -> dict[tuple, dict[str, jax.Array]]:
   """Per-sample VJPs for modules without dense structure: ``{path: {name: (k, B, *shape)}}``."""
   leaves, treedef = jax.tree.flatten(params)
   indices = [i for g in groups for i in g.leaf_indices]
@@ -275,7 +68,7 @@ def _generic_rows(frontend: _Frontend, params: Any, x: Any, rows: jax.Array,
   return out
 
 
-def _mass_leaves(group: _Group, leaves: list[jax.Array]) -> dict[str, jax.Array] | None:
+def _mass_leaves(group: ModuleGroup, leaves: list[jax.Array]) -> dict[str, jax.Array] | None:
   mass = group.declaration.mass
   if mass is None:
     return None
@@ -285,19 +78,19 @@ def _mass_leaves(group: _Group, leaves: list[jax.Array]) -> dict[str, jax.Array]
   if not isinstance(mass, Mapping):
     mass = {group.leaf_names[0]: mass} if len(group.leaf_names) == 1 else mass
   if not isinstance(mass, Mapping) or set(mass) != set(group.leaf_names):
-    raise ValueError(f"The mass of module {_name(group.path)!r} must be a float or a dict with "
+    raise ValueError(f"The mass of module {module_name(group.path)!r} must be a float or a dict with "
                      f"keys {sorted(group.leaf_names)}.")
   out = {}
   for name, index in zip(group.leaf_names, group.leaf_indices):
     value = jnp.asarray(mass[name], dtype)
     if value.ndim and value.shape != leaves[index].shape:
-      raise ValueError(f"The mass of {_name(group.path)}/{name} has shape {value.shape}; it must "
+      raise ValueError(f"The mass of {module_name(group.path)}/{name} has shape {value.shape}; it must "
                        f"be a scalar or match the parameter's shape {leaves[index].shape}.")
     out[name] = value
   return out
 
 
-def _tapped_pass(frontend: _Frontend, params: Any, x: Any, structured: dict[tuple, _Group]):
+def _tapped_pass(frontend: Frontend, params: Any, x: Any, structured: dict[tuple, ModuleGroup]):
   """Forward pass with zero taps on the structured layers: ``(outputs, vjp, inputs, taps)``."""
 
   def shape_pass(p):
@@ -384,12 +177,12 @@ def value_grad_and_curvature(
   if not isinstance(output_metric, OutputMetric):
     raise TypeError(f"output_metric={output_metric!r}: use one of riemod.metrics (identity(), "
                     "softmax_fisher(), ...), or riemod.metrics.custom(...).")
-  frontend = _frontend(model, params, declarations)
+  frontend = make_frontend(model, params, declarations)
   params = frontend.params
   batch = _check_inputs(x, params)
   leaves = jax.tree.leaves(params)
   structured = {g.path: g for g in frontend.groups
-                if g.declaration.kind == "layerwise"
+                if g.declaration.kind == "riemannian"
                 and (g.structure is not None or isinstance(frontend, _LinenFrontend))}
 
   if curvature_batch is not None:
@@ -408,18 +201,19 @@ def value_grad_and_curvature(
     outputs = frontend.apply(params, x, None)
     _check_outputs(outputs, batch, loss_fn)
     loss, grads = jax.value_and_grad(lambda p: loss_fn(frontend.apply(p, x, None)))(params)
+    loss_cotangent = jax.grad(loss_fn)(outputs)
     x_curv = jax.tree.map(lambda a: a[:curvature_batch], x)
     outputs_curv, vjp, inputs, taps = _tapped_pass(frontend, params, x_curv, structured)
     num_curv = curvature_batch
 
-  factor_rows = output_metric(outputs_curv, key) / jnp.sqrt(
-      jnp.asarray(num_curv, outputs_curv.dtype))
+  root = jnp.sqrt(jnp.asarray(num_curv, outputs_curv.dtype))
+  factor_rows = output_metric(outputs_curv, key) / root
   rows = jnp.moveaxis(factor_rows, 1, 0)  # (k, B, *out)
   num_rows = rows.shape[0] * num_curv
   tap_cotangents = jax.vmap(lambda r: vjp(r)[1])(rows) if taps else {}
 
   generic = [g for g in frontend.groups
-             if g.declaration.kind == "layerwise" and g.path not in taps]
+             if g.declaration.kind == "riemannian" and g.path not in taps]
   generic_rows = _generic_rows(frontend, params, x_curv, rows, generic) if generic else {}
 
   modules = []
@@ -435,16 +229,22 @@ def value_grad_and_curvature(
     elif group.path in generic_rows:
       factor = RowsFactor(generic_rows[group.path])
     modules.append(ModuleCurvature(
-        factor=factor, mass=_mass_leaves(group, leaves), name=_name(group.path),
+        factor=factor, mass=_mass_leaves(group, leaves), name=module_name(group.path),
         kind=group.declaration.kind, leaf_indices=tuple(group.leaf_indices),
         leaf_names=tuple(group.leaf_names)))
   modules.sort(key=lambda m: m.leaf_indices[0])
-  curvature = Curvature(tuple(modules), tuple(tuple(np.shape(l)) for l in leaves), num_rows,
-                        output_metric.name)
+  coordinates = None
+  if output_metric.coordinates is not None:
+    # K^T e = sum_s J_s^T L_s^T e_s / sqrt(m) must equal the curvature samples' gradient
+    # sum_s J_s^T c_s, so e_s = sqrt(m) * (coordinates of c_s in the unscaled rows L_s).
+    per_sample = output_metric.coordinates(outputs_curv, loss_cotangent[:num_curv])  # (m, k)
+    coordinates = (root * jnp.moveaxis(per_sample, 1, 0)).reshape(-1)
+  curvature = Curvature(tuple(modules), coordinates, tuple(tuple(np.shape(l)) for l in leaves),
+                        num_rows, output_metric.name)
   return loss, grads, curvature
 
 
-def _check_leaf_names(group: _Group, expected: tuple[str, ...]) -> None:
+def _check_leaf_names(group: ModuleGroup, expected: tuple[str, ...]) -> None:
   if sorted(group.leaf_names) != sorted(expected):
-    raise ValueError(f"Module {_name(group.path)!r} has parameters {sorted(group.leaf_names)}; "
+    raise ValueError(f"Module {module_name(group.path)!r} has parameters {sorted(group.leaf_names)}; "
                      f"its dense structure expects {sorted(expected)}.")

@@ -7,7 +7,7 @@ needs: ``gram`` (``K D^{-1} K^T``), ``matvec`` (``K v``), ``rmatvec`` (``K^T t``
 
 ``DenseFactor`` keeps ``K`` implicit. For a dense layer the row of ``(r, s)`` is
 ``(x_s outer c_rs, c_rs)``, so ``(K K^T)[(r,s),(r',s')] = (c_rs . c_r's') (x_s . x_s' / m_W + 1 / m_b)``:
-a Hadamard product of two small Gram matrices (``METHOD.md`` sec. 3). Convolutions have the same
+a Hadamard product of two small Gram matrices (see docs/method.md). Convolutions have the same
 structure summed over output positions.
 
 Reference: Pehle & Slotine, *Riemannian Optimization in Modular Systems* (arXiv 2603.03610).
@@ -40,11 +40,14 @@ class DenseFactor:
     features: layer inputs as ``(B, P, fan_in)`` (patches for convolutions).
     cotangents: factor rows pulled back to the layer output, ``(R, B, P, fan_out)``.
     structure: the layer's static :class:`~riemod.nn.DenseStructure`.
+    bias_weight: a scalar on the bias rows (``None``: 1); a mass policy's change of variables
+      may scale the bias differently from the kernel.
   """
 
   features: jax.Array
   cotangents: jax.Array
   structure: DenseStructure = dataclasses.field(metadata=dict(static=True))
+  bias_weight: jax.Array | None = None
 
   @property
   def num_rows(self) -> int:
@@ -60,7 +63,8 @@ class DenseFactor:
         self.structure.fan_out if self.structure.has_bias else 0)
 
   def _bias_rows(self) -> jax.Array:
-    return self.cotangents.sum(axis=2)  # (R, B, out)
+    rows = self.cotangents.sum(axis=2)  # (R, B, out)
+    return rows if self.bias_weight is None else rows * self.bias_weight
 
   def gram(self, inv_mass: Leaves) -> jax.Array:
     """``K D^{-1} K^T`` as ``(d, d)``; Gram-Hadamard when the masses are scalars per leaf."""
@@ -74,7 +78,8 @@ class DenseFactor:
       flat_c = c.reshape(r * b, -1)
       weight = (x[:, 0] @ x[:, 0].T) * inv_mass["kernel"]
       if self.structure.has_bias:
-        weight = weight + inv_mass["bias"]
+        weight = weight + inv_mass["bias"] * (1.0 if self.bias_weight is None
+                                              else self.bias_weight ** 2)
       return (flat_c @ flat_c.T) * jnp.tile(weight, (r, r))
     else:
       fan_in, fan_out = self.structure.fan_in, self.structure.fan_out

@@ -1,0 +1,150 @@
+"""The geometry: one description of the metric ``G = K^T K + D``, from curvature to solves.
+
+A :class:`Geometry` is a frozen, hashable description: the default mass (a number or an optax
+schedule), the mass policy (:mod:`riemod.masses`), the block structure, the solve space and the
+iterative refinement. Its state (:class:`GeometryState`: gradients seen, the mass scale a guard
+adapts, the policy's moments) is a pytree that lives in the optimizer state.
+:meth:`Geometry.compose` is the only path from a :class:`~riemod.Curvature` to ``G``: the
+optimizer, the guard, the certificates and the Riemannian sampler all call it, so they all use
+the same ``G``.
+
+Reference: Pehle & Slotine, *Riemannian Optimization in Modular Systems* (arXiv 2603.03610), sec. 3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from riemod.composer import masses as _masses
+from riemod.composer.metric import STRUCTURES, ComposedMetric, compose
+from riemod.curvature.types import Curvature
+
+SPACES = ("auto", "sample", "parameter")
+
+
+class GeometryState(NamedTuple):
+  """The geometry's running state (a pytree, kept in the optimizer state).
+
+  Attributes:
+    count: gradients folded in so far (the mass schedule is evaluated at ``count - 1``, the step
+      being taken).
+    mass_scale: a factor on every mass, declared or default (adapted by :func:`riemod.guarded`).
+    moments: the mass policy's statistics (``None`` for the constant mass).
+  """
+
+  count: jax.Array
+  mass_scale: jax.Array
+  moments: Any = None
+
+
+def validate_mass(mass: Any, name: str = "mass") -> None:
+  """Raises for a mass that is known now (Python, NumPy or concrete JAX scalar, or a schedule's
+  value at step 0) and is not finite and > 0; traced values are checked at run time (the step's
+  error estimate becomes NaN, which the non-finite policy refuses)."""
+  if mass is None:
+    raise ValueError(f"{name}=None: pass a positive number (e.g. 1e-2) or an optax schedule of "
+                     "the step count.")
+  value = mass
+  if callable(mass):
+    try:
+      value = mass(0)
+    except Exception as error:  # a schedule that cannot be called eagerly
+      raise TypeError(f"{name}={mass!r}: a schedule must be callable as {name}(step) with an "
+                      f"integer step ({type(error).__name__}: {error}).") from error
+  if isinstance(value, jax.core.Tracer):
+    return
+  array = np.asarray(value)
+  if array.ndim:
+    raise ValueError(f"{name} has shape {array.shape}: the default mass is a scalar. Declare "
+                     "per-parameter masses on the modules (riemod.nn.Dense(..., mass=...) or "
+                     "declarations=) instead.")
+  if not np.issubdtype(array.dtype, np.number) or not (math.isfinite(float(array))
+                                                      and float(array) > 0):
+    what = "its value at step 0" if callable(mass) else "it"
+    raise ValueError(f"{name}={mass!r}: {what} must be a finite positive number (it damps "
+                     "G = K^T K + mass), e.g. 1e-2.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """The metric ``G = K^T K + D`` that riemod steps, certifies and samples with.
+
+  Attributes:
+    mass: default mass for modules that declare none (> 0), or an optax schedule of the step.
+      ``mass -> inf`` gives ``g / mass`` (SGD with learning rate ``lr / mass``).
+    mass_policy: :func:`riemod.masses.constant` (default) or :func:`riemod.masses.adaptive`.
+    structure: ``"layerwise"`` (block diagonal: one block per module) or ``"full"`` (one block
+      for the whole network; cross-module curvature included, never an ``n x n`` matrix).
+    space: ``"auto"``, ``"sample"`` (Woodbury, ``d x d``) or ``"parameter"`` (``n x n``) solves
+      per block; ``"auto"`` picks the smaller.
+    refinement_steps: iterative refinement of every small solve against the metric as an
+      operator (0: none; 1 recovers most digits an ill-conditioned float32 solve loses).
+
+  Example:
+    >>> import jax.numpy as jnp, riemod
+    >>> geometry = riemod.Geometry(mass=1e-3, structure="full")
+    >>> f = lambda p, x: x @ p["w"]
+    >>> params = {"w": jnp.zeros((3, 1))}
+    >>> _, g, curv = riemod.value_grad_and_curvature(
+    ...     f, jnp.eye(3), lambda y: 0.5 * jnp.mean((y - 1.0) ** 2), riemod.metrics.identity(),
+    ...     params=params)
+    >>> metric = geometry.compose(curv, geometry.init(params))
+    >>> step = metric.solve(g)          # G^{-1} g, the Gauss-Newton step (lr = 1)
+    >>> bool(jnp.allclose(metric.matvec(step)["w"], g["w"], atol=1e-5))
+    True
+  """
+
+  mass: Any = 1e-2
+  mass_policy: Any = dataclasses.field(default_factory=_masses.ConstantMass)
+  structure: str = "layerwise"
+  space: str = "auto"
+  refinement_steps: int = 0
+
+  def __post_init__(self):
+    validate_mass(self.mass)
+    _masses._validate(self.mass_policy)
+    if self.structure not in STRUCTURES:
+      raise ValueError(f"structure={self.structure!r}: use one of {STRUCTURES}.")
+    if self.space not in SPACES:
+      raise ValueError(f"space={self.space!r}: use one of {SPACES}.")
+    if not isinstance(self.refinement_steps, int) or self.refinement_steps < 0:
+      raise ValueError(f"refinement_steps={self.refinement_steps!r}: use an int >= 0 (0: none, "
+                       "1 usually suffices).")
+
+  def init(self, params: Any) -> GeometryState:
+    """A fresh state for parameters shaped like ``params``."""
+    return GeometryState(jnp.zeros((), jnp.int32), jnp.ones((), jnp.result_type(float)),
+                         self.mass_policy.init(params))
+
+  def advance(self, state: GeometryState, grads: Any) -> GeometryState:
+    """Folds one gradient into the state (before the step that uses it is composed)."""
+    return state._replace(count=state.count + 1,
+                          moments=self.mass_policy.update(state.moments, grads))
+
+  def mass_at(self, state: GeometryState) -> jax.Array:
+    """The default mass of the step being taken, before the mass scale."""
+    if callable(self.mass):
+      return jnp.asarray(self.mass(jnp.maximum(state.count - 1, 0)))
+    return jnp.asarray(self.mass)
+
+  def compose(self, curvature: Curvature, state: GeometryState) -> ComposedMetric:
+    """Factors ``G`` for this curvature and state: the only path from curvature to ``G``.
+
+    Returns:
+      A :class:`~riemod.composer.ComposedMetric` (``solve``, ``matvec``, ``sample``, ``step``).
+    """
+    if not isinstance(curvature, Curvature):
+      raise TypeError(f"curvature={type(curvature).__name__}: pass the Curvature returned by "
+                      "riemod.value_grad_and_curvature.")
+    scaled, scales = self.mass_policy.rescale(curvature, state.moments, state.count)
+    return compose(scaled, scales, mass=self.mass_at(state), mass_scale=state.mass_scale,
+                   structure=self.structure, space=self.space,
+                   refinement_steps=self.refinement_steps)
+
+

@@ -1,0 +1,185 @@
+"""The one model adapter: NNX modules, Linen modules and plain functions ``f(params, x)``.
+
+Everything in riemod that runs a model (the curvature measurement, the certificates) goes through a
+:class:`Frontend`: it splits the model into a parameter pytree and an ``apply(params, x, tape)``
+function, and groups the parameters into modules (parameters sharing a parent path) with their
+metric declarations. With a recording tape active, recognised dense and conv layers record their
+inputs and add a zero tap to their outputs (see ``riemod._tape``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Hashable, Mapping
+
+import jax
+from flax import nnx
+
+from riemod import _tape
+from riemod.nn.declaration import MetricDeclaration
+from riemod.nn.structure import DenseStructure, linen_structure, structure_of
+
+
+
+@dataclasses.dataclass
+class ModuleGroup:
+  """Parameters sharing a parent path: one module."""
+
+  path: tuple[Hashable, ...]
+  leaf_indices: list[int]
+  leaf_names: list[str]
+  declaration: MetricDeclaration
+  structure: DenseStructure | None = None
+
+
+def _path_entry(key) -> Hashable:
+  for attr in ("key", "idx", "name"):
+    if hasattr(key, attr):
+      return getattr(key, attr)
+  return str(key)
+
+
+def parameter_groups(params: Any) -> list[ModuleGroup]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  groups: dict[tuple, ModuleGroup] = {}
+  for index, (path, _) in enumerate(flat):
+    entries = tuple(_path_entry(k) for k in path)
+    parent, name = entries[:-1], str(entries[-1]) if entries else "param"
+    group = groups.setdefault(parent, ModuleGroup(parent, [], [], MetricDeclaration()))
+    group.leaf_indices.append(index)
+    group.leaf_names.append(name)
+  return list(groups.values())
+
+
+def module_name(path: tuple) -> str:
+  return "/".join(map(str, path)) if path else "<root>"
+
+
+def _apply_declarations(groups: list[ModuleGroup], declarations: Mapping[str, Any] | None) -> None:
+  if not declarations:
+    return
+  by_name = {module_name(g.path): g for g in groups}
+  for name, declaration in declarations.items():
+    if name not in by_name:
+      raise KeyError(f"declarations names module {name!r}, which has no parameters here; the "
+                     f"modules are {sorted(by_name)}.")
+    if not isinstance(declaration, MetricDeclaration):
+      declaration = MetricDeclaration(**declaration)
+    by_name[name].declaration = declaration
+
+
+class Frontend:
+  """How to run one kind of model: NNX module, Linen apply function, or plain function."""
+
+  params: Any
+  groups: list[ModuleGroup]
+
+  def apply(self, params: Any, x: Any, tape: _tape.Tape | None) -> jax.Array:
+    raise NotImplementedError
+
+
+_TAPPED_CLASSES: dict[type, type] = {}
+
+
+def _tapped_class(cls: type) -> type:
+  """A subclass of a plain ``nnx.Linear``/``nnx.Conv`` whose call goes through the tape."""
+  if cls not in _TAPPED_CLASSES:
+    def __call__(self, x, *args, **kwargs):
+      return _tape.tapped_call(self, None, x, lambda v: cls.__call__(self, v, *args, **kwargs))
+    _TAPPED_CLASSES[cls] = type(f"Tapped{cls.__name__}", (cls,), {"__call__": __call__})
+  return _TAPPED_CLASSES[cls]
+
+
+class _NNXFrontend(Frontend):
+
+  def __init__(self, model: nnx.Module, declarations):
+    self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+    self.groups = parameter_groups(nnx.as_pure(self.params))
+    nodes = dict(nnx.iter_graph(model))
+    for group in self.groups:
+      node = nodes.get(group.path)
+      if node is None:
+        continue
+      kind = getattr(node, "riemod_kind", "riemannian")
+      mass = getattr(node, "riemod_mass", None)
+      if isinstance(mass, Mapping):
+        mass = dict(mass)
+      group.declaration = MetricDeclaration(mass=mass, kind=kind)
+      group.structure = structure_of(node)
+    _apply_declarations(self.groups, declarations)
+    self.structured_paths = {g.path for g in self.groups if g.structure is not None}
+
+  def apply(self, params, x, tape):
+    model = nnx.merge(self.graphdef, params, self.rest)
+    if tape is not None:
+      for path, node in nnx.iter_graph(model):
+        if path in self.structured_paths:
+          tape.owners[id(node)] = path
+          if type(node) in (nnx.Linear, nnx.Conv):
+            node.__class__ = _tapped_class(type(node))
+    return model(x)
+
+
+class _LinenFrontend(Frontend):
+
+  def __init__(self, apply_fn: Callable, params: Any, declarations):
+    self.apply_fn, self.params = apply_fn, params
+    self.groups = parameter_groups(params)
+    _apply_declarations(self.groups, declarations)
+
+  def apply(self, params, x, tape):
+    from flax import linen
+
+    if tape is None:
+      return self.apply_fn(params, x)
+
+    def interceptor(next_fun, args, kwargs, context):
+      module = context.module
+      if context.method_name != "__call__" or type(module) not in (linen.Dense, linen.Conv):
+        return next_fun(*args, **kwargs)
+      key = ("params",) + tuple(module.path)
+      if tape.taps is None:  # shape pass: learn the structure of each layer
+        structure = linen_structure(module, module.variables["params"]["kernel"].shape)
+        if structure is None:
+          return next_fun(*args, **kwargs)
+        tape.structures[key] = structure
+      elif key not in tape.taps:
+        return next_fun(*args, **kwargs)
+      return _tape.tapped_call(module, key, args[0],
+                               lambda v: next_fun(v, *args[1:], **kwargs))
+
+    with linen.intercept_methods(interceptor):
+      return self.apply_fn(params, x)
+
+
+class _FunctionFrontend(Frontend):
+
+  def __init__(self, fn: Callable, params: Any, declarations):
+    self.fn, self.params = fn, params
+    self.groups = parameter_groups(params)
+    _apply_declarations(self.groups, declarations)
+
+  def apply(self, params, x, tape):
+    return self.fn(params, x)
+
+
+def frontend(model, params, declarations) -> Frontend:
+  from flax import linen
+
+  if isinstance(model, nnx.Module):
+    if params is not None:
+      raise ValueError("An NNX model carries its parameters: do not pass params=.")
+    return _NNXFrontend(model, declarations)
+  if isinstance(model, linen.Module):
+    model = model.apply
+  if not callable(model):
+    raise TypeError(f"model={model!r} is neither an nnx.Module nor a callable f(params, x).")
+  if params is None:
+    raise ValueError("A Linen apply function or a plain function needs params=: the parameter "
+                     "pytree it is applied to.")
+  owner = getattr(model, "__self__", None)
+  if isinstance(owner, linen.Module):
+    return _LinenFrontend(model, params, declarations)
+  return _FunctionFrontend(model, params, declarations)
+
+
