@@ -125,6 +125,8 @@ def run(rounds: int, steps: int, progress: bool = True) -> dict:
     out["loads"][load_name] = {"extra_spinning_processes": spinners, "summary": summary}
   bar.close()
   out["machine"] = harness.machine_info()
+  # Where riemod came from when ROOT is a copy outside git (the machine info has no commit then).
+  out["source_note"] = os.environ.get("BENCH_SOURCE_NOTE")
   return out
 
 
@@ -154,8 +156,8 @@ def markdown(result: dict) -> str:
          "ratio to default", "ratio spread", "1-min load before"], rows), ""]
   m = result["machine"]
   lines.append(f"Machine: {m.get('cpu_model')}, {m.get('affinity_cores')} cores, backend "
-               f"{m.get('backend')}, versions {m.get('versions')}, git {m.get('git')}, "
-               f"{m.get('time')}.")
+               f"{m.get('backend')}, versions {m.get('versions')}, git "
+               f"{m.get('git') or result.get('source_note')}, {m.get('time')}.")
   return "\n".join(lines) + "\n"
 
 
