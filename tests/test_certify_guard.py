@@ -24,6 +24,17 @@ def _problem(weight=1.0):
   return f, x, loss_fn, params, loss_of
 
 
+def _guarded(lr, mass):
+  """The guard around the layerwise transform, both with the same geometry."""
+  geometry = riemod.Geometry(mass=mass)
+  return guarded(riemod.layerwise_natural_gradient(lr, geometry=geometry), geometry)
+
+
+def _mass_scale(state):
+  """The mass scale the guard adapts: it lives in the inner transform's geometry state."""
+  return float(riemod.find_state(state, riemod.MetricState).geometry.mass_scale)
+
+
 def _step(tx, f, x, loss_fn, loss_of):
   @jax.jit
   def step(p, state):
@@ -38,14 +49,14 @@ def test_reduction_ratio_matches_the_quadratic_model_and_lm_rule():
   with jax.enable_x64(True):
     f, x, loss_fn, params, loss_of = _problem()
     mass, lr = 0.05, 0.5
-    tx = guarded(riemod.layerwise_natural_gradient(lr, mass=mass), mass=mass)
+    tx = _guarded(lr, mass)
     step = _step(tx, f, x, loss_fn, loss_of)
     state = tx.init(params)
     # Dense check of rho: H = I_2 (x) X^T X / B, G = H + mass * scale (row-major w).
     xs = np.asarray(x)
     h = np.kron(xs.T @ xs / xs.shape[0], np.eye(2))
     for _ in range(4):
-      scale = float(state.mass_scale)
+      scale = _mass_scale(state)
       g = np.asarray(jax.grad(loss_of)(params)["w"]).ravel()
       gm = h + mass * scale * np.eye(6)
       s = -lr * np.linalg.solve(gm, g)
@@ -55,7 +66,7 @@ def test_reduction_ratio_matches_the_quadratic_model_and_lm_rule():
       rho = actual / predicted
       assert float(state.last_ratio) == pytest.approx(rho, rel=1e-8)
       expected_scale = scale * (2.0 if rho < 0.25 else 0.5 if rho > 0.75 else 1.0)
-      assert float(state.mass_scale) == pytest.approx(min(max(expected_scale, 1e-4), 1e6))
+      assert _mass_scale(state) == pytest.approx(min(max(expected_scale, 1e-4), 1e6))
       np.testing.assert_allclose(np.asarray(new_params["w"]).ravel(),
                                  np.asarray(params["w"]).ravel() + s, rtol=1e-8)
       params = new_params
@@ -67,36 +78,40 @@ def test_failed_certificate_rejects_the_step_and_raises_the_mass():
   f, x, loss_fn, params, loss_of = _problem(weight=6.0)
   mass = 1e-3
   # lam_max(G^{-1} H) ~ 6: lr = 1.5 overshoots until the mass has grown.
-  tx = guarded(riemod.layerwise_natural_gradient(1.5, mass=mass), mass=mass)
+  tx = _guarded(1.5, mass)
   step = _step(tx, f, x, loss_fn, loss_of)
   state = tx.init(params)
   new_params, new_state, update = step(params, state)
   assert isinstance(new_state, GuardState)
   assert float(new_state.last_ratio) < 0
   assert int(new_state.rejected_steps) == 1 and int(new_state.adapted_steps) == 1
-  assert float(new_state.mass_scale) == pytest.approx(2.0)
+  assert _mass_scale(new_state) == pytest.approx(2.0)
   np.testing.assert_array_equal(np.asarray(update["w"]), 0.0)
   np.testing.assert_array_equal(np.asarray(new_params["w"]), np.asarray(params["w"]))
-  inner = riemod.find_state(new_state, riemod.LayerwiseMetricState)
-  assert int(inner.count) == 0  # the inner state is rolled back
+  inner = riemod.find_state(new_state, riemod.MetricState)
+  assert int(inner.geometry.count) == 0  # the inner state is rolled back
   # More mass shortens the step until it is accepted and the loss falls.
   start = float(loss_of(params))
   p, s = new_params, new_state
   for _ in range(40):
     p, s, _ = step(p, s)
   assert int(s.rejected_steps) >= 1
-  assert int(riemod.find_state(s, riemod.LayerwiseMetricState).count) == 40 - int(s.rejected_steps) + 1
+  assert int(riemod.find_state(s, riemod.MetricState).geometry.count) == (
+      40 - int(s.rejected_steps) + 1)
   assert float(loss_of(p)) < start
 
 
 def test_guard_needs_value_and_value_fn():
   f, x, loss_fn, params, loss_of = _problem()
-  tx = guarded(riemod.layerwise_natural_gradient(0.5, mass=0.1), mass=0.1)
+  tx = _guarded(0.5, 0.1)
   loss, grads, curv = riemod.value_grad_and_curvature(f, x, loss_fn, riemod.metrics.identity(),
                                                       params=params)
   with pytest.raises(ValueError, match="value_fn"):
     tx.update(grads, tx.init(params), params, curvature=curv, value=loss)
   with pytest.raises(ValueError, match="curvature"):
     tx.update(grads, tx.init(params), params, value=loss, value_fn=loss_of)
+  # The guard takes the inner transform's geometry, which refuses an invalid mass itself.
   with pytest.raises(ValueError, match="mass"):
-    guarded(riemod.layerwise_natural_gradient(0.5), mass=-1.0)
+    riemod.Geometry(mass=-1.0)
+  with pytest.raises(TypeError, match="geometry"):
+    guarded(riemod.layerwise_natural_gradient(0.5), 0.1)
