@@ -28,7 +28,8 @@ def test_report_with_trained_guarded_state():
   model, x, y, loss_fn = _setup()
   mass, lr = 0.1, 0.5
   metric = riemod.metrics.softmax_fisher()
-  tx = guarded(riemod.layerwise_natural_gradient(lr, mass=mass), mass=mass)
+  geometry = riemod.Geometry(mass=mass)
+  tx = guarded(riemod.layerwise_natural_gradient(lr, geometry=geometry), geometry)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   loss_of = lambda p: loss_fn(nnx.merge(graphdef, p, rest)(x))
 
@@ -43,15 +44,17 @@ def test_report_with_trained_guarded_state():
   for _ in range(5):
     params, state = step(params, state)
   model = nnx.merge(graphdef, params, rest)
-  report = certify(model, x, loss_fn, metric, learning_rate=lr, opt_state=state, mass=mass,
-                   dataset_size=100)
+  report = certify(model, x, loss_fn, metric, learning_rate=lr, opt_state=state,
+                   geometry=geometry, dataset_size=100)
+  # The guard's mass scale lives in the inner transform's geometry state.
+  mass_scale = float(riemod.find_state(state, riemod.MetricState).geometry.mass_scale)
   assert isinstance(report, CertificateReport)
   d = json.loads(report.to_json())
   for key in ("modules", "contraction_factor", "max_stable_learning_rate", "action_gap",
               "stability_bound", "verdict"):
     assert key in d
   assert [m["name"] for m in d["modules"]] == ["layers/0", "layers/1", "layers/2"]
-  assert d["settings"]["mass_scale"] == pytest.approx(float(state.mass_scale))
+  assert d["settings"]["mass_scale"] == pytest.approx(mass_scale)
   assert d["action"] is not None and d["action"]["num_steps"] == 5 - 1 - int(state.rejected_steps)
   net = d["network"]
   assert net["contraction_factor"] == pytest.approx(
@@ -60,7 +63,7 @@ def test_report_with_trained_guarded_state():
   c = b["constants"]
   assert b["value"] == pytest.approx(
       c["kappa"] ** 2 * c["L"] / (c["xi"] * c["mu"] * np.sqrt(100)), rel=1e-6)
-  assert c["mu"] == pytest.approx(mass * float(state.mass_scale), rel=1e-5)
+  assert c["mu"] == pytest.approx(mass * mass_scale, rel=1e-5)
   # Softmax cross-entropy: the per-sample logit Hessian diag(p) - p p^T has norm <= 1/2.
   assert 0 < c["L"] <= 0.5 + 1e-6
   table = report.table()
@@ -84,7 +87,7 @@ def test_bad_input_gives_clear_errors():
   other_state = riemod.layerwise_natural_gradient(0.5).init(nnx.state(other, nnx.Param))
   with pytest.raises(ValueError, match="does not belong to this model"):
     certify(model, x, loss_fn, metric, opt_state=other_state, **kw)
-  with pytest.raises(ValueError, match="LayerwiseMetricState"):
+  with pytest.raises(ValueError, match="MetricState"):
     certify(model, x, loss_fn, metric, opt_state=optax.sgd(0.1).init(nnx.state(model, nnx.Param)),
             **kw)
   with pytest.raises(ValueError, match="learning_rate"):
