@@ -118,16 +118,9 @@ def _ticking(bar, interval: float = 0.5):
     thread.join()
 
 
-def _geometry_kwargs(mass: float) -> dict:
-  """How certify() and the metric take the optimizer's mass (a riemod.Geometry where it exists)."""
-  import riemod
-
-  geometry = getattr(riemod, "Geometry", None)
-  return {"geometry": geometry(mass=mass)} if geometry is not None else {"mass": mass}
-
-
-def _gauss_newton_fn(graphdef, rest, loss_fn, output_metric, mass: float, num_lanczos: int):
-  """A jitted ``(params, key) -> LanczosResult`` of ``G^-1 H_GN`` at the certificate batch."""
+def _gauss_newton_fn(graphdef, rest, loss_fn, output_metric, geometry, num_lanczos: int):
+  """A jitted ``(params, x, geometry_state, key) -> LanczosResult`` of ``G^-1 H_GN`` at the
+  certificate batch, with the optimizer's own ``G`` (its geometry and geometry state)."""
   import jax
   from flax import nnx
   from jax.flatten_util import ravel_pytree
@@ -135,17 +128,11 @@ def _gauss_newton_fn(graphdef, rest, loss_fn, output_metric, mass: float, num_la
   import riemod
   from riemod.certify.contraction import gauss_newton_spectrum
 
-  kwargs = _geometry_kwargs(mass)
-
   @jax.jit
-  def spectrum(params, x, key):
+  def spectrum(params, x, geometry_state, key):
     model = nnx.merge(graphdef, params, rest)
     _, _, curvature = riemod.value_grad_and_curvature(model, x, loss_fn, output_metric)
-    if "geometry" in kwargs:
-      metric = kwargs["geometry"].compose(curvature, kwargs["geometry"].init(params))
-    else:
-      from riemod.composer.metric import compose_metric
-      metric = compose_metric(curvature, mass=mass)
+    metric = geometry.compose(curvature, geometry_state)
     flat, unravel = ravel_pytree(params)
     ravel = lambda tree: ravel_pytree(tree)[0]
     start = jax.random.normal(key, flat.shape, flat.dtype)
@@ -166,7 +153,6 @@ def run(args: argparse.Namespace) -> int:
   from tqdm.auto import tqdm
 
   import riemod
-  from riemod.certify import certify
   from riemod.certify.bound import measured_stability
   from riemod.data import load_digits
 
@@ -183,13 +169,14 @@ def run(args: argparse.Namespace) -> int:
   model = _demo_model(args.seed)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   metric = riemod.metrics.softmax_fisher()
-  tx = riemod.layerwise_natural_gradient(args.learning_rate, mass=args.mass)
+  geometry = riemod.Geometry(mass=args.mass)
+  tx = riemod.layerwise_natural_gradient(args.learning_rate, geometry=geometry)
   opt_state = tx.init(params)
   start_params, start_state = params, opt_state
   # The certificate batch is fixed, so its loss function (and the compiled certificate) is reused.
   x_cert, y_cert = x_all[:batch], y_all[:batch]
   cert_loss = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, y_cert).mean()
-  gauss_newton = _gauss_newton_fn(graphdef, rest, cert_loss, metric, args.mass, args.lanczos)
+  gauss_newton = _gauss_newton_fn(graphdef, rest, cert_loss, metric, geometry, args.lanczos)
 
   @jax.jit
   def train_step(params, opt_state, batch_data):
@@ -218,12 +205,13 @@ def run(args: argparse.Namespace) -> int:
       key_step = jax.random.fold_in(key, step)
       try:
         with _ticking(bar):
-          report = certify(nnx.merge(graphdef, params, rest), x_cert, cert_loss, metric,
-                           learning_rate=args.learning_rate, opt_state=opt_state,
-                           num_lanczos=args.lanczos, dataset_size=n, key=key_step,
-                           **_geometry_kwargs(args.mass))
-          report = report.with_gauss_newton(jax.device_get(
-              gauss_newton(params, x_cert, jax.random.fold_in(key_step, 1))))
+          report = riemod.certify.certify(
+              nnx.merge(graphdef, params, rest), x_cert, cert_loss, metric,
+              learning_rate=args.learning_rate, geometry=geometry, opt_state=opt_state,
+              num_lanczos=args.lanczos, dataset_size=n, key=key_step)
+          geometry_state = riemod.find_state(opt_state, riemod.MetricState).geometry
+          report = report.with_gauss_newton(jax.device_get(gauss_newton(
+              params, x_cert, geometry_state, jax.random.fold_in(key_step, 1))))
       except FloatingPointError as error:
         diverged = f"unstable: the run produced NaN or inf by step {step} ({error})"
         say(f"step {step:4d}  {diverged}")
