@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from riemod.cli import sample as study
-from riemod.composer import compose_metric
+import riemod
 from riemod.sampling import blr
 
 
@@ -28,7 +28,8 @@ def test_posterior_is_the_exact_gaussian(problem):
 def test_exact_metric_of_the_potential_is_the_posterior_precision(problem):
   curvature = blr.exact_metric_curvature(problem)
   n, p = problem.num_data, problem.prior_precision
-  metric = compose_metric(curvature, mass=p / n, structure="full")
+  geometry = riemod.Geometry(mass=p / n, structure="full")
+  metric = geometry.compose(curvature, geometry.init({"w": np.zeros(5, problem.x.dtype)}))
   eye = np.eye(5, dtype=np.float32)
   g_u = n * np.stack([np.asarray(metric.matvec({"w": e})["w"]) for e in eye])
   np.testing.assert_allclose(g_u, problem.posterior_precision, rtol=1e-4)
