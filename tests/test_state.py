@@ -119,8 +119,7 @@ def test_riemod_transform_state_in_a_chain():
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    optax.inject_hyperparams(riemod.layerwise_natural_gradient)(learning_rate=0.1))
   state = tx.init(PARAMS)
-  # The transform's state class (riemod.MetricState; LayerwiseMetricState before the rename).
-  state_type = getattr(riemod, "MetricState", None) or riemod.LayerwiseMetricState
+  state_type = riemod.MetricState
   # The reference: every instance in flattening order, reached with jax's own traversal.
   by_hand = [n for n in jax.tree.leaves(state, is_leaf=lambda n: isinstance(n, state_type))
              if isinstance(n, state_type)]
