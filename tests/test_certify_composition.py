@@ -132,8 +132,8 @@ def test_certify_blocks_match_dense_and_compose_above_whole_network():
     t = jax.random.normal(jax.random.key(1), (6, 2), jnp.float64)
     loss_fn = lambda y: 0.5 * jnp.mean(jnp.sum((y - t) ** 2, -1))
     mass, lr = 0.5, 0.3
-    report = certify(model, x, loss_fn, riemod.metrics.identity(), learning_rate=lr, mass=mass,
-                     num_lanczos=9, num_power_iterations=300)
+    report = certify(model, x, loss_fn, riemod.metrics.identity(), learning_rate=lr,
+                     geometry=riemod.Geometry(mass=mass), num_lanczos=9, num_power_iterations=300)
     # Dense references: H by jax.hessian, G = J^T J / B + mass per layer block.
     flat, unravel = ravel_pytree(params)
     apply = lambda f: nnx.merge(graphdef, unravel(f), rest)(x)

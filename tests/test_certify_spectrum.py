@@ -83,7 +83,8 @@ def test_certify_quadratic_spectrum_contraction_and_stable_rate():
     expected = scipy.linalg.eigh(h, g, eigvals_only=True)
     lr = 0.7
     report = certify(f, x, loss_fn, riemod.metrics.identity(), learning_rate=lr, params=params,
-                     mass=mass, num_lanczos=6, num_power_iterations=50)
+                     geometry=riemod.Geometry(mass=mass), num_lanczos=6,
+                     num_power_iterations=50)
     net = report.network
     np.testing.assert_allclose(net["lam_min"], expected[0], rtol=1e-4)
     np.testing.assert_allclose(net["lam_max"], expected[-1], rtol=1e-4)
