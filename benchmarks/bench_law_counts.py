@@ -25,16 +25,21 @@ ARCHITECTURES = [
     ("linear", (1, 7, 2), False), ("linear", (1, 2, 2, 1), False), ("linear", (2, 3, 3, 2), False),
     ("linear", (8, 10, 8), False), ("linear", (10, 10, 10), False), ("linear", (6, 8, 8, 6), False),
     ("linear", (5, 6, 6, 6, 5), False), ("linear", (7, 7, 7, 7, 7), False),
-    ("relu", (3, 4, 2), True), ("relu", (8, 10, 8), False), ("relu", (6, 10, 8, 3), True),
-    ("relu", (3, 8, 8, 8, 2), True), ("relu", (7, 7, 7, 7, 7), False),
+    ("relu", (3, 4, 2), True), ("relu", (8, 10, 8), False), ("relu", (10, 10, 10), False),
+    ("relu", (6, 10, 8, 3), True), ("relu", (6, 8, 8, 6), True), ("relu", (3, 8, 8, 8, 2), True),
+    ("relu", (7, 7, 7, 7, 7), False),
 ]
-QUICK = [0, 1, 3, 8, 10]
+QUICK = [0, 1, 3, 8, 11]
 FLOWS = ("gradient", "momentum", "mirror")
 CHILD = """
-import json, resource, sys
+import json, os, resource, sys, time
 from riemod.cli.laws import count_one
 arch, dims, bias, flow = json.loads(sys.argv[1])
+load_before = os.getloadavg()[0]
+cpu = time.process_time()
 row = count_one(arch, tuple(dims), bias, flow)
+row["cpu_seconds"] = time.process_time() - cpu
+row["load_before"] = load_before
 row.pop("points", None)
 row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps(row, default=float))
@@ -50,65 +55,108 @@ def count_in_child(arch, dims, bias, flow, timeout):
   except subprocess.TimeoutExpired:
     row = {"arch": arch, "dims": list(dims), "bias": bias, "flow": flow, "count": None,
            "timed_out": True, "count_seconds": None}
+  except subprocess.CalledProcessError as err:
+    # A failed count is a result too: keep its error in the table instead of losing the whole run.
+    row = {"arch": arch, "dims": list(dims), "bias": bias, "flow": flow, "count": None,
+           "error": err.stderr.strip().splitlines()[-1] if err.stderr.strip() else f"exit {err.returncode}",
+           "count_seconds": None}
   row["process_seconds"] = time.perf_counter() - started
   return row
 
 
 def sweep_seconds(arch: str, out: str) -> dict:
+  load_before = os.getloadavg()[0]
   started = time.perf_counter()
+  children_cpu = os.times()
   proc = subprocess.run([sys.executable, "-m", "riemod.cli.laws", "sweep", "--arch", arch, "--nets", "50",
-                         "--no-progress", "--json", "--out", out], capture_output=True, text=True)
+                         "--no-progress", "--json", "--out", out], capture_output=True, text=True, check=False)
+  finished = os.times()
   summary = json.loads(proc.stdout.strip().splitlines()[-1])["summary"]
   summary["process_seconds"] = time.perf_counter() - started
+  # CPU time of the whole sweep process (start-up included), less sensitive to other jobs than wall time.
+  summary["process_cpu_seconds"] = ((finished.children_user + finished.children_system)
+                                    - (children_cpu.children_user + children_cpu.children_system))
+  summary["load_before"], summary["load_after"] = load_before, os.getloadavg()[0]
+  summary["exit_status"] = proc.returncode
   return summary
+
+
+def _table(rows) -> str:
+  from benchmarks.harness import markdown_table  # pylint: disable=g-import-not-at-top
+  return markdown_table(
+      ["network", "bias", "flow", "D", "laws", "closed form", "rank per round (point 1)", "wall s", "CPU s",
+       "peak RSS (MB)", "gap kept / dropped", "load before / after"],
+      [[f"{r['arch']} {'-'.join(map(str, r['dims']))}", "yes" if r["bias"] else "no", r["flow"],
+        r.get("parameters", "-"),
+        r["count"] if r.get("count") is not None else ("timeout" if r.get("timed_out") else "error"),
+        "-" if r.get("closed_form") is None else r["closed_form"],
+        str(r["rank_history"][0]) if r.get("rank_history") else "-",
+        f"{r['count_seconds']:.1f}" if r.get("count_seconds") else "-",
+        f"{r['cpu_seconds']:.1f}" if r.get("cpu_seconds") else "-",
+        f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "-",
+        (f"{min(r['smallest_kept']):.0e} / {max(r['largest_dropped']):.0e}" if r.get("smallest_kept") else "-"),
+        f"{r.get('load_before', float('nan')):.1f} / {r['load_after']:.1f}"] for r in rows])
+
+
+def _markdown(payload) -> str:
+  rows, sweeps, machine = payload["rows"], payload["sweeps"], payload["machine"]
+  done = [r for r in rows if r.get("count") is not None]
+  agree = [r for r in done if r.get("closed_form") is not None]
+  lines = ["# Law counts: time and peak memory", "",
+           f"Machine: {machine['cpu_model']}, {machine['cpu_count']} CPUs, shared with other engineers' jobs "
+           "(1-minute load average before and after each count in the last column: above 2 the two cores "
+           "are oversubscribed and the wall time is inflated; the CPU time is the less load-sensitive "
+           f"figure). OPENBLAS_NUM_THREADS={machine['blas_env'].get('OPENBLAS_NUM_THREADS')}. One cold "
+           "`count_laws` per row in a fresh process (3 random points, exact polynomial brackets; wall and CPU "
+           "time of the count, JAX's compilation of the point sampler included); peak RSS is the whole "
+           "process, ~250 MB of it Python with JAX before counting.", "",
+           f"Targets (issue 17: at most 200 parameters, 2-4 layers, <= 30 s and <= 1 GB): "
+           f"{len(done)} of {len(rows)} counts finished; slowest {max(r['count_seconds'] for r in done):.1f} s "
+           f"wall / {max(r['cpu_seconds'] for r in done):.1f} s CPU, largest peak RSS "
+           f"{max(r['peak_rss_mb'] for r in done):.0f} MB; "
+           f"{sum(r['count'] == r['closed_form'] for r in agree)} of {len(agree)} counts with a closed form "
+           "agree with it.", "", _table(rows), ""]
+  for arch, summary in sweeps.items():
+    lines.append(
+        f"- `riemod laws sweep --arch {arch} --nets 50` (gradient flow, <= 200 parameters, 2-4 layers, widths "
+        f"1-8): {summary['agree']} of {summary['with_closed_form']} counts agree with the closed form "
+        f"({summary['networks']} networks, {summary['ambiguous']} ambiguous); {summary['seconds']:.0f} s of "
+        f"counting ({summary['process_seconds']:.0f} s wall and {summary['process_cpu_seconds']:.0f} s CPU for the "
+        f"whole command; load {summary['load_before']:.1f} before, {summary['load_after']:.1f} after).")
+  return "\n".join(lines) + "\n"
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--timeout", type=float, default=600.0)
-  parser.add_argument("--no-sweep", action="store_true")
+  parser.add_argument("--no-sweep", action="store_true", help="skip the two 50-network sweeps")
+  parser.add_argument("--sweep-only", action="store_true",
+                      help="time the sweeps only, keeping the rows of the existing law_counts.json")
   args = parser.parse_args()
-  from benchmarks.harness import machine_info, markdown_table  # pylint: disable=g-import-not-at-top
+  from benchmarks.harness import machine_info  # pylint: disable=g-import-not-at-top
+  results = pathlib.Path(__file__).resolve().parent / "results"
   cases = [ARCHITECTURES[i] for i in QUICK] if args.quick else ARCHITECTURES
   rows = []
-  for arch, dims, bias in cases:
-    for flow in FLOWS:
-      row = count_in_child(arch, dims, bias, flow, args.timeout)
-      row["load_after"] = os.getloadavg()[0]
-      rows.append(row)
-      print(json.dumps({k: row.get(k) for k in ("arch", "dims", "bias", "flow", "parameters", "count",
-                                                  "closed_form", "count_seconds", "peak_rss_mb")}), flush=True)
+  if args.sweep_only:
+    rows = json.loads((results / "law_counts.json").read_text())["rows"]
+  else:
+    for arch, dims, bias in cases:
+      for flow in FLOWS:
+        row = count_in_child(arch, dims, bias, flow, args.timeout)
+        row["load_after"] = os.getloadavg()[0]
+        rows.append(row)
+        print(json.dumps({k: row.get(k) for k in ("arch", "dims", "bias", "flow", "parameters", "count",
+                                                    "closed_form", "count_seconds", "cpu_seconds",
+                                                    "peak_rss_mb", "load_before", "load_after")}), flush=True)
   sweeps = {}
   if not args.no_sweep:
     for arch in ("linear", "relu"):
       sweeps[arch] = sweep_seconds(arch, f"/tmp/riemod_law_sweep_{arch}")
       print(arch, sweeps[arch], flush=True)
-  results = pathlib.Path(__file__).resolve().parent / "results"
   payload = {"machine": machine_info(), "rows": rows, "sweeps": sweeps}
   (results / "law_counts.json").write_text(json.dumps(payload, indent=1, default=float))
-  table = markdown_table(
-      ["network", "bias", "flow", "D", "laws", "closed form", "rank per round (point 1)", "seconds",
-       "peak RSS (MB)", "gap kept / dropped", "load"],
-      [[f"{r['arch']} {'-'.join(map(str, r['dims']))}", "yes" if r["bias"] else "no", r["flow"],
-        r.get("parameters", "-"), r["count"] if r["count"] is not None else "timeout",
-        "-" if r.get("closed_form") is None else r["closed_form"],
-        str(r["rank_history"][0]) if r.get("rank_history") else "-",
-        f"{r['count_seconds']:.1f}" if r.get("count_seconds") else "-",
-        f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "-",
-        (f"{min(r['smallest_kept']):.0e} / {max(r['largest_dropped']):.0e}" if r.get("smallest_kept") else "-"),
-        f"{r['load_after']:.1f}"] for r in rows])
-  lines = ["# Law counts: time and peak memory", "",
-           f"Machine: {payload['machine']['cpu_model']}, {payload['machine']['cpu_count']} CPUs, shared with other "
-           "jobs (1-minute load average after each count in the last column); OPENBLAS_NUM_THREADS="
-           f"{os.environ.get('OPENBLAS_NUM_THREADS')}. One cold count per row in a fresh process (3 random "
-           "points, exact polynomial brackets); peak RSS includes the ~250 MB of a Python process with JAX.",
-           "", table, ""]
-  for arch, summary in sweeps.items():
-    lines.append(f"- `riemod laws sweep --arch {arch} --nets 50` (gradient flow, <= 200 parameters, 2-4 layers): "
-                 f"{summary['agree']} of {summary['with_closed_form']} counts agree with the closed form, "
-                 f"{summary['seconds']:.0f} s of counting ({summary['process_seconds']:.0f} s with start-up).")
-  (results / "law_counts.md").write_text("\n".join(lines) + "\n")
+  (results / "law_counts.md").write_text(_markdown(payload))
 
 
 if __name__ == "__main__":

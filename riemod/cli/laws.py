@@ -218,7 +218,7 @@ def run_sweep(args) -> int:
       bar = tqdm(total=len(jobs), desc="counting", unit="net")
     except ImportError:
       pass
-  rows, started = [], time.perf_counter()
+  rows, started, cpu_started = [], time.perf_counter(), time.process_time()
   try:
     for arch, dims, bias, flow in jobs:
       rows.append(count_one(arch, dims, bias, flow, tau=args.tau, points=args.points, seed=args.seed))
@@ -229,10 +229,11 @@ def run_sweep(args) -> int:
     if bar is not None:
       bar.close()
   total = time.perf_counter() - started
+  cpu_total = time.process_time() - cpu_started
   os.makedirs(args.out, exist_ok=True)
   checked = [r for r in rows if r["agrees"] is not None]
   summary = {"networks": len(rows), "with_closed_form": len(checked),
-             "agree": sum(bool(r["agrees"]) for r in checked), "seconds": total,
+             "agree": sum(bool(r["agrees"]) for r in checked), "seconds": total, "cpu_seconds": cpu_total,
              "ambiguous": sum(bool(r["ambiguous"]) for r in rows)}
   with open(os.path.join(args.out, "sweep.json"), "w") as handle:
     json.dump({"summary": summary, "rows": [{k: v for k, v in r.items() if k != "points"} for r in rows]},

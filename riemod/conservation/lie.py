@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
+import scipy.sparse
 
 from riemod.conservation import polyfields
 from riemod.conservation.flows import FieldFamily, gradient_fields, momentum_lift
@@ -139,47 +140,100 @@ def _evaluate_chains(evaluator, z, basis_coefficients, chains, chunk):
   return np.concatenate(results_first), np.concatenate(results_second)
 
 
+def _svd(a: np.ndarray):
+  """Thin SVD; LAPACK's divide and conquer (gesdd) fails to converge on rare matrices, QR iteration
+  (gesvd) then gives the same decomposition."""
+  try:
+    return np.linalg.svd(a, full_matrices=False)
+  except np.linalg.LinAlgError:
+    return scipy.linalg.svd(a, full_matrices=False, lapack_driver="gesvd")
+
+
 class _RankTracker:
-  """Orthonormal basis of a growing span, with scaled relative-tolerance decisions."""
+  """Orthonormal basis of a growing span, with scaled relative-tolerance decisions.
+
+  The span's orthogonal complement ``C`` (``N x (N - rank)``, from a complete QR of the basis) is kept
+  beside it: the residual of candidates ``rows (I - P) = rows C C^T`` has the singular values of
+  ``rows C``, which is ``N / (N - rank)`` times cheaper to form and factor once the span is large.
+  """
 
   def __init__(self, dimension, rtol, ambiguity):
     self.basis = np.zeros((dimension, 0))
     self.rtol, self.ambiguity = rtol, ambiguity
     self.smallest_kept, self.largest_dropped = np.inf, 0.0
+    self._complement = None
 
   @property
   def rank(self):
     return self.basis.shape[1]
 
+  def complement(self) -> np.ndarray:
+    dimension, rank = self.basis.shape
+    if self._complement is None or self._complement.shape[1] != dimension - rank:
+      if rank == 0:
+        self._complement = np.eye(dimension)
+      else:
+        full, _ = np.linalg.qr(self.basis, mode="complete")
+        self._complement = full[:, rank:]
+    return self._complement
+
   def add(self, rows: np.ndarray) -> np.ndarray:
     """Adds the rows (already scaled to their round-off level) that enlarge the span.
 
+    The decision uses the singular values of the rows' residual ``rows (I - P)`` (``P`` the projector
+    on the current span), computed as those of ``R`` in ``rows C = Q R`` (``C`` the complement, ``Q``
+    orthonormal columns): a block of ``m`` candidates costs one product and one QR, no ``m x N`` SVD.
+
     Returns the indices of the rows kept.
     """
+    rows = np.asarray(rows, np.float64)
+    count, dimension = rows.shape
     kept = []
-    remaining = np.arange(rows.shape[0])
-    residual = rows - (rows @ self.basis) @ self.basis.T
-    while remaining.size:
-      residual = residual - (residual @ self.basis) @ self.basis.T
-      singular = np.linalg.svd(residual, compute_uv=False)
+    if count == 0 or self.rank >= dimension:
+      return np.asarray(kept, dtype=int)
+    complement = self.complement()
+    free = complement.shape[1]
+    # rows C, reduced to its triangular factor when tall; whichever order is cheaper.
+    if count <= free:
+      reduced = rows @ complement
+    elif free * (dimension + free) < dimension * dimension:
+      reduced = np.linalg.qr(rows @ complement, mode="r")
+    else:
+      reduced = (np.linalg.qr(rows, mode="r") if count > dimension else rows) @ complement
+    # ``added`` (orthonormal, in complement coordinates) spans what this call adds; ``frame`` the rest.
+    added = np.zeros((free, 0))
+    frame = np.eye(free)
+    available = np.ones(count, bool)
+    while True:
+      _, singular, right = _svd(reduced @ frame)
       new_rank = int(np.sum(singular > self.rtol))
       if singular.size > new_rank:
         self.largest_dropped = max(self.largest_dropped, float(singular[new_rank]))
       if new_rank == 0:
         break
       self.smallest_kept = min(self.smallest_kept, float(singular[new_rank - 1]))
-      _, _, pivots = scipy.linalg.qr(residual.T, mode="economic", pivoting=True)
+      # Candidates that carry the new directions: pivoted QR on each row's component along them.
+      directions = complement @ (frame @ right[:new_rank].T)
+      weights = rows @ directions
+      weights[~available] = 0.0
+      _, _, pivots = scipy.linalg.qr(weights.T, mode="economic", pivoting=True)
       chosen = pivots[:new_rank]
-      q, _ = np.linalg.qr(residual[chosen].T)
-      q = q - self.basis @ (self.basis.T @ q)
-      q, _ = np.linalg.qr(q)
-      self.basis = np.concatenate([self.basis, q], axis=1)
-      kept.extend(remaining[chosen].tolist())
-      mask = np.ones(remaining.size, bool)
-      mask[chosen] = False
-      remaining, residual = remaining[mask], residual[mask]
-      if self.rank >= self.basis.shape[0]:
+      chosen = chosen[available[chosen]]
+      if chosen.size == 0:
         break
+      picked = ((rows[chosen] @ complement) @ frame) @ frame.T  # residuals, complement coordinates
+      q, _ = np.linalg.qr(picked.T)
+      q = q - added @ (added.T @ q)
+      q, _ = np.linalg.qr(q)
+      added = np.concatenate([added, q], axis=1)
+      kept.extend(chosen.tolist())
+      available[chosen] = False
+      if added.shape[1] >= free or not available.any():
+        break
+      full, _ = np.linalg.qr(added, mode="complete")
+      frame = full[:, added.shape[1]:]
+    if added.shape[1]:
+      self.basis = np.concatenate([self.basis, complement @ added], axis=1)
     return np.asarray(kept, dtype=int)
 
   def near_tolerance(self) -> bool:
@@ -198,11 +252,21 @@ _VANISHING = dict(rank=0, generator_rank=0, history=[0], smallest_kept=float("in
                   ambiguous=True, complete=True)
 
 
-def _start_tracker(generators: np.ndarray, dimension: int, rtol: float, ambiguity: float):
-  """The generators' rank at the point and a tracker holding its singular-value gap (None: all vanish)."""
+def _start_tracker(generators: np.ndarray, dimension: int, rtol: float, ambiguity: float,
+                   left_vectors: bool = True):
+  """The generators' rank at the point and a tracker holding its singular-value gap (None: all vanish).
+
+  Without ``left_vectors`` a tall ``generators`` matrix is first reduced to its triangular QR factor,
+  which has the same singular values and right singular vectors (``left`` is then None).
+  """
   _finite_or_raise(generators, "The Jacobian of phi")
   tracker = _RankTracker(dimension, rtol, ambiguity)
-  left, singular, right = np.linalg.svd(generators, full_matrices=False)
+  if left_vectors:
+    left, singular, right = _svd(generators)
+  else:
+    reduced = np.linalg.qr(generators, mode="r") if generators.shape[0] > generators.shape[1] else generators
+    left = None
+    _, singular, right = _svd(reduced)
   if singular.size == 0 or singular[0] == 0.0:
     warnings.warn("All fields vanish at this point (phi has a zero Jacobian): every function is "
                   "conserved locally. Is phi constant or piecewise constant?", AmbiguousRankWarning,
@@ -306,49 +370,78 @@ def _polynomial_lie_rank(poly, point, rtol: float, ambiguity: float, max_rounds:
   """``lie_rank`` for exact polynomial fields: candidates from values and Jacobians at ``z``.
 
   A candidate ``[X_j, B](z) = DB(z) X_j(z) - DX_j(z) B(z)`` needs only the value and Jacobian of the
-  kept field ``B`` at ``z``, both one pass over its terms; the bracket polynomial itself is formed
-  (exactly, by ``polyfields.bracket``) only for the candidates the rank search keeps. Raw generators
-  ``X_j`` (a subset whose values span the generators' span at ``z``) are bracketed, not orthonormal
-  combinations, so kept fields stay sparse with integer coefficients.
+  kept field ``B`` at ``z``. For ``B = [X_i, P]`` both follow from its parent ``P``'s polynomial:
+  ``B(z) = DP X_i - DX_i P`` and ``DB(z) = D^2P[X_i] + DP DX_i - D^2X_i[P] - DX_i DP`` (one pass over
+  ``P``'s terms, ``polyfields.brackets_at``). So ``B``'s own polynomial (exact, integer coefficients,
+  ``polyfields.bracket``) is formed only when one of its brackets is kept in turn: the largest
+  polynomials, those of the last round, are never expanded. Raw generators ``X_j`` (a subset whose values
+  span the generators' span at ``z``) are bracketed, not orthonormal combinations, so expanded fields stay
+  sparse with integer coefficients.
   """
   dimension = poly.dimension
   z = np.asarray(point, np.float64)
   generators = polyfields.evaluate(poly, z)
-  started = _start_tracker(generators, dimension, rtol, ambiguity)
+  started = _start_tracker(generators, dimension, rtol, ambiguity, left_vectors=False)
   if started is None:
     return dict(_VANISHING)
   tracker, generator_rank, _, _, right = started
   tracker.basis = right[:generator_rank].T.copy()
-  # Generators whose values span W(z); by the constant-rank argument the others are smooth
-  # combinations of them near z, so their brackets add nothing new.
-  _, _, pivots = scipy.linalg.qr(generators.T, mode="economic", pivoting=True)
+  # Generators whose values span W(z) (pivots on their components in that span); by the constant-rank
+  # argument the others are smooth combinations of them near z, so their brackets add nothing new.
+  _, _, pivots = scipy.linalg.qr((generators @ tracker.basis).T, mode="economic", pivoting=True)
   chosen = np.sort(pivots[:generator_rank])
-  subfamily = polyfields.select(poly, chosen)
+  position = {int(index): p for p, index in enumerate(chosen)}
   values = generators[chosen]
-  derivatives = polyfields.jacobian(subfamily, z)
+  # Generator values are sparse (a gradient of phi_j touches few parameters): DB X_j for all j at once.
+  sparse_values = scipy.sparse.csr_matrix(values)
+  derivatives = polyfields.jacobian(polyfields.select(poly, chosen), z)  # (count * N, N), sparse
   count = chosen.size
-  # Only the fields kept by the previous round are bracketed again: older ones are released.
-  fields = {(int(index),): polyfields.select(poly, [index]) for index in chosen}
+  generator_jacobians = [derivatives[p * dimension:(p + 1) * dimension] for p in range(count)]
+  generator_polys = {int(index): polyfields.select(poly, [index]) for index in chosen}
+  generator_seconds = polyfields.second_derivative_terms(polyfields.select(poly, chosen), z)
+
+  parent_cache = {}
+
+  def jets(block, round_index):
+    """``(key, value, Jacobian)`` at z of each field of ``block``, one at a time (bounded memory)."""
+    if round_index == 1:
+      for key in block:
+        p = position[key[0]]
+        yield key, values[p], generator_jacobians[p].toarray()
+      return
+    groups = {}
+    for key in block:
+      groups.setdefault(key[1:], []).append(key)
+    per_group = max(1, chunk_values // (dimension * dimension))
+    for parent_key, keys in groups.items():
+      parent = parents[parent_key]
+      if parent_cache.get("key") != parent_key:
+        parent_cache.update(key=parent_key, value=polyfields.evaluate(parent, z)[0],
+                            jacobian=polyfields.dense_jacobian(parent, z)[0])
+      for start in range(0, len(keys), per_group):
+        part = keys[start:start + per_group]
+        where = [position[key[0]] for key in part]
+        yield from ((key,) + jet for key, jet in zip(part, polyfields.brackets_at(
+            [generator_polys[key[0]] for key in part], values[where], [generator_jacobians[p] for p in where],
+            parent, z, parent_value=parent_cache["value"], parent_jacobian=parent_cache["jacobian"],
+            second_derivatives=[generator_seconds[p] for p in where])))
+
   newest = [(int(index),) for index in chosen]
+  parents = {}  # the polynomials of the parents of ``newest`` (none in round 1: they are generators)
   history = [generator_rank]
   complete = True
   for round_index in range(1, max_rounds + 1):
     if tracker.rank >= dimension or not newest:
       break
     per_chunk = max(1, chunk_values // max(1, count * dimension))
-    kept_keys, parents = [], fields
-    fields = {}
+    kept_keys = []
+    # Children of one parent are evaluated together (one pass over the parent's terms).
+    newest = sorted(newest, key=lambda key: key[1:])
     for start in range(0, len(newest), per_chunk):
       block = newest[start:start + per_chunk]
       firsts, seconds, labels = [], [], []
-      for key in block:
-        field = parents.get(key)
-        if field is None:
-          field = polyfields.bracket(poly, key[0], parents[key[1:]], 0)
-        fields[key] = field
-        value = polyfields.evaluate(field, z)[0]
-        jac = polyfields.dense_jacobian(field, z)[0]
-        first = values @ jac.T
+      for key, value, jac in jets(block, round_index):
+        first = np.asarray(sparse_values @ jac.T)
         second = np.asarray(derivatives @ value).reshape(count, dimension)
         outer = np.arange(count)
         if round_index == 1:
@@ -364,16 +457,21 @@ def _polynomial_lie_rank(poly, point, rtol: float, ambiguity: float, max_rounds:
       _finite_or_raise(candidates, "A Lie bracket of the fields")
       scale = np.linalg.norm(first, axis=1) + np.linalg.norm(second, axis=1)
       scale = np.maximum(scale, _SCALE_FLOOR * scale.max())
-      nonzero = np.flatnonzero(scale > 0)
+      # Exactly vanishing candidates (e.g. brackets of two velocity fields) cannot raise the rank.
+      nonzero = np.flatnonzero((scale > 0) & np.any(candidates != 0.0, axis=1))
       kept = tracker.add(candidates[nonzero] / scale[nonzero, None])
       kept_keys.extend(labels[i] for i in nonzero[kept])
       if tracker.rank >= dimension:
         break
-    # The fields kept now are formed from their parents (this round's fields) in the next round.
-    newest = kept_keys
     history.append(tracker.rank)
-    if not kept_keys:
+    if not kept_keys or tracker.rank >= dimension:
       break
+    # Expand exactly the fields whose brackets were kept: they are the next round's parents.
+    needed = sorted({key[1:] for key in kept_keys})
+    parents = {key: (generator_polys[key[0]] if len(key) == 1
+                     else polyfields.bracket(poly, key[0], parents[key[1:]], 0))
+               for key in needed}
+    newest = kept_keys
   else:
     complete = tracker.rank >= dimension
   return dict(rank=tracker.rank, generator_rank=generator_rank, history=history,

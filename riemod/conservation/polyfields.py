@@ -34,11 +34,14 @@ import scipy.sparse
 __all__ = [
     "PolyFamily",
     "bracket",
+    "brackets_at",
     "entropic_poly_family",
     "evaluate",
     "gradient_poly_family",
+    "hessian_along",
     "jacobian",
     "momentum_poly_family",
+    "second_derivative_terms",
     "select",
 ]
 
@@ -180,6 +183,164 @@ def jacobian(family: PolyFamily, z) -> scipy.sparse.csr_matrix:
   rows, cols, weights = _jacobian_terms(family, z)
   n = family.dimension
   return scipy.sparse.csr_matrix((weights, (rows, cols)), shape=(family.num_fields * n, n))
+
+
+def _hessian_terms(family: PolyFamily, z, directions, max_elements: int):
+  """Pieces ``(index, weight)`` of ``hessian_along``: flat ``(k, comp, variable)`` indices, ``k`` local."""
+  n = family.dimension
+  count = directions.shape[0]
+  width = family.mono.shape[1]
+  if family.num_terms == 0 or width < 2:
+    return  # degree <= 1: no second derivatives
+  extended = np.append(np.asarray(z, np.float64), 1.0)
+  padded = np.concatenate([directions, np.zeros((count, 1))], axis=1)
+  terms = family.num_terms
+  term_block = max(1, min(terms, max_elements // width))
+  for t0 in range(0, terms, term_block):
+    mono = family.mono[t0:t0 + term_block].astype(np.int64)
+    comp, coef = family.comp[t0:t0 + term_block], family.coef[t0:t0 + term_block]
+    factors = extended[mono]
+    active = mono < n
+    # Products of the other factors of each position, before (prefix) and after (suffix) it.
+    prefix = np.ones_like(factors)
+    suffix = np.ones_like(factors)
+    prefix[:, 1:] = np.cumprod(factors[:, :-1], axis=1)
+    suffix[:, :-1] = np.cumprod(factors[:, :0:-1], axis=1)[:, ::-1]
+    block = max(1, max_elements // max(1, mono.size))
+    for k0 in range(0, count, block):
+      tangent = padded[k0:k0 + block][:, mono]  # (kk, T, d): the direction's entry at each factor
+      kk = tangent.shape[0]
+      # Forward-mode derivative of the prefix and suffix products along the direction.
+      d_prefix = np.zeros_like(tangent)
+      d_suffix = np.zeros_like(tangent)
+      for q in range(1, width):
+        d_prefix[:, :, q] = d_prefix[:, :, q - 1] * factors[:, q - 1] + prefix[:, q - 1] * tangent[:, :, q - 1]
+      for q in range(width - 2, -1, -1):
+        d_suffix[:, :, q] = d_suffix[:, :, q + 1] * factors[:, q + 1] + suffix[:, q + 1] * tangent[:, :, q + 1]
+      weights = (d_prefix * suffix + prefix * d_suffix) * coef[:, None]
+      index = (np.arange(k0, k0 + kk)[:, None, None] * n + comp[None, :, None]) * n + mono[None]
+      mask = np.broadcast_to(active, weights.shape)
+      yield index[mask], weights[mask]
+
+
+def hessian_along(family: PolyFamily, z, directions, *, max_elements: int = 4_000_000) -> np.ndarray:
+  """Second derivatives of a single field ``F`` along directions: ``(k, N, N)``.
+
+  Entry ``[k, c, b]`` is ``sum_a d_b d_a F_c(z) v_k[a]``, the Jacobian at ``z`` of the derivative of ``F``
+  along the constant vector ``v_k``. This is what the Jacobian of a bracket ``[X, F]`` needs from ``F``
+  (``D[X, F] = D^2F[X] + DF DX - D^2X[F] - DX DF``), so a bracket can be evaluated with its Jacobian at a
+  point without expanding its polynomial. Cost: one pass over ``F``'s terms per direction.
+
+  Args:
+    family: a family with one field (``num_fields == 1``).
+    z: the point, ``(N,)``.
+    directions: ``(k, N)`` or ``(N,)``.
+    max_elements: bound on the temporary ``(k, terms, degree)`` arrays (processed in pieces).
+
+  Example:
+    >>> import numpy as np
+    >>> from riemod.conservation.polyfields import from_terms, hessian_along
+    >>> f = from_terms([0], [0], [[0, 1, 1]], [1.0], 1, 2)   # F = x y^2 e_0
+    >>> hessian_along(f, np.array([1.0, 2.0]), np.array([1.0, 0.0]))[0]   # D(dF/dx) = (0, 2y)
+    array([[0., 4.],
+           [0., 0.]])
+  """
+  if family.num_fields != 1:
+    raise ValueError(f"hessian_along: expected one field, got num_fields={family.num_fields}; use select().")
+  n = family.dimension
+  directions = np.atleast_2d(np.asarray(directions, np.float64))
+  count = directions.shape[0]
+  out = np.zeros(count * n * n)
+  for index, weight in _hessian_terms(family, z, directions, max_elements):
+    out += np.bincount(index, weights=weight, minlength=count * n * n)
+  return out.reshape(count, n, n)
+
+
+def second_derivative_terms(family: PolyFamily, z) -> list:
+  """Per field, the second derivatives at ``z`` as sparse terms ``(row, variable, weight)``.
+
+  ``d_variable d_b F_c(z)`` summed over the terms with ``row = c * N + b``: contracting with a vector
+  ``w`` (``weight * w[variable]`` added at ``row``) gives ``D^2F(z)[w]`` flattened, for many ``w`` at the
+  cost of the nonzeros only. Meant for the generators (few terms each).
+  """
+  n = family.dimension
+  width = family.mono.shape[1]
+  empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+  if width < 2 or family.num_terms == 0:
+    return [empty] * family.num_fields
+  extended = np.append(np.asarray(z, np.float64), 1.0)
+  mono = family.mono.astype(np.int64)
+  factors = extended[mono]
+  fields, rows, variables, weights = [], [], [], []
+  for p in range(width):
+    for q in range(width):
+      if p == q:
+        continue
+      active = (mono[:, p] < n) & (mono[:, q] < n)
+      others = factors[active].copy()
+      others[:, [p, q]] = 1.0
+      fields.append(family.field[active])
+      rows.append(family.comp[active] * n + mono[active, q])
+      variables.append(mono[active, p])
+      weights.append(family.coef[active] * np.prod(others, axis=1))
+  fields, rows = np.concatenate(fields), np.concatenate(rows)
+  variables, weights = np.concatenate(variables), np.concatenate(weights)
+  order = np.argsort(fields, kind="stable")
+  bounds = np.searchsorted(fields[order], np.arange(family.num_fields + 1))
+  return [(rows[order[lo:hi]], variables[order[lo:hi]], weights[order[lo:hi]])
+          for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def brackets_at(fields, values, jacobians, parent: PolyFamily, z, *, parent_value=None,
+                parent_jacobian=None, second_derivatives=None):
+  """Values and Jacobians at ``z`` of the brackets ``[X_k, P]``, without expanding them.
+
+  ``[X, P](z) = DP X - DX P`` and ``D[X, P](z) = D^2P[X] + DP DX - D^2X[P] - DX DP``: the Jacobian
+  of a bracket needs the second derivatives of ``P`` along ``X(z)`` (one pass over ``P``'s terms for all
+  ``X_k`` together, ``hessian_along``) and of each ``X_k`` along ``P(z)``, nothing of higher order.
+
+  Args:
+    fields: single-field families ``X_k``.
+    values: ``(k, N)``, ``X_k(z)``.
+    jacobians: ``k`` Jacobians ``DX_k(z)`` (dense or scipy.sparse ``N x N``).
+    parent: the single field ``P``.
+    z: the point.
+    parent_value, parent_jacobian: ``P(z)`` and ``DP(z)`` if already known.
+    second_derivatives: the ``second_derivative_terms`` of each ``X_k`` at ``z``, if already known.
+
+  Yields:
+    ``(value, jacobian)`` of ``[X_k, P]`` at ``z``, ``(N,)`` and dense ``(N, N)``, in the order of ``fields``.
+
+  Example:
+    >>> import numpy as np
+    >>> from riemod.conservation.polyfields import bracket, brackets_at, dense_jacobian, evaluate, from_terms
+    >>> x = from_terms([0], [1], [[0, 2]], [1.0], 1, 2)      # X = x^1 e_1
+    >>> p = from_terms([0], [0], [[1, 1]], [1.0], 1, 2)      # P = y^2 e_0
+    >>> z = np.array([2.0, 3.0])
+    >>> value, jac = next(brackets_at([x], evaluate(x, z), [dense_jacobian(x, z)[0]], p, z))
+    >>> exact = bracket(x, 0, p, 0)                            # [X, P] = 2 x y e_0 - y^2 e_1
+    >>> bool(np.allclose(value, evaluate(exact, z)[0]) and np.allclose(jac, dense_jacobian(exact, z)[0]))
+    True
+  """
+  z = np.asarray(z, np.float64)
+  values = np.atleast_2d(np.asarray(values, np.float64))
+  if parent_value is None:
+    parent_value = evaluate(parent, z)[0]
+  if parent_jacobian is None:
+    parent_jacobian = dense_jacobian(parent, z)[0]
+  along = hessian_along(parent, z, values) if values.shape[0] else np.zeros((0,) + parent_jacobian.shape)
+  for k, (field, jac_x) in enumerate(zip(fields, jacobians)):
+    value = parent_jacobian @ values[k] - jac_x @ parent_value
+    if scipy.sparse.issparse(jac_x):
+      # DP DX as (DX^T DP^T)^T: sparse times dense.
+      mixed = np.asarray(jac_x.T @ parent_jacobian.T).T - np.asarray(jac_x @ parent_jacobian)
+    else:
+      mixed = parent_jacobian @ jac_x - jac_x @ parent_jacobian
+    jacobian = along[k] + mixed
+    rows, variables, weights = (second_derivatives[k] if second_derivatives is not None
+                                else second_derivative_terms(field, z)[0])
+    np.subtract.at(jacobian.reshape(-1), rows, weights * parent_value[variables])
+    yield value, jacobian
 
 
 def _derivative_along(b: PolyFamily, a: PolyFamily, b_field: int, a_field: int, sign: float):
