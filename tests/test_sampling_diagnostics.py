@@ -103,3 +103,62 @@ def test_moment_errors_and_coarse_graining():
   assert abs(e["mean_error"] - 0.5) < 0.05
   states = dg.coarse_grain(x, bins=3)
   assert set(np.unique(states)) == set(range(9))
+
+
+def _ar1_chains(num_chains, num_draws, rho, seed=0, shifts=None, scales=None):
+  rng = np.random.default_rng(seed)
+  noise = rng.normal(size=(num_chains, num_draws))
+  x = np.zeros((num_chains, num_draws))
+  x[:, 0] = noise[:, 0] / np.sqrt(1 - rho ** 2)
+  for t in range(1, num_draws):
+    x[:, t] = rho * x[:, t - 1] + noise[:, t]
+  if scales is not None:
+    x = x * np.asarray(scales, np.float64)[:, None]
+  if shifts is not None:
+    x = x + np.asarray(shifts, np.float64)[:, None]
+  return x
+
+
+@pytest.mark.parametrize("shape, rho", [((4, 1000), 0.7), ((3, 999), -0.4), ((1, 501), 0.95), ((8, 64), 0.0)])
+def test_ess_and_rhat_match_arviz(shape, rho):
+  array_stats = pytest.importorskip("arviz_stats.base").array_stats
+  draws = _ar1_chains(*shape, rho, seed=shape[1])
+  cases = [draws, draws + np.arange(shape[0])[:, None] * 0.3, np.exp(draws)]
+  for x in cases:
+    for method in ("bulk", "mean"):
+      np.testing.assert_allclose(dg.effective_sample_size(x, method), array_stats.ess(x, method=method),
+                                 rtol=1e-10)
+    np.testing.assert_allclose(dg.effective_sample_size(x, "tail"), array_stats.ess(x, method="tail", prob=0.05),
+                               rtol=1e-10)
+    if shape[0] > 1:
+      np.testing.assert_allclose(dg.rhat(x), array_stats.rhat(x), rtol=1e-12)
+
+
+def test_ess_matches_the_ar1_closed_form_and_rhat_flags_disagreeing_chains():
+  # AR(1): the integrated autocorrelation of the mean is (1 + rho) / (1 - rho).
+  for rho in (0.0, 0.5, 0.9):
+    x = _ar1_chains(4, 40000, rho, seed=1)
+    expected = x.size * (1 - rho) / (1 + rho)
+    assert abs(dg.effective_sample_size(x, "mean") / expected - 1) < 0.1
+    assert abs(dg.effective_sample_size(x, "bulk") / expected - 1) < 0.1
+  # Antithetic chains are more efficient than independent draws.
+  assert dg.effective_sample_size(_ar1_chains(4, 4000, -0.5, seed=2), "mean") > 16000
+  mixed = _ar1_chains(4, 2000, 0.5, seed=3)
+  assert dg.rhat(mixed) < 1.01
+  assert dg.rhat(_ar1_chains(4, 2000, 0.5, seed=3, shifts=[0, 0, 0, 1.0])) > 1.05
+  # Same location, different scale: only the folded part of R-hat sees it.
+  scaled = _ar1_chains(4, 2000, 0.5, seed=3, scales=[1, 1, 1, 3.0])
+  assert dg.rhat(scaled) > 1.05
+
+
+def test_ess_and_rhat_errors_name_the_fix():
+  with pytest.raises(ValueError, match="at least 2"):
+    dg.rhat(np.zeros((1, 100)))
+  with pytest.raises(ValueError, match="at least 4"):
+    dg.effective_sample_size(np.zeros((2, 3)))
+  with pytest.raises(ValueError, match="method"):
+    dg.effective_sample_size(np.zeros((2, 10)), method="median")
+  with pytest.raises(ValueError, match="NaN"):
+    dg.rhat(np.full((2, 10), np.nan))
+  with pytest.raises(ValueError, match="one parameter"):
+    dg.effective_sample_size(np.zeros((2, 10, 3)))

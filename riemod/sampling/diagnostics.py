@@ -17,12 +17,17 @@
   integral fluctuation theorem ``<exp(-Delta S)> = 1``: :func:`coarse_grain`,
   :func:`transition_matrix`, :func:`entropy_production_rate`,
   :func:`segment_entropy_production`, :func:`integral_fluctuation_check`.
+* Convergence of several chains: the rank-normalised split ``R-hat`` and the bulk and tail effective
+  sample sizes of Vehtari et al. (2021), :func:`rhat` and :func:`effective_sample_size`.
 
 All closed forms are NumPy float64 (they are small dense problems).
 
 Reference: Yuret, Kabakcioglu, Hinczewski, Strang & Adhikari, *Machine learning in and out of
 equilibrium* (see docs/sampling.md); Seifert, *Stochastic thermodynamics, fluctuation
-theorems and molecular machines*, Rep. Prog. Phys. 2012, for the fluctuation theorems.
+theorems and molecular machines*, Rep. Prog. Phys. 2012, for the fluctuation theorems;
+Vehtari, Gelman, Simpson, Carpenter & Buerkner, *Rank-normalization, folding, and localization: an
+improved R-hat for assessing convergence of MCMC*, Bayesian Analysis 2021 (arXiv 1903.08008), for
+``rhat`` and ``effective_sample_size``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import scipy.special
+import scipy.stats
 
 
 def _matrix(a, name: str) -> np.ndarray:
@@ -280,3 +287,157 @@ def integral_fluctuation_check(delta_s) -> tuple[float, float]:
   """``<exp(-Delta S)>`` and its standard error (should be 1 within the error)."""
   w = np.exp(-np.asarray(delta_s, np.float64))
   return float(w.mean()), float(w.std() / np.sqrt(len(w)))
+
+
+# --- convergence of several chains (Vehtari et al. 2021) ---------------------------------------------
+
+def _chains(chains, what: str, min_chains: int = 1) -> np.ndarray:
+  x = np.asarray(chains, np.float64)
+  if x.ndim == 1:
+    x = x[None]
+  if x.ndim != 2:
+    raise ValueError(f"{what}: chains must be (num_chains, num_draws) for one quantity; got shape {x.shape}. "
+                     "Pass one parameter at a time, e.g. chains[..., i].")
+  if x.shape[1] < 4:
+    raise ValueError(f"{what}: {x.shape[1]} draws per chain; at least 4 are needed (two halves of two).")
+  if x.shape[0] < min_chains:
+    raise ValueError(f"{what}: {x.shape[0]} chain(s); at least {min_chains} are needed. Run more chains.")
+  if not np.all(np.isfinite(x)):
+    raise ValueError(f"{what}: the chains contain NaN or inf.")
+  return x
+
+
+def _split_halves(x: np.ndarray) -> np.ndarray:
+  """Each chain's first and last ``n // 2`` draws as two chains (an odd chain loses its middle draw)."""
+  half = x.shape[1] // 2
+  return np.concatenate([x[:, :half], x[:, x.shape[1] - half:]])
+
+
+def _normal_scores(x: np.ndarray) -> np.ndarray:
+  """Rank normalisation: pooled average ranks ``r`` mapped to ``Phi^-1((r - 3/8) / (S + 1/4))``."""
+  ranks = scipy.stats.rankdata(x, method="average", axis=None).reshape(x.shape)
+  return scipy.special.ndtri((ranks - 0.375) / (x.size + 0.25))
+
+
+def _basic_rhat(x: np.ndarray) -> float:
+  """``sqrt(var+ / W)`` with ``var+ = (n - 1) / n W + B / n`` (``W`` within, ``B / n`` between chains)."""
+  n = x.shape[1]
+  within = np.mean(np.var(x, axis=1, ddof=1))
+  between_over_n = np.var(np.mean(x, axis=1), ddof=1)
+  return float(np.sqrt(((n - 1) / n * within + between_over_n) / within))
+
+
+def _basic_ess(x: np.ndarray) -> float:
+  """ESS of the mean of ``x`` (chains as rows): ``S / tau`` with Geyer's truncated autocorrelation sum."""
+  m, n = x.shape
+  total = m * n
+  if np.ptp(x) < np.finfo(np.float64).resolution:
+    return float(total)  # constant draws: every draw is "effective" (nothing to estimate)
+  centered = x - x.mean(axis=1, keepdims=True)
+  size = 1 << int(np.ceil(np.log2(2 * n)))  # zero padding: the FFT gives the linear, not circular, sums
+  spectrum = np.fft.rfft(centered, n=size, axis=1)
+  autocov = np.fft.irfft(spectrum * np.conj(spectrum), n=size, axis=1)[:, :n] / n
+  within = np.mean(autocov[:, 0]) * n / (n - 1.0)
+  var_plus = within * (n - 1.0) / n + (np.var(np.mean(x, axis=1), ddof=1) if m > 1 else 0.0)
+  # Combined autocorrelation at lag t: 1 - (W - mean_m autocov_m(t)) / var+.
+  rho = 1.0 - (within - np.mean(autocov, axis=0)) / var_plus
+  # Geyer's initial positive sequence: sums of consecutive pairs (rho_{2k}, rho_{2k+1}) while positive.
+  kept = np.zeros(n)
+  kept[0], kept[1] = 1.0, rho[1]  # rho_0 = 1 by definition
+  even, odd, t = 1.0, rho[1], 1
+  while t < n - 3 and even + odd > 0.0:
+    even, odd = rho[t + 1], rho[t + 2]
+    if even + odd >= 0.0:
+      kept[t + 1], kept[t + 2] = even, odd
+    t += 2
+  last = t - 2
+  if even > 0.0:
+    kept[last + 1] = even  # the positive even lag after the last pair (less variance for antithetic chains)
+  # Geyer's initial monotone sequence: the pair sums may not increase.
+  for t in range(1, last - 1, 2):
+    if kept[t + 1] + kept[t + 2] > kept[t - 1] + kept[t]:
+      kept[t + 1] = kept[t + 2] = 0.5 * (kept[t - 1] + kept[t])
+  tau = -1.0 + 2.0 * np.sum(kept[:last + 1]) + kept[last + 1]
+  # tau >= 1 / log10(S) caps the ESS of strongly antithetic chains at S log10(S).
+  return float(total / max(tau, 1.0 / np.log10(total)))
+
+
+def rhat(chains) -> float:
+  """Rank-normalised split ``R-hat`` of one quantity from several chains.
+
+  Each chain is split in halves; the draws are replaced by their normal scores (pooled ranks mapped
+  through the normal quantile function), and ``R-hat = sqrt(var+ / W)`` compares the pooled variance
+  estimate ``var+`` with the within-chain variance ``W``. The result is the larger of this value and the
+  same for the folded draws ``|x - median|``, so that chains that agree in location but not in scale are
+  caught too. Near 1 when the chains have mixed; Vehtari et al. recommend ``< 1.01``.
+
+  Args:
+    chains: ``(num_chains, num_draws)``, at least 2 chains of at least 4 draws.
+
+  Returns:
+    ``R-hat`` (float).
+
+  Raises:
+    ValueError: fewer than 2 chains or 4 draws, a wrong shape or non-finite draws.
+
+  References:
+    Vehtari, Gelman, Simpson, Carpenter & Buerkner, Bayesian Analysis 2021 (arXiv 1903.08008).
+
+  Example:
+    >>> rng = np.random.default_rng(0)
+    >>> bool(rhat(rng.normal(size=(4, 1000))) < 1.01)
+    True
+    >>> bool(rhat(rng.normal(size=(4, 1000)) + np.arange(4)[:, None]) > 1.1)   # chains disagree
+    True
+  """
+  x = _split_halves(_chains(chains, "rhat", min_chains=2))
+  bulk = _basic_rhat(_normal_scores(x))
+  tail = _basic_rhat(_normal_scores(np.abs(x - np.median(x))))
+  return max(bulk, tail)
+
+
+def effective_sample_size(chains, method: str = "bulk", prob: float = 0.05) -> float:
+  """Effective sample size of one quantity from one or more chains.
+
+  ``S / tau`` for ``S`` draws in all, with ``tau = 1 + 2 sum_t rho_t`` the integrated autocorrelation of
+  split chains (autocorrelations combined over chains through the pooled variance, and the sum truncated
+  by Geyer's initial positive and monotone sequences).
+
+  Args:
+    chains: ``(num_chains, num_draws)`` or ``(num_draws,)``, at least 4 draws per chain.
+    method: ``"bulk"`` (normal scores of the draws: the ESS of the centre of the distribution, robust to
+      heavy tails), ``"tail"`` (the smaller ESS of the indicators ``x <= q_prob`` and ``x <= q_{1-prob}``:
+      how well the tails are explored) or ``"mean"`` (the raw draws: the ESS for the Monte-Carlo error of
+      the mean, ``sd / sqrt(ESS)``).
+    prob: tail probability for ``method="tail"`` (default 5% and 95% quantiles).
+
+  Returns:
+    The effective sample size (float; can exceed ``S`` for antithetic chains).
+
+  Raises:
+    ValueError: an unknown ``method``, ``prob`` outside ``(0, 1)``, fewer than 4 draws, a wrong shape or
+      non-finite draws.
+
+  References:
+    Vehtari, Gelman, Simpson, Carpenter & Buerkner, Bayesian Analysis 2021 (arXiv 1903.08008); Geyer,
+    *Practical Markov chain Monte Carlo*, Statistical Science 1992, for the truncation.
+
+  Example:
+    >>> rng = np.random.default_rng(0)
+    >>> x = np.zeros((4, 4000))
+    >>> for t in range(1, 4000):   # AR(1) with rho = 0.5: ESS ~ S (1 - rho) / (1 + rho) = 5333
+    ...   x[:, t] = 0.5 * x[:, t - 1] + rng.normal(size=4)
+    >>> 4500 < effective_sample_size(x, "mean") < 6200
+    True
+  """
+  if method not in ("bulk", "tail", "mean"):
+    raise ValueError(f"method='{method}' is unknown; use 'bulk', 'tail' or 'mean'.")
+  if not 0.0 < prob < 1.0:
+    raise ValueError(f"prob={prob} must lie in (0, 1), e.g. 0.05 for the 5% and 95% quantiles.")
+  x = _chains(chains, "effective_sample_size")
+  if method == "mean":
+    return _basic_ess(_split_halves(x))
+  if method == "bulk":
+    return _basic_ess(_normal_scores(_split_halves(x)))
+  low, high = sorted((prob, 1.0 - prob))
+  return min(_basic_ess(_split_halves((x <= np.quantile(x, q)).astype(np.float64))) for q in (low, high))
