@@ -111,6 +111,10 @@ def scale_by_grid_linesearch(
     ``value_fn=`` (``params -> scalar loss``), accepts ``value=`` (the loss at ``params``) and
     ignores any other extra argument.
 
+  References:
+    Müller & Zeinhofer, *Achieving High Accuracy with PINNs via Energy Natural Gradient Descent*
+    (ICML 2023): the grid line search of ENGD.
+
   Example:
     >>> import jax.numpy as jnp, riemod
     >>> value_fn = lambda p: jnp.sum((p["w"] - 1.0) ** 2)

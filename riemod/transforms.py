@@ -156,6 +156,10 @@ def scale_by_metric(geometry: Geometry, *, momentum: float | None = None,
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``curvature=``.
 
+  References:
+    Pehle & Slotine, *Riemannian Optimization in Modular Systems* (arXiv 2603.03610).
+    Goldshlager, Abrahamsen & Lin, SPRING (arXiv 2401.10190), for ``momentum``.
+
   Example:
     >>> import jax.numpy as jnp, optax, riemod
     >>> tx = optax.chain(riemod.scale_by_metric(riemod.Geometry(mass=1e-2)), optax.scale(-0.1))

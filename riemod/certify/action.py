@@ -1,6 +1,6 @@
 """The action functional and the action gap of a training run.
 
-Continuous form (``METHOD.md`` sec. 6, the standard form; the paper's exact functional is not
+Continuous form (docs/method.md, section 8, the standard form; the paper's exact functional is not
 known)::
 
     S[w] = int_0^T ( 0.5 w'^T G w' + 0.5 g^T G^{-1} g ) dt

@@ -1,6 +1,6 @@
 """Per-module Lipschitz estimates ``||A_a||``, ``||B_a||`` and their composition along the network.
 
-For a module ``x_a = f_a(x_{a-1}, w_a)`` (``METHOD.md`` sec. 1) the state Jacobian ``A_a`` and the
+For a module ``x_a = f_a(x_{a-1}, w_a)`` (docs/method.md, section 1) the state Jacobian ``A_a`` and the
 parameter Jacobian ``B_a`` are reached only through JVPs and VJPs: power iteration on ``J^T J``,
 never a dense Jacobian. Samples do not interact, so the batch Jacobian is block diagonal over
 samples; normalising the iterate per sample runs one power iteration per sample at the cost of one,

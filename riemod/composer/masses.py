@@ -25,7 +25,7 @@ sec. 3 (a diagonal mass ``D_a``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

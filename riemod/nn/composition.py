@@ -1,7 +1,7 @@
 """Serial and parallel composition of Riemannian modules.
 
 Serial composition pulls the output metric back through each module in turn; parallel branches
-contribute kernels that add (``METHOD.md`` sec. 3). Parameter-free callables (``jnp.tanh``) are
+contribute kernels that add (docs/method.md, section 3). Parameter-free callables (``jnp.tanh``) are
 modules with no parameters.
 """
 
