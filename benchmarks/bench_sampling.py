@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from riemod.cli import sample as study  # noqa: E402
 from riemod.sampling import blr  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"

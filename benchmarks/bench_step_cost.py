@@ -80,7 +80,8 @@ def capacitances(output_metric) -> list[jax.Array]:
   _, _, curv = riemod.value_grad_and_curvature(
       nnx.merge(graphdef, params), x, lambda out: task.loss(out, y), output_metric,
       key=jax.random.key(0))
-  composed = riemod.compose_metric(curv, mass=MASS)
+  geometry = riemod.Geometry(mass=MASS)
+  composed = geometry.compose(curv, geometry.init(params))
   return [jnp.eye(block.chol.shape[0], dtype=block.chol.dtype)
           + sum(f.gram(m) for f, m in zip(block.factors, block.inv_masses))
           for block in composed.blocks]

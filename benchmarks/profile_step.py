@@ -8,7 +8,8 @@ differences between consecutive rows are the cost of each stage:
 2. ``+ taps``: :func:`riemod.value_grad_and_curvature` (tapped forward, gradient VJP, vmapped tap
    VJPs for the factor rows, recorded inputs);
 3. ``+ kernels``: every module's ``K D^{-1} K^T`` (Gram-Hadamard);
-4. ``+ cholesky``: :func:`riemod.compose_metric` (kernels, capacitance, Cholesky with jitter check);
+4. ``+ cholesky``: :meth:`riemod.Geometry.compose` (kernels, capacitance, Cholesky with jitter
+   check);
 5. ``+ solve``: ``solve_with_residuals`` of the gradient (``K v``, triangular solves, ``K^T t``);
 6. ``full update``: the optax transform's ``update`` (adds momentum solve, diagnostics) and
    ``apply_updates``;
@@ -37,7 +38,7 @@ from benchmarks import harness, mlp, problems, riemod_config, task_digits_mlp
 def parts(config: dict, task: mlp.MLPTask, seed: int = 0):
   tx, metric, vgc_kwargs = riemod_config.build(config)
   mass = config["mass"]
-  structure = config.get("structure", "layerwise")
+  geometry = riemod_config.geometry(config)
   _, params = nnx.split(mlp.build_model(task.sizes, task.activations, seed))
   idx = jnp.asarray(problems.batch_table(seed, 1500, 128, 1)[0])
   key = jax.random.key(0)
@@ -66,12 +67,12 @@ def parts(config: dict, task: mlp.MLPTask, seed: int = 0):
 
   def cholesky(p):
     loss, grads, curv = curvature(p)
-    composed = riemod.compose_metric(curv, mass=mass, structure=structure)
+    composed = geometry.compose(curv, geometry.init(p))
     return loss, grads, [b.chol for b in composed.blocks]
 
   def solve(p):
     loss, grads, curv = curvature(p)
-    composed = riemod.compose_metric(curv, mass=mass, structure=structure)
+    composed = geometry.compose(curv, geometry.init(p))
     return composed.solve_with_residuals(grads)
 
   def full(p, s):
@@ -88,7 +89,7 @@ def parts(config: dict, task: mlp.MLPTask, seed: int = 0):
       "grad": (jax.jit(grad_only), (params,)),
       "+ taps (value_grad_and_curvature)": (jax.jit(curvature), (params,)),
       "+ kernels (Gram-Hadamard)": (jax.jit(kernels), (params,)),
-      "+ cholesky (compose_metric)": (jax.jit(cholesky), (params,)),
+      "+ cholesky (Geometry.compose)": (jax.jit(cholesky), (params,)),
       "+ solve (solve_with_residuals)": (jax.jit(solve), (params,)),
       "full riemod step (transform update + apply)": (jax.jit(full), (params, opt_state)),
       "adam step": (jax.jit(adam_step), (params, adam_state)),
@@ -102,6 +103,7 @@ def pinn_parts(config: dict):
   from benchmarks import task_poisson_pinn as P
 
   tx, metric, vgc_kwargs = riemod_config.build(config)
+  geometry = riemod_config.geometry(config)
   points, flag, weights, _ = P.collocation()
   batch = (jnp.asarray(points), jnp.asarray(flag), jnp.asarray(weights))
   params = [{"kernel": jnp.asarray(w), "bias": jnp.asarray(b)}
@@ -118,7 +120,7 @@ def pinn_parts(config: dict):
 
   def cholesky(p):
     loss, grads, curv = curvature(p)
-    composed = riemod.compose_metric(curv, mass=config["mass"], structure=config["structure"])
+    composed = geometry.compose(curv, geometry.init(p))
     return [b.chol for b in composed.blocks]
 
   def full(p, s):
@@ -141,7 +143,7 @@ def pinn_parts(config: dict):
   return {
       "grad": (jax.jit(grad_only), (params,)),
       "+ rows (value_grad_and_curvature, generic path)": (jax.jit(curvature), (params,)),
-      "+ kernel and cholesky (compose_metric)": (jax.jit(cholesky), (params,)),
+      "+ kernel and cholesky (Geometry.compose)": (jax.jit(cholesky), (params,)),
       "full riemod step (transform update + apply)": (jax.jit(full), (params, opt_state)),
       "dense GN: jacobian (vmap grad per point)": (jax.jit(jacobian), (params,)),
       "dense GN: + J^T J and cholesky": (jax.jit(gram_chol), (params,)),

@@ -28,7 +28,7 @@ def run(out: Path, quick: bool = False) -> dict:
   payload = {"task": NAME, "machine": machine}
   try:
     from riemod.cli import sample as study
-from riemod.sampling import blr
+    from riemod.sampling import blr
   except Exception as error:  # noqa: BLE001 - not run, with the reason
     payload["not_run"] = f"riemod.sampling is not available: {type(error).__name__}: {error}"
     harness.write_json(out / f"{NAME}.json", payload)

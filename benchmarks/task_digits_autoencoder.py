@@ -17,19 +17,19 @@ NAME = "digits-autoencoder"
 LEVELS = [1.0, 0.5, 0.3, 0.2]
 
 # riemod's configurations: the one place to change them (first entry: the headline setting).
-# The adaptive mass (rms_decay: mass * (sqrt(v) + eps), Adam's second moment, rank one per dense
-# kernel) lifts the constant-mass runs' ~0.5 to ~0.33 on seed 100 (Adam 0.42); 8 sketch rows on
-# 64 samples (d = 512) 0.28, and with SPRING momentum 0.95-0.98 0.24-0.26 (about 4x the d = 128
-# step time). Exact rows (identity metric on 8 samples, d = 512) 0.30; clip off 0.25; lr 0.5 0.27.
+# The adaptive mass (mass_policy="adaptive:0.99", riemod.masses.adaptive: mass * (sqrt(v) + eps),
+# Adam's second moment, rank one per dense kernel) lifts the constant-mass runs' ~0.5 to ~0.33 on
+# seed 100 (Adam 0.42); 8 sketch rows on 64 samples (d = 512) 0.28, and with SPRING momentum
+# 0.95-0.98 0.24-0.26 (about 4x the d = 128 step time). Exact rows (identity metric on 8 samples, d = 512) 0.30; clip off 0.25; lr 0.5 0.27.
 RIEMOD_GRID = [
     dict(structure="layerwise", output_metric="gaussian_sketch:8", curvature_batch=64,
-         learning_rate=0.3, mass=300.0, rms_decay=0.99, momentum=0.97, clip=10.0,
+         learning_rate=0.3, mass=300.0, mass_policy="adaptive:0.99", momentum=0.97, clip=10.0,
          on_nonfinite="ignore"),
     dict(structure="layerwise", output_metric="gaussian_sketch:8", curvature_batch=64,
-         learning_rate=0.3, mass=200.0, rms_decay=0.99, momentum=0.97, clip=10.0,
+         learning_rate=0.3, mass=200.0, mass_policy="adaptive:0.99", momentum=0.97, clip=10.0,
          on_nonfinite="ignore"),
     dict(structure="layerwise", output_metric="gaussian_sketch:4", curvature_batch=32,
-         learning_rate=0.3, mass=300.0, rms_decay=0.99, momentum=0.95, clip=10.0,
+         learning_rate=0.3, mass=300.0, mass_policy="adaptive:0.99", momentum=0.95, clip=10.0,
          on_nonfinite="ignore"),
     dict(structure="layerwise", output_metric="gaussian_sketch:4", curvature_batch=32,
          learning_rate=0.05, mass=0.05, momentum=0.9, clip=10.0, on_nonfinite="ignore"),

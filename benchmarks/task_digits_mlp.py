@@ -12,7 +12,6 @@ test accuracy at least Adam's, all three seeds stable.
 from __future__ import annotations
 
 
-import jax
 import jax.numpy as jnp
 
 from benchmarks import mlp, protocol
@@ -33,7 +32,7 @@ RIEMOD_GRID = [
          learning_rate=0.1, mass=0.1, momentum=0.9, clip=10.0, on_nonfinite="ignore"),
     # Adaptive mass (Adam's second moment, rank one per kernel): 38/38 steps on the tuning seeds.
     dict(structure="layerwise", output_metric="softmax_fisher", curvature_batch=32,
-         learning_rate=0.1, mass=30.0, rms_decay=0.99, momentum=0.9, clip=10.0,
+         learning_rate=0.1, mass=30.0, mass_policy="adaptive:0.99", momentum=0.9, clip=10.0,
          on_nonfinite="ignore"),
 ]
 
