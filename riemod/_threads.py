@@ -63,17 +63,22 @@ def _default_threads() -> int:
   return os.cpu_count() or 1
 
 
+def _user_set(variable: str) -> bool:
+  """Whether the user gave ``variable`` a value (an empty one counts as unset, as for OpenBLAS)."""
+  return bool((_original_env.get(variable) or "").strip())
+
+
 def _set(n: int, *, respect_user_env: bool) -> dict[str, int]:
   loaded = blas_threads()  # pools that exist before this call changes any variable
   for variable in LIBRARY_VARIABLES.values():
     _original_env.setdefault(variable, os.environ.get(variable))
-    if not (respect_user_env and _original_env[variable] is not None):
+    if not (respect_user_env and _user_set(variable)):
       os.environ[variable] = str(n)
   _load_lapack()
   limits = {}
   for controller in _blas_controllers():
     variable = LIBRARY_VARIABLES.get(controller.internal_api)
-    if respect_user_env and variable is not None and _original_env[variable] is not None:
+    if respect_user_env and variable is not None and _user_set(variable):
       continue
     # A library loaded under riemod's variable would otherwise have had its default pool.
     _original_threads.setdefault(controller.filepath,

@@ -69,6 +69,9 @@ def test_import_limits_every_blas_pool_to_one_thread():
   result = _probe()
   assert result["pools"] and set(result["pools"].values()) == {1}, result
   assert result["env"]["OPENBLAS_NUM_THREADS"] == "1"
+  # An empty variable is no setting (OpenBLAS then takes its default pool): riemod still limits.
+  empty = _probe(OPENBLAS_NUM_THREADS="")
+  assert set(empty["pools"].values()) == {1}, empty
 
 
 def test_limit_applies_to_pools_loaded_before_riemod():
