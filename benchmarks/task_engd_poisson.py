@@ -105,9 +105,12 @@ def authors_step(prob: _pinn.Problem):
 
 
 def riemod_transform(config: dict):
+  """riemod's ENGD: Gauss-Newton step (unchecked, as the authors' step) + the 31-point search."""
+  geometry = riemod.Geometry(mass=config["mass"], structure="full",
+                             space=config.get("space", "auto"))
   return optax.chain(
-      riemod.natural_gradient(1.0, mass=config["mass"], momentum=config.get("momentum"),
-                              space=config.get("space", "auto"), on_nonfinite="ignore"),
+      riemod.natural_gradient(1.0, geometry=geometry, momentum=config.get("momentum"),
+                              on_nonfinite="ignore"),
       riemod.scale_by_grid_linesearch(**LINE_SEARCH))
 
 
