@@ -2,14 +2,17 @@
 
 ``u* = sin(pi x) sin(pi y)``, ``f = 2 pi^2 u*``. The network is a plain JAX function of a parameter
 pytree; the residuals differentiate it with respect to its input, so riemod takes the generic
-(materialised-rows) path with the ``residual`` output metric: the step is the damped Gauss-Newton
+(materialised-rows) path with the ``identity`` output metric: the step is the damped Gauss-Newton
 (energy natural gradient) step of ``0.5 * mean(r^2)``, solved by Woodbury in sample space.
 
 ``--method linesearch`` (default): a tiny fixed mass (1e-8), SPRING momentum 0.9 and the ENGD grid
 line search (:func:`riemod.scale_by_grid_linesearch`: the best of ``0.5**k, k < 12`` by the loss).
 ``--method guarded``: the damping starts at ``--mass`` and a Levenberg-Marquardt guard
 (:func:`riemod.certify.guarded`) lowers it while steps keep their predicted decrease.
-After 300 steps (seed 0, CPU float64): relative L2 5.0e-6 with the line search, 1.5e-4 guarded.
+Measured by this script (300 steps, seed 0, 2-core CPU, float64, riemod 4502c9d): relative L2
+4.2e-6 with the line search, 1.5e-4 guarded. The tiny-mass run amplifies round-off, so its figure
+can move with the jax/BLAS build and riemod's solve; ``benchmarks/task_poisson_pinn.py`` reports
+the spread over seeds.
 
 Run: python examples/pinn_poisson.py [--steps 300] [--width 32] [--method linesearch|guarded]
 """
@@ -81,12 +84,15 @@ def optimizer(method="linesearch", mass=None, momentum=0.9, learning_rate=1.0):
   """``(optax transform, mass)``: line-searched SPRING Gauss-Newton, or the LM-guarded step."""
   if method == "linesearch":
     mass = 1e-8 if mass is None else mass
-    return optax.chain(riemod.natural_gradient(1.0, mass=mass, momentum=momentum),
+    # max_error=None: at a tiny mass the solve's precision estimate can pass 1e-2 (a refused
+    # step by default); the line search behind it tolerates an inexact direction.
+    return optax.chain(riemod.natural_gradient(1.0, mass=mass, momentum=momentum, max_error=None),
                        riemod.scale_by_grid_linesearch(max_step=1.0, factor=0.5, num=12)), mass
   if method == "guarded":
     mass = 1e-2 if mass is None else mass
-    return riemod.certify.guarded(riemod.natural_gradient(learning_rate, mass=mass), mass=mass,
-                                  structure="full", min_scale=1e-10), mass
+    geometry = riemod.Geometry(mass=mass, structure="full")
+    return riemod.certify.guarded(riemod.natural_gradient(learning_rate, geometry=geometry),
+                                  geometry, min_scale=1e-10), mass
   raise ValueError(f"method={method!r}: 'linesearch' or 'guarded'")
 
 
@@ -101,7 +107,7 @@ def train(steps=300, width=32, mass=None, method="linesearch", seed=0, verbose=T
   @jax.jit
   def step(params, state):
     loss, grads, curvature = riemod.value_grad_and_curvature(
-        residuals, points, loss_fn, riemod.metrics.residual(), params=params)
+        residuals, points, loss_fn, riemod.metrics.identity(), params=params)
     updates, state = tx.update(grads, state, params, curvature=curvature, value=loss,
                                value_fn=loss_of)
     return jax.tree.map(jnp.add, params, updates), state, loss
@@ -114,7 +120,8 @@ def train(steps=300, width=32, mass=None, method="linesearch", seed=0, verbose=T
       history.append((i + 1, float(loss), relative_l2(params)))
       if verbose:
         if method == "guarded":
-          extra = f"mass {mass * float(state.mass_scale):.1e}"
+          scale = riemod.find_state(state, riemod.MetricState).geometry.mass_scale
+          extra = f"mass {mass * float(scale):.1e}"
         else:
           search = riemod.find_state(state, riemod.GridLinesearchState)
           extra = f"step size {float(search.step_size):.2g}"
