@@ -29,6 +29,7 @@ TASKS = {
     "digits-autoencoder": "benchmarks.task_digits_autoencoder",
     "poisson-pinn": "benchmarks.task_poisson_pinn",
     "engd-poisson": "benchmarks.task_engd_poisson",
+    "poisson5d": "benchmarks.task_poisson5d",
     "scaling": "benchmarks.task_scaling",
     "blr-sampling": "benchmarks.task_blr_sampling",
 }

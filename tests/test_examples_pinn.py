@@ -159,3 +159,29 @@ def test_pinn_poisson_example_lowers_the_error():
   start = example.relative_l2(example.init_mlp(jax.random.key(0), [2, 32, 32, 1]))
   assert history == [(30, history[0][1], history[0][2])]
   assert history[0][2] < 0.5 * start
+
+
+def test_poisson5d_problem():
+  """The 5-D benchmark's pieces: the Laplacian against the Hessian's trace, boundary points on the
+  boundary, the residual scaling, and the network size of the follow-up paper."""
+  from benchmarks import task_poisson5d as task
+
+  params = task.init_params(0)
+  assert sum(x.size for x in jax.tree.leaves(params)) == 10_065
+  z = jnp.linspace(0.1, 0.9, 5)
+  hessian = jax.jit(jax.hessian(lambda s: task.network(params, s)))(z)
+  np.testing.assert_allclose(float(jax.jit(task.laplacian)(params, z)), float(jnp.trace(hessian)),
+                             rtol=1e-12)
+  # -Lap u* = pi^2 u*: the source the residuals use, checked on u* itself
+  lap_exact = jnp.trace(jax.hessian(task.u_exact)(z))
+  np.testing.assert_allclose(float(-lap_exact), float(jnp.pi**2 * task.u_exact(z)), rtol=1e-12)
+  points, flag, weight = task.sample_batch(jax.random.key(1), 30, 20)
+  bd = np.asarray(points[30:])
+  assert np.all(np.sum((bd == 0) | (bd == 1), 1) >= 1) and np.all((bd >= 0) & (bd <= 1))
+  assert float(flag.sum()) == 30
+  r = jax.jit(task.residuals)(params, (points, flag, weight))[:, 0]
+  lap = jax.vmap(lambda q: task.laplacian(params, q))(points[:30])
+  u_bd = jax.vmap(lambda q: task.network(params, q))(points[30:])
+  expected = 0.5 * np.mean((np.asarray(lap) + np.pi**2 * np.asarray(task.u_exact(points[:30])))**2) \
+      + 0.5 * np.mean((np.asarray(u_bd) - np.asarray(task.u_exact(points[30:])))**2)
+  np.testing.assert_allclose(float(task.half_mean_square(r)), expected, rtol=1e-10)
