@@ -17,7 +17,6 @@ certificate of the trained digits model.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import pathlib
@@ -394,14 +393,10 @@ def _print_certificate(trainer: dict, x, y, dataset_size: int) -> None:
   model = nnx.merge(trainer["graphdef"], trainer["params"], trainer["rest"])
   bar = _progress(1, "certificate: spectra of the trained digits model (compiles first)",
                   unit="report")
-  # The step's geometry: riemod.Geometry where certify takes one, else its mass (older API).
-  if "geometry" in inspect.signature(certify).parameters:
-    where = dict(geometry=riemod.Geometry(mass=DEMO_RIEMOD["mass"], structure="layerwise"))
-  else:
-    where = dict(mass=DEMO_RIEMOD["mass"])
   report = certify(model, x, cross_entropy(y), riemod.metrics.softmax_fisher(),
                    learning_rate=DEMO_RIEMOD["learning_rate"], opt_state=trainer["state"],
-                   dataset_size=dataset_size, **where)
+                   geometry=riemod.Geometry(mass=DEMO_RIEMOD["mass"], structure="layerwise"),
+                   dataset_size=dataset_size)
   bar.update(1)
   bar.close()
   print("\nCertificate of the trained model (one batch):")
