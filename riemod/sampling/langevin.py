@@ -76,10 +76,12 @@ class RiemannianLangevinState(NamedTuple):
 
 
 def _prng_key(key) -> jax.Array:
+  """The key as raw ``uint32`` key data: a state holding it serialises like any array (flax
+  serialization, orbax), which a typed key array does not."""
   if isinstance(key, (int, np.integer)):
-    return jax.random.key(int(key))
+    return jax.random.key_data(jax.random.key(int(key)))
   if isinstance(key, jax.Array):
-    return key
+    return jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
   raise TypeError(f"key={key!r}: pass a PRNG key (jax.random.key(seed)) or an integer seed.")
 
 
