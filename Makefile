@@ -19,6 +19,7 @@ demo: $(STAMP)
 
 ## The default test run (CI runs this through .ci/run).
 test: $(STAMP)
+	$(BIN)/ruff check riemod tests benchmarks examples docs
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile
 
 ## Slow statistical and scaling checks.

@@ -424,8 +424,8 @@ def factorize_block(factors: Sequence[Factor], inv_masses: Sequence[Params],
     >>> from riemod.curvature.factors import RowsFactor
     >>> f = RowsFactor({"w": jnp.ones((1, 2, 3))})          # R=1, B=2, three parameters
     >>> block = factorize_block([f], [{"w": jnp.asarray(1.0)}], space="sample")
-    >>> x, _ = block.solve([{"w": jnp.ones(3)}])
-    >>> x["w"].shape
+    >>> x, _ = block.solve([{"w": jnp.ones(3)}])   # one dict per module of the block
+    >>> x[0]["w"].shape
     (3,)
   """
   if space not in ("auto", "sample", "parameter"):
