@@ -34,11 +34,22 @@ def _check_inputs(x: Any, params: Any) -> int:
   if None in batch or len(batch) != 1:
     raise ValueError(f"Every array in x must have the same leading (sample) axis; got leading "
                      f"sizes {sorted(map(str, batch))}.")
+  size = batch.pop()
+  if size == 0:
+    raise ValueError("x holds 0 samples: the metric and the loss are means over the batch; pass "
+                     "at least one sample.")
   for leaf in jax.tree.leaves(params):
-    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-      raise TypeError(f"A parameter has dtype {jnp.result_type(leaf)}; riemod trains floating "
-                      "point parameters only (float32 or float64).")
-  return batch.pop()
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(f"A parameter has dtype {dtype}; riemod trains floating point parameters "
+                      "only (float32 or float64).")
+    if dtype not in (jnp.float32, jnp.float64):
+      raise TypeError(
+          f"A parameter has dtype {dtype}: riemod's solves (Cholesky, triangular solves) run in "
+          "float32 or float64 only. Keep the parameters in float32 and compute in lower "
+          "precision inside the model (e.g. nnx.Linear(..., dtype=jnp.bfloat16, "
+          "param_dtype=jnp.float32)).")
+  return size
 
 
 def _generic_rows(frontend: Frontend, params: Any, x: Any, rows: jax.Array,
@@ -120,6 +131,15 @@ def _tapped_pass(frontend: Frontend, params: Any, x: Any, structured: dict[tuple
 
 
 def _check_outputs(outputs: jax.Array, batch: int, loss_fn: Callable) -> None:
+  if not isinstance(outputs, jax.Array):
+    raise TypeError(
+        f"The model returned a {type(outputs).__name__}; riemod needs one array of outputs with a "
+        "leading sample axis, the array the loss is computed from. Wrap the model, e.g. "
+        "f = lambda p, x: model(p, x)[0], and close the loss over any other outputs.")
+  if outputs.ndim == 0:
+    raise ValueError("The model output is a scalar; riemod needs one output per sample along "
+                     "axis 0 (shape (batch, ...)). Return the per-sample outputs and reduce them "
+                     "in loss_fn.")
   if not jnp.issubdtype(outputs.dtype, jnp.floating):
     raise TypeError(f"The model output has dtype {outputs.dtype}; it must be floating point.")
   if outputs.shape[0] != batch:

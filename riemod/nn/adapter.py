@@ -93,6 +93,14 @@ def _tapped_class(cls: type) -> type:
 class _NNXFrontend(Frontend):
 
   def __init__(self, model: nnx.Module, declarations):
+    for path, node in nnx.iter_graph(model):
+      if (isinstance(node, nnx.Dropout) and node.rate > 0
+          and not getattr(node, "deterministic", False)):
+        raise ValueError(
+            f"The model has an active nnx.Dropout at {'/'.join(map(str, path)) or '<root>'}: the "
+            "curvature needs the same deterministic network for the gradient and every factor "
+            "row. Call model.eval() (or pass deterministic=True) before "
+            "value_grad_and_curvature, and model.train() for other uses.")
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
     self.groups = parameter_groups(nnx.as_pure(self.params))
     nodes = dict(nnx.iter_graph(model))
@@ -123,6 +131,11 @@ class _NNXFrontend(Frontend):
 class _LinenFrontend(Frontend):
 
   def __init__(self, apply_fn: Callable, params: Any, declarations):
+    if isinstance(params, Mapping) and "params" not in params:
+      raise ValueError(
+          "A Linen model needs params= the whole variables dict (variables = model.init(...), "
+          "with its 'params' collection), not variables['params']: Linen's apply looks the "
+          "parameters up under 'params'.")
     self.apply_fn, self.params = apply_fn, params
     self.groups = parameter_groups(params)
     _apply_declarations(self.groups, declarations)
