@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from riemod._util import all_finite
 from riemod.composer.geometry import Geometry, GeometryState
 from riemod.composer.metric import StepReport
 from riemod.curvature.types import Curvature
@@ -266,12 +267,6 @@ def _raise_refused(bad_grads, bad_curvature, bad_step, bad_precision, worst_erro
   return np.zeros(np.shape(bad_grads), np.int32)  # batched under jax.vmap
 
 
-def _all_finite(tree: Any) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
 def apply_if_valid(inner: optax.GradientTransformation, policy: str = "error", *,
                    max_error: float | None = 1e-2) -> optax.GradientTransformationExtraArgs:
   """Applies the non-finite policy to a riemod chain's final update (learning rate included).
@@ -310,7 +305,7 @@ def apply_if_valid(inner: optax.GradientTransformation, policy: str = "error", *
                                     **extra_args)
     if policy == "ignore":
       return out, ValidStepState(state.skipped_steps, inner_state)
-    ok_grads, ok_curvature, ok_step = _all_finite(updates), _all_finite(curvature), _all_finite(out)
+    ok_grads, ok_curvature, ok_step = all_finite(updates), all_finite(curvature), all_finite(out)
     metric_state = find_state(inner_state, MetricState)
     errors = jnp.zeros((1,)) if metric_state is None else metric_state.report.error
     # NaN marks an invalid mass: refused with or without a precision threshold.

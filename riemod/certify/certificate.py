@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
+from riemod._util import all_finite
 from riemod.certify.action import action_terms
 from riemod.certify.bound import stability_bound
 from riemod.certify.contraction import (composed_rate, contraction_of, coupling_norm, spectrum)
@@ -26,10 +27,7 @@ from riemod.certify.report import CertificateReport
 from riemod.composer import Geometry, masses
 
 
-@jax.jit
-def _all_finite(leaves):
-  flags = [jnp.all(jnp.isfinite(l)) for l in leaves if jnp.issubdtype(l.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+_all_finite = jax.jit(all_finite)
 
 
 def _check_finite(name: str, tree: Any) -> None:

@@ -49,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from riemod._util import gaussian_like
+
 __all__ = [
     "HeavyBallState",
     "Mass",
@@ -84,11 +86,7 @@ class Mass(NamedTuple):
   name: str = "operator"
 
 
-def _normal_like(key, like):
-  leaves, treedef = jax.tree_util.tree_flatten(like)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree_util.tree_unflatten(
-      treedef, [jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)])
+_normal_like = gaussian_like
 
 
 def _diagonal_ou(masses_like: Callable[[PyTree], PyTree]):

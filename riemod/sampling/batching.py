@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from riemod._util import prng_key
+
 
 class BatchState(NamedTuple):
   """Where a schedule stands.
@@ -68,11 +70,7 @@ def _check_sizes(data_size, batch_size, replace) -> tuple[int, int]:
 
 
 def _key(key) -> jax.Array:
-  if isinstance(key, (int, np.integer)):
-    return jax.random.key(int(key))
-  if not isinstance(key, jax.Array):
-    raise TypeError(f"key={key!r}: pass a PRNG key (jax.random.key(seed)) or an integer seed.")
-  return key
+  return prng_key(key)
 
 
 def batch_indices(key: jax.Array, step: jax.Array, *, data_size: int, batch_size: int,

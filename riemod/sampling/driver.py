@@ -8,7 +8,6 @@ fails loudly instead of filling the samples with NaNs. Several independent chain
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -16,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from riemod._util import all_finite, prng_key
 from riemod.sampling.batching import Minibatcher
 
 GradFn = Callable[[Any, jax.Array, jax.Array], tuple[Any, dict]]
@@ -76,8 +76,7 @@ def _progress(total: int, enabled: bool, description: str):
 
 
 def _all_finite(tree: Any) -> bool:
-  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
-             if jnp.issubdtype(jnp.result_type(x), jnp.inexact))
+  return bool(all_finite(tree))
 
 
 def sample(
@@ -143,7 +142,7 @@ def sample(
                     "batch_size, replace=...).")
   batcher.check()
   collect = collect or (lambda p: p)
-  key = jax.random.key(int(key)) if isinstance(key, (int, np.integer)) else key
+  key = prng_key(key)
   batch_key, grad_key = jax.random.split(key)
 
   def init_chain(chain: int) -> ChainState:

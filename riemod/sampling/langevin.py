@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from riemod._util import gaussian_like, prng_key
 from riemod.composer import Geometry, masses
 
 
@@ -78,11 +79,8 @@ class RiemannianLangevinState(NamedTuple):
 def _prng_key(key) -> jax.Array:
   """The key as raw ``uint32`` key data: a state holding it serialises like any array (flax
   serialization, orbax), which a typed key array does not."""
-  if isinstance(key, (int, np.integer)):
-    return jax.random.key_data(jax.random.key(int(key)))
-  if isinstance(key, jax.Array):
-    return jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-  raise TypeError(f"key={key!r}: pass a PRNG key (jax.random.key(seed)) or an integer seed.")
+  key = prng_key(key)
+  return jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
 
 
 def _check_step(step_size) -> None:
@@ -105,11 +103,7 @@ def _step_value(step_size, count):
   return step_size(count) if callable(step_size) else step_size
 
 
-def _gaussian_like(key: jax.Array, tree: Any) -> Any:
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, max(len(leaves), 1))
-  return jax.tree.unflatten(treedef, [jax.random.normal(k, jnp.shape(x), jnp.result_type(x))
-                                      for k, x in zip(keys, leaves)])
+_gaussian_like = gaussian_like
 
 
 def _euclidean_langevin(step_size, temperature, key) -> optax.GradientTransformationExtraArgs:
