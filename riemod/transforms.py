@@ -130,6 +130,12 @@ def _per_slot(report: StepReport, metric, slots: int) -> StepReport:
       error=jnp.where(metric.mass_ok, put(filled.error, report.error), jnp.nan))
 
 
+def _no_positional(positional: tuple) -> None:
+  if positional:
+    raise TypeError("riemod's transforms take the curvature (and value=, value_fn=) as keywords: "
+                    "tx.update(grads, state, params, curvature=curvature).")
+
+
 def _require_curvature(curvature: Any, who: str) -> None:
   if curvature is None:
     raise ValueError(
@@ -177,8 +183,9 @@ def scale_by_metric(geometry: Geometry, *, momentum: float | None = None,
         momentum=None if momentum is None else jax.tree.map(jnp.zeros_like, params),
         report=_empty_report(_num_slots(params, geometry.structure)))
 
-  def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
+  def update_fn(updates, state, params=None, *positional, curvature=None, **extra_args):
     del params, extra_args
+    _no_positional(positional)
     _require_curvature(curvature, "riemod.scale_by_metric")
     slots = state.report.condition.shape[0]
     if geometry.structure == "layerwise" and len(curvature.modules) != slots:
@@ -300,7 +307,8 @@ def apply_if_valid(inner: optax.GradientTransformation, policy: str = "error", *
   def init_fn(params):
     return ValidStepState(jnp.zeros((), jnp.int32), inner.init(params))
 
-  def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
+  def update_fn(updates, state, params=None, *positional, curvature=None, **extra_args):
+    _no_positional(positional)
     out, inner_state = inner.update(updates, state.inner_state, params, curvature=curvature,
                                     **extra_args)
     if policy == "ignore":

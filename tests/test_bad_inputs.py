@@ -68,3 +68,6 @@ def test_renamed_kind_and_missing_curvature():
     tx.update(g, tx.init(PARAMS), PARAMS)
   with pytest.raises(TypeError, match="Curvature"):
     tx.update(g, tx.init(PARAMS), PARAMS, curvature={"not": "a curvature"})
+  _, _, curv = _curvature(F, jnp.ones((4, 3)))
+  with pytest.raises(TypeError, match="as keywords"):
+    tx.update(g, tx.init(PARAMS), PARAMS, curv)
