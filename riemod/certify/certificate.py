@@ -272,6 +272,9 @@ def certify(model: Any, x: Any, loss_fn: Callable[[jax.Array], jax.Array], outpu
 
 def _build_report(out, box, lr, mass, mass_scale, structure, batch, dataset_size, inner,
                   opt_state, num_lanczos, notes) -> CertificateReport:
+  """Turns the measured arrays ``out`` (and the trace-time facts ``box``) into the report: the
+  whole-network and per-module spectra, the composed rate, the action terms, the stability bound
+  with each constant named, the settings and the verdict."""
   f = lambda v: float(np.asarray(v))
   names, active = box["names"], box["active"]
   whole = out["whole"]
