@@ -88,12 +88,13 @@ def test_range_aware_step_keeps_a_structural_remainder():
     np.testing.assert_allclose(flat(step), expected, rtol=1e-8, atol=1e-10 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("coordinates", [True, False])
-def test_float32_error_estimate_bounds_the_error(coordinates):
+@pytest.mark.parametrize("coordinates, width", [(True, 20), (False, 20), (True, 4)])
+def test_float32_error_estimate_bounds_the_error(coordinates, width):
   """float32 steps against the float64 step of the same float32 data: the per-block estimate
   is at least the measured error wherever that error matters (>= 1e-4), over masses 1e-1..1e-8;
-  so an accepted step (estimate <= max_error) is accurate to max_error."""
-  f, params, x, loss_fn = _mlp(seed=2, batch=16, width=20, dtype=jnp.float32)
+  so an accepted step (estimate <= max_error) is accurate to max_error. Width 20: sample space
+  (push-through or Woodbury); width 4: fewer parameters than rows, parameter space."""
+  f, params, x, loss_fn = _mlp(seed=2, batch=16, width=width, dtype=jnp.float32)
 
   def step(params, x, mass):
     _, g, curv = riemod.value_grad_and_curvature(
