@@ -23,7 +23,9 @@ from riemod import _tape
 from riemod.curvature.factors import DenseFactor, RowsFactor
 from riemod.curvature.types import Curvature, ModuleCurvature
 from riemod.metrics import OutputMetric
-from riemod.nn.adapter import Frontend, ModuleGroup, _LinenFrontend, frontend as make_frontend, module_name
+from riemod.nn.adapter import (Frontend, ModuleGroup, _FunctionFrontend, _LinenFrontend,
+                               module_name)
+from riemod.nn.adapter import frontend as make_frontend
 
 
 def _check_inputs(x: Any, params: Any) -> int:
@@ -203,7 +205,8 @@ def value_grad_and_curvature(
   leaves = jax.tree.leaves(params)
   structured = {g.path: g for g in frontend.groups
                 if g.declaration.kind == "riemannian"
-                and (g.structure is not None or isinstance(frontend, _LinenFrontend))}
+                and (g.structure is not None
+                     or isinstance(frontend, (_LinenFrontend, _FunctionFrontend)))}
 
   if curvature_batch is not None:
     if not isinstance(curvature_batch, int) or not 0 < curvature_batch <= batch:

@@ -1,9 +1,11 @@
-"""Riemannian modules: layers that carry their metric declaration, and their compositions."""
+"""Riemannian modules: layers that carry their metric declaration, their compositions, and
+functional layers (``dense``) for plain functions."""
 
 from riemod.nn.composition import Parallel, Sequential
 from riemod.nn.declaration import KINDS, MetricDeclaration
+from riemod.nn.functional import dense
 from riemod.nn.layers import Conv, Dense
 from riemod.nn.structure import DenseStructure
 
 __all__ = ["Conv", "Dense", "DenseStructure", "KINDS", "MetricDeclaration", "Parallel",
-           "Sequential"]
+           "Sequential", "dense"]

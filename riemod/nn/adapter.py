@@ -173,6 +173,13 @@ class _FunctionFrontend(Frontend):
     _apply_declarations(self.groups, declarations)
 
   def apply(self, params, x, tape):
+    if tape is not None:
+      # riemod.nn.dense finds its module by the identity of its kernel array.
+      leaves = jax.tree.leaves(params)
+      for group in self.groups:
+        if "kernel" in group.leaf_names:
+          kernel = leaves[group.leaf_indices[group.leaf_names.index("kernel")]]
+          tape.owners[id(kernel)] = group.path
     return self.fn(params, x)
 
 
