@@ -56,3 +56,14 @@ def test_sweep_writes_table_plot_and_agrees_with_the_closed_forms(capsys, tmp_pa
   assert (tmp_path / "sweep.md").exists() and (tmp_path / "sweep.png").exists()
   rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
   assert {r["flow"] for r in rows} == {"gradient", "mirror"}
+
+
+def test_sweep_reports_counts_it_had_to_stop_and_exits_nonzero(capsys, tmp_path):
+  # A too-large count (here: any count, with a 1 ms limit) is a failed row, not a crashed sweep.
+  status = laws.main(["sweep", "--arch", "linear", "--nets", "2", "--max-params", "40", "--points", "1",
+                      "--timeout", "0.001", "--no-progress", "--out", str(tmp_path), "--json"])
+  summary = json.loads(capsys.readouterr().out)["summary"]
+  assert status == 1 and summary["failed"] == 2 and summary["networks"] == 2
+  rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+  assert all(r["count"] is None and r["error"].startswith("stopped after") for r in rows)
+  assert "**stopped after" in (tmp_path / "sweep.md").read_text()

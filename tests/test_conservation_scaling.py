@@ -139,3 +139,10 @@ def test_rank_tracker_decisions_match_a_dense_svd():
   assert tracker.largest_dropped < 1e-11 and tracker.smallest_kept > 1e-3
   # A second pass adds nothing.
   assert tracker.add(rows).size == 0 and tracker.rank == 15
+
+
+def test_brackets_past_max_terms_raise_an_error_that_names_the_fix():
+  # 1-3-3-1 under momentum needs ten rounds of growing brackets; a small budget stops it early.
+  with pytest.raises(ValueError, match="max_rounds"):
+    count_laws(linear_network((1, 3, 3, 1)), flow="momentum", num_points=1, max_terms=2_000)
+  assert count_laws(linear_network((1, 3, 3, 1)), flow="momentum", num_points=1).count == 6

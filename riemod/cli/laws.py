@@ -118,6 +118,8 @@ def _configure(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--max-width", type=int, default=8, help="sweep: widths drawn from 1..this")
   parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
   parser.add_argument("--no-progress", action="store_true", help="sweep: hide the progress bar")
+  parser.add_argument("--timeout", type=float, default=120.0,
+                      help="sweep: seconds per network before its count is stopped and reported as failed")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -168,8 +170,9 @@ def _sweep_table(rows) -> str:
     dims = "-".join(map(str, r["dims"]))
     expected = "-" if r["closed_form"] is None else r["closed_form"]
     agrees = "-" if r["agrees"] is None else ("yes" if r["agrees"] else "**no**")
+    count = r["count"] if r["count"] is not None else f"**{r.get('error', 'failed')}**"
     lines.append(f"| {r['arch']} | {dims} | {'yes' if r['bias'] else 'no'} | {r['flow']} | {r['parameters']} | "
-                 f"{r['count']} | {expected} | {agrees} | {r['count_seconds']:.2f} |")
+                 f"{count} | {expected} | {agrees} | {r['count_seconds']:.2f} |")
   return "\n".join(lines)
 
 
@@ -184,7 +187,8 @@ def _sweep_plot(rows, path: str) -> bool:
   markers = {"linear": "o", "relu": "s"}
   for arch in sorted({r["arch"] for r in rows}):
     for flow in sorted({r["flow"] for r in rows}):
-      pts = [r for r in rows if r["arch"] == arch and r["flow"] == flow and r["closed_form"] is not None]
+      pts = [r for r in rows if r["arch"] == arch and r["flow"] == flow and r["closed_form"] is not None
+             and r["count"] is not None]
       if pts:
         axes[0].scatter([r["closed_form"] for r in pts], [r["count"] for r in pts], marker=markers[arch],
                         label=f"{arch}, {flow}", alpha=0.7)
@@ -192,11 +196,12 @@ def _sweep_plot(rows, path: str) -> bool:
       if pts:
         axes[1].scatter([r["parameters"] for r in pts], [r["count_seconds"] for r in pts],
                         marker=markers[arch], label=f"{arch}, {flow}", alpha=0.7)
-  top = max([r["count"] for r in rows] + [1])
+  top = max([r["count"] for r in rows if r["count"] is not None] + [1])
   axes[0].plot([0, top], [0, top], "k:", lw=1)
   axes[0].set(xlabel="closed form", ylabel="counted (D - dim Lie)", title="law counts")
   axes[1].set(xlabel="parameters D", ylabel="seconds", yscale="log", title="time per network")
-  axes[0].legend(fontsize=8)
+  if axes[0].get_legend_handles_labels()[0]:
+    axes[0].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -221,7 +226,7 @@ def run_sweep(args) -> int:
   rows, started, cpu_started = [], time.perf_counter(), time.process_time()
   try:
     for arch, dims, bias, flow in jobs:
-      rows.append(count_one(arch, dims, bias, flow, tau=args.tau, points=args.points, seed=args.seed))
+      rows.append(_count_or_failure(arch, dims, bias, flow, args))
       if bar is not None:
         bar.set_postfix_str(f"{arch} {'-'.join(map(str, dims))} {flow}")
         bar.update(1)
@@ -233,6 +238,7 @@ def run_sweep(args) -> int:
   os.makedirs(args.out, exist_ok=True)
   checked = [r for r in rows if r["agrees"] is not None]
   summary = {"networks": len(rows), "with_closed_form": len(checked),
+             "failed": sum(r["count"] is None for r in rows),
              "agree": sum(bool(r["agrees"]) for r in checked), "seconds": total, "cpu_seconds": cpu_total,
              "ambiguous": sum(bool(r["ambiguous"]) for r in rows)}
   with open(os.path.join(args.out, "sweep.json"), "w") as handle:
@@ -247,9 +253,40 @@ def run_sweep(args) -> int:
   else:
     print(table)
     print(f"{summary['agree']} of {summary['with_closed_form']} counts agree with the closed form "
-          f"({summary['networks']} counts, {summary['ambiguous']} ambiguous) in {total:.1f} s")
+          f"({summary['networks']} counts, {summary['ambiguous']} ambiguous, {summary['failed']} failed) in "
+          f"{total:.1f} s")
     print(f"wrote {os.path.join(args.out, 'sweep.md')}, sweep.json" + (", sweep.png" if plotted else ""))
-  return 0 if summary["agree"] == summary["with_closed_form"] else 1
+  return 0 if summary["agree"] == summary["with_closed_form"] and not summary["failed"] else 1
+
+
+class _CountTimeout(Exception):
+  pass
+
+
+def _count_or_failure(arch, dims, bias, flow, args) -> dict:
+  """``count_one``, or a row with ``count=None`` and the reason when it fails or passes ``--timeout``."""
+  import signal  # pylint: disable=g-import-not-at-top
+  started = time.perf_counter()
+  alarm = hasattr(signal, "SIGALRM") and args.timeout and args.timeout > 0
+
+  def expire(*_):
+    raise _CountTimeout()
+
+  if alarm:
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, args.timeout)
+  try:
+    return count_one(arch, dims, bias, flow, tau=args.tau, points=args.points, seed=args.seed)
+  except (ValueError, MemoryError, _CountTimeout) as err:
+    reason = f"stopped after {args.timeout:g} s" if isinstance(err, _CountTimeout) else type(err).__name__
+    size = sum(a * b for a, b in zip(dims[:-1], dims[1:])) + (sum(dims[1:]) if bias else 0)
+    return dict(arch=arch, dims=list(dims), bias=bool(bias), flow=flow, parameters=size, count=None,
+                closed_form=closed_form(arch, dims, bias, flow), agrees=None, ambiguous=False, error=reason,
+                count_seconds=time.perf_counter() - started)
+  finally:
+    if alarm:
+      signal.setitimer(signal.ITIMER_REAL, 0)
+      signal.signal(signal.SIGALRM, previous)
 
 
 def run(args) -> int:

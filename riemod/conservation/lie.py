@@ -281,7 +281,7 @@ def _start_tracker(generators: np.ndarray, dimension: int, rtol: float, ambiguit
 
 def lie_rank(family: FieldFamily, point, *, rtol: float = 1e-8, ambiguity: float = 1e2,
              max_rounds: Optional[int] = None, chunk: int = 1024, method: str = "auto",
-             _cache: Optional[dict] = None) -> dict:
+             max_terms: int = 20_000_000, _cache: Optional[dict] = None) -> dict:
   """``dim Lie(W)(z)`` at one point, with the rank after every bracket round.
 
   Args:
@@ -294,6 +294,7 @@ def lie_rank(family: FieldFamily, point, *, rtol: float = 1e-8, ambiguity: float
     chunk: candidates evaluated per vectorised batch (nested-derivative method).
     method: ``"auto"`` (exact polynomial brackets when ``family.polynomial`` is set, else nested
       forward-mode derivatives), ``"polynomial"`` or ``"jvp"``.
+    max_terms: exact brackets held at once, in polynomial terms (~50 bytes each), before a ``ValueError``.
 
   Returns:
     dict with ``rank``, ``generator_rank``, ``history``, ``smallest_kept``, ``largest_dropped``,
@@ -308,7 +309,8 @@ def lie_rank(family: FieldFamily, point, *, rtol: float = 1e-8, ambiguity: float
     raise ValueError("method='polynomial' needs polynomial fields (family.polynomial is None): phi must "
                      "be a built-in linear/ReLU network or factorization; use method='jvp'.")
   if method != "jvp" and family.polynomial is not None:
-    return _polynomial_lie_rank(family.polynomial, point, rtol, ambiguity, max_rounds, cache)
+    return _polynomial_lie_rank(family.polynomial, point, rtol, ambiguity, max_rounds, cache,
+                                max_terms=max_terms)
   with jax.enable_x64(True):
     z = jnp.asarray(point, jnp.float64)
     try:
@@ -366,7 +368,7 @@ def lie_rank(family: FieldFamily, point, *, rtol: float = 1e-8, ambiguity: float
 
 
 def _polynomial_lie_rank(poly, point, rtol: float, ambiguity: float, max_rounds: int, cache: dict,
-                         chunk_values: int = 4_000_000) -> dict:
+                         chunk_values: int = 4_000_000, max_terms: int = 20_000_000) -> dict:
   """``lie_rank`` for exact polynomial fields: candidates from values and Jacobians at ``z``.
 
   A candidate ``[X_j, B](z) = DB(z) X_j(z) - DX_j(z) B(z)`` needs only the value and Jacobian of the
@@ -468,9 +470,20 @@ def _polynomial_lie_rank(poly, point, rtol: float, ambiguity: float, max_rounds:
       break
     # Expand exactly the fields whose brackets were kept: they are the next round's parents.
     needed = sorted({key[1:] for key in kept_keys})
-    parents = {key: (generator_polys[key[0]] if len(key) == 1
-                     else polyfields.bracket(poly, key[0], parents[key[1:]], 0))
-               for key in needed}
+    expanded, held = {}, 0
+    for key in needed:
+      expanded[key] = (generator_polys[key[0]] if len(key) == 1
+                       else polyfields.bracket(poly, key[0], parents[key[1:]], 0))
+      held += expanded[key].num_terms
+      if held > max_terms:
+        raise ValueError(
+            f"count_laws: the exact brackets needed after round {round_index} hold more than "
+            f"max_terms={max_terms:,} polynomial terms (rank {tracker.rank} of {dimension} so far, "
+            f"{len(needed)} fields to expand). Long brackets of high-degree fields, typical of 3-4 layer "
+            "linear networks with few inputs and outputs, make this count too large. Raise "
+            f"max_terms if memory allows (~50 bytes a term), or pass max_rounds={round_index} for an upper "
+            "bound on the count.")
+    parents = expanded
     newest = kept_keys
   else:
     complete = tracker.rank >= dimension
@@ -505,7 +518,8 @@ def _as_family(phi, theta_or_shapes, flow, metric, tau) -> tuple[FieldFamily, An
 
 def count_laws(phi, theta_or_shapes=None, *, flow: str = "gradient", metric=None, tau: float = 1.0,
                num_points: int = 3, seed: int = 0, rtol: float = 1e-8, ambiguity: float = 1e2,
-               max_rounds: Optional[int] = None, warn: bool = True, method: str = "auto") -> LawCount:
+               max_rounds: Optional[int] = None, warn: bool = True, method: str = "auto",
+               max_terms: int = 20_000_000) -> LawCount:
   """Maximal number of independent conservation laws, ``N - dim Lie(W_phi)``.
 
   Args:
@@ -524,12 +538,15 @@ def count_laws(phi, theta_or_shapes=None, *, flow: str = "gradient", metric=None
     method: ``"auto"``: exact polynomial brackets when the fields are polynomial (built-in linear and
       ReLU networks, factorisations, under gradient, mirror and momentum flows), nested forward-mode
       derivatives otherwise; ``"polynomial"`` or ``"jvp"`` to force one.
+    max_terms: memory guard of the exact brackets: a ``ValueError`` (naming ``max_rounds`` for an upper
+      bound) when the fields to expand in a round exceed this many polynomial terms (~50 bytes each).
 
   Returns:
     ``LawCount`` (``count``, ``lie_dimension``, ``rank_history``, ``points``, ...).
 
   Raises:
-    ValueError / TypeError: bad shapes, non-differentiable ``phi``, ``num_points < 1``.
+    ValueError / TypeError: bad shapes, non-differentiable ``phi``, ``num_points < 1``, exact brackets
+      larger than ``max_terms``.
 
   Example:
     >>> from riemod.conservation import factorization
@@ -551,6 +568,7 @@ def count_laws(phi, theta_or_shapes=None, *, flow: str = "gradient", metric=None
       points.append(point)
   cache = {}
   results = [lie_rank(family, point, rtol=rtol, ambiguity=ambiguity, max_rounds=max_rounds, method=method,
+                      max_terms=max_terms,
                       _cache=cache)
              for point in points]
   ranks = [result["rank"] for result in results]
