@@ -25,6 +25,7 @@ from riemod.certify.lanczos import generalized_lanczos
 from riemod.certify.lipschitz import network_lipschitz, state_lipschitz
 from riemod.certify.report import CertificateReport
 from riemod.composer import Geometry, masses
+from riemod.nn.adapter import frontend as model_frontend
 
 
 _all_finite = jax.jit(all_finite)
@@ -192,7 +193,6 @@ def certify(model: Any, x: Any, loss_fn: Callable[[jax.Array], jax.Array], outpu
     >>> report.max_stable_learning_rate > 1.0
     True
   """
-  from flax import linen
 
   from riemod.metrics import OutputMetric
   from riemod.state import find_state
@@ -215,17 +215,13 @@ def certify(model: Any, x: Any, loss_fn: Callable[[jax.Array], jax.Array], outpu
   if not isinstance(x, jax.Array):
     raise TypeError("certify: x must be one array of inputs (leading sample axis).")
 
+  adapted = model_frontend(model, params, None)  # the one model adapter (errors included)
+  params = adapted.params
+  apply = lambda p, v: adapted.apply(p, v, None)
   if isinstance(model, nnx.Module):
-    if params is not None:
-      raise ValueError("An NNX model carries its parameters: do not pass params=.")
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    kind, static = "nnx", graphdef
-    apply = lambda p, v: nnx.merge(graphdef, p, rest)(v)
+    kind, static, rest = "nnx", adapted.graphdef, adapted.rest
   else:
-    if params is None:
-      raise ValueError("A Linen or function model needs params=: the parameter pytree.")
     kind, static, rest = "function", model, None
-    apply = model.apply if isinstance(model, linen.Module) else getattr(model, "apply", model)
   _check_finite("x", x)
   _check_finite("the parameters", params)
   batch = x.shape[0]

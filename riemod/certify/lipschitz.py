@@ -30,6 +30,8 @@ import numpy as np
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
+from riemod.nn.adapter import frontend as model_frontend
+
 
 class ModuleLipschitz(NamedTuple):
   """Lipschitz estimates of one module at a batch.
@@ -236,17 +238,12 @@ def network_lipschitz(model: Any, x: jax.Array, *, params: Any = None, num_itera
   x = jnp.asarray(x)
   entries: list[ModuleLipschitz] = []
   problems: list[_Problem] = []
+  adapted = model_frontend(model, params, None)  # the one model adapter (errors included)
+  full = adapted.params
+  apply = lambda p, v: adapted.apply(p, v, None)
   if isinstance(model, nnx.Module):
-    if params is not None:
-      raise ValueError("An NNX model carries its parameters: do not pass params=.")
     plan, _ = _walk(model, (), x, key, problems)
-    graphdef, full, rest = nnx.split(model, nnx.Param, ...)
-    apply = lambda p, v: nnx.merge(graphdef, p, rest)(v)
   else:
-    if params is None:
-      raise ValueError("A function model needs params=: the parameter pytree it is applied to.")
-    apply = getattr(model, "apply", model)
-    full = params
     problems.append(_state_problem(lambda v: apply(full, v), x, key, 0))
     problems.append(_param_problem(apply, full, x, key, 1))
     plan = ("leaf", "<model>", "parametric", 0, 1, sum(l.size for l in jax.tree.leaves(full)))
