@@ -95,7 +95,7 @@ def _float():
   return jnp.result_type(float)
 
 
-def _num_slots(params: Any, structure: str) -> int:
+def diagnostic_slots(params: Any, structure: str) -> int:
   """Diagnostics slots: one per module (layerwise) or one (full), known from the parameters."""
   if structure == "full":
     return 1
@@ -181,7 +181,7 @@ def scale_by_metric(geometry: Geometry, *, momentum: float | None = None,
     return MetricState(
         geometry=geometry.init(params),
         momentum=None if momentum is None else jax.tree.map(jnp.zeros_like, params),
-        report=_empty_report(_num_slots(params, geometry.structure)))
+        report=_empty_report(diagnostic_slots(params, geometry.structure)))
 
   def update_fn(updates, state, params=None, *positional, curvature=None, **extra_args):
     del params, extra_args

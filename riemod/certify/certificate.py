@@ -196,7 +196,7 @@ def certify(model: Any, x: Any, loss_fn: Callable[[jax.Array], jax.Array], outpu
 
   from riemod.metrics import OutputMetric
   from riemod.state import find_state
-  from riemod.transforms import ActionState, MetricState
+  from riemod.transforms import ActionState, MetricState, diagnostic_slots
 
   if not isinstance(output_metric, OutputMetric):
     raise TypeError(f"output_metric={output_metric!r}: pass one of riemod.metrics (identity(), "
@@ -238,10 +238,13 @@ def certify(model: Any, x: Any, loss_fn: Callable[[jax.Array], jax.Array], outpu
                        "riemod.layerwise_natural_gradient / natural_gradient (or a chain or guard "
                        "around it), or leave opt_state=None.")
     geometry_state = metric_state.geometry
-    shapes = [np.shape(v) for v in jax.tree.leaves(geometry_state.moments)]
-    if shapes and shapes != [np.shape(v) for v in jax.tree.leaves(params)]:
-      raise ValueError("opt_state does not belong to this model: its mass moments have shapes "
-                       f"{shapes}. Pass the state of the optimizer that trains this model.")
+    own = [np.shape(v) for v in jax.tree.leaves(params)]
+    tracked = [np.shape(v) for v in jax.tree.leaves((geometry_state.moments,
+                                                     metric_state.momentum))]
+    slots = metric_state.report.condition.shape[0]
+    if (tracked and tracked[:len(own)] != own) or slots != diagnostic_slots(params, structure):
+      raise ValueError("opt_state does not belong to this model: it was initialised for other "
+                       "parameters. Pass the state of the optimizer that trains this model.")
     inner = find_state(opt_state, ActionState)
   elif not isinstance(geometry.mass_policy, masses.ConstantMass):
     raise ValueError("certify: an adaptive mass needs the optimizer's moments: pass opt_state= "
