@@ -225,7 +225,7 @@ def test_declarations_kinds_and_masses():
   _, _, curv = riemod.value_grad_and_curvature(
       model, x, lambda y: jnp.mean(y**2), riemod.metrics.identity(),
       declarations={"layers/3": riemod.MetricDeclaration(kind="riemannian", mass=3.0)})
-  assert {m.name: m.kind for m in curv.modules}["layers/3"] == "layerwise"
+  assert {m.name: m.kind for m in curv.modules}["layers/3"] == "riemannian"
 
 
 @pytest.mark.parametrize("bad, match", [
