@@ -118,8 +118,9 @@ def _configure(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--max-width", type=int, default=8, help="sweep: widths drawn from 1..this")
   parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
   parser.add_argument("--no-progress", action="store_true", help="sweep: hide the progress bar")
-  parser.add_argument("--timeout", type=float, default=120.0,
-                      help="sweep: seconds per network before its count is stopped and reported as failed")
+  parser.add_argument("--timeout", type=float, default=30.0,
+                      help="sweep: seconds per network before its count is stopped and reported as failed (0: "
+                           "no limit)")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -238,7 +239,7 @@ def run_sweep(args) -> int:
   os.makedirs(args.out, exist_ok=True)
   checked = [r for r in rows if r["agrees"] is not None]
   summary = {"networks": len(rows), "with_closed_form": len(checked),
-             "failed": sum(r["count"] is None for r in rows),
+             "failed": sum(r["count"] is None for r in rows), "timeout": args.timeout,
              "agree": sum(bool(r["agrees"]) for r in checked), "seconds": total, "cpu_seconds": cpu_total,
              "ambiguous": sum(bool(r["ambiguous"]) for r in rows)}
   with open(os.path.join(args.out, "sweep.json"), "w") as handle:
