@@ -152,7 +152,8 @@ def _markdown(payload) -> str:
            f"{max(r['count_seconds'] for r in done):.1f} s wall / {max(r['cpu_seconds'] for r in done):.1f} s CPU, "
            f"largest peak RSS {max(r['peak_rss_mb'] for r in done):.0f} MB. "
            f"{sum(r['count'] == r['closed_form'] for r in agree)} of {len(agree)} counts with a closed form "
-           "agree with it. Outside the target: the 3-4 layer linear networks with few inputs and outputs "
+           "agree with it" + (f" ({payload['closed_forms_note']})" if payload.get("closed_forms_note") else "")
+           + ". Outside the target: the 3-4 layer linear networks with few inputs and outputs "
            f"({', '.join(sorted({'-'.join(map(str, r['dims'])) for r in outside}))}): "
            + "; ".join(f"{'-'.join(map(str, r['dims']))} {r['flow']} "
                        + (f"{r['count_seconds']:.0f} s, {r['peak_rss_mb']:.0f} MB" if r.get("count") is not None

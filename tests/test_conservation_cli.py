@@ -67,3 +67,14 @@ def test_sweep_reports_counts_it_had_to_stop_and_exits_nonzero(capsys, tmp_path)
   rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
   assert all(r["count"] is None and r["error"].startswith("stopped after") for r in rows)
   assert "**stopped after" in (tmp_path / "sweep.md").read_text()
+
+
+@pytest.mark.parametrize("dims", [(2, 12, 2), (1, 6, 2, 1), (1, 3, 3, 1)])
+def test_momentum_closed_form_counts_the_rotations_that_move_the_weights(dims):
+  # 2-12-2: so(12) has 66 charges, but the 4 rotations of the 12 - 2 (2 + 2) = 4 directions that no weight
+  # or velocity vector spans leave nothing; the counter finds 60. A naive d (d - 1) / 2 says 66.
+  from riemod.conservation import count_laws, linear_network  # pylint: disable=import-outside-toplevel
+  expected = laws.closed_form("linear", dims, False, "momentum")
+  assert count_laws(linear_network(dims), flow="momentum", num_points=2).count == expected
+  assert laws.closed_form("linear", (2, 40, 3), False, "momentum") == 345  # <= 2 D + 1 = 401
+  assert laws.closed_form("linear", (1, 9, 1), False, "momentum") is None

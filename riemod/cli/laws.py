@@ -45,18 +45,26 @@ def closed_form(arch: str, dims, bias: bool, flow: str):
     Peyre 2023);
   * gradient flow, linear: ``d_l (d_l + 1) / 2`` per hidden layer (the balancedness matrices), when
     every hidden width satisfies ``d_l <= d_{l-1} + d_{l+1}`` (otherwise those entries are dependent);
-  * momentum, linear: ``d_l (d_l - 1) / 2`` per hidden layer (the decaying charges
-    ``exp(t / tau)(W^T W' - W'^T W)``, Marcotte, Gribonval & Peyre 2024); ReLU: none;
+  * momentum, linear: the decaying charges ``exp(t / tau)(W^T W' - W'^T W)`` (Marcotte, Gribonval &
+    Peyre 2024), ``d_l (d_l - 1) / 2`` per hidden layer when ``d_l <= k = 2 (d_{l-1} + d_{l+1})``; a wider
+    layer loses the rotations that fix all ``k`` weight and velocity vectors, ``m (m - 1) / 2`` with
+    ``m = d_l - k`` (measured: 2-12-2 has 60 laws, not 66; 2-40-3 has 345). ReLU: none;
   * mirror (NMF) flow: one law per hidden neuron (the rescaling balances ``sum in - sum out``).
 
   A linear network with one input and one output computes a scalar product of its weights, whose single
-  field leaves ``D - 1`` laws under every flow: no formula above applies, so ``None``.
+  field leaves ``D - 1`` laws under gradient and mirror flows: no formula above applies, so ``None``. Under
+  momentum the charges above are all the laws of the deep ones (1-2-2-1: 2, 1-3-3-1: 6, 1-3-3-3-1: 9, as
+  counted), but a two-layer ``1-d-1`` has more (``4 d - 6``), so ``None`` there.
 
   Example:
     >>> closed_form("linear", (8, 10, 8), False, "gradient"), closed_form("relu", (3, 4, 2), True, "momentum")
     (55, 0)
   """
   hidden = list(dims[1:-1])
+  if arch == "linear" and flow == "momentum" and not (len(dims) == 3 and dims[0] * dims[-1] == 1):
+    # Rotations of hidden layer l that fix its k weight and velocity vectors leave no charge.
+    fixed = [max(d - 2 * (a + b), 0) for a, d, b in zip(dims[:-2], hidden, dims[2:])]
+    return sum(d * (d - 1) // 2 - m * (m - 1) // 2 for d, m in zip(hidden, fixed))
   if arch == "linear" and dims[0] * dims[-1] == 1:
     return None
   if flow == "mirror":
@@ -67,8 +75,6 @@ def closed_form(arch: str, dims, bias: bool, flow: str):
     if all(d <= a + b for a, d, b in zip(dims[:-2], hidden, dims[2:])):
       return sum(d * (d + 1) // 2 for d in hidden)
     return None
-  if flow == "momentum":
-    return sum(d * (d - 1) // 2 for d in hidden)
   return None
 
 
