@@ -1,14 +1,12 @@
 """Counting conservation laws against the known answers (docs/conservation.md)."""
 
-import warnings
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from riemod.conservation import (AmbiguousRankWarning, count_laws, factorization, gradient_fields,
-                                 homogeneous_neuron, linear_network, momentum_lift, relu_network,
+                                 homogeneous_neuron, relu_network,
                                  residual_block, two_layer_relu, verify_laws)
 
 

@@ -1,7 +1,6 @@
 """Minibatch schedules: coverage per epoch, independence, reproducibility, Monte-Carlo covariance."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -51,7 +51,9 @@ def test_closed_form_sgld_error_grows_with_step_and_riemannian_stays_small(probl
 
 @pytest.mark.slow
 def test_cli_json_output(tmp_path):
-  import io, json, contextlib
+  import io
+  import json
+  import contextlib
   from riemod.cli.main import main
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
