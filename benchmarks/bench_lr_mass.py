@@ -105,24 +105,12 @@ def _pinn(steps: int):
 
   import riemod
   from benchmarks import problems
-  from benchmarks.task_poisson_pinn import half_mean_square, mlp, residual_fn, u_exact
+  from benchmarks.task_poisson_pinn import (collocation, half_mean_square, mlp, residual_fn,
+                                            u_exact)
 
-  inner = (np.arange(12) + 1) / 13
-  gx, gy = np.meshgrid(inner, inner, indexing="ij")
-  interior = np.stack([gx.ravel(), gy.ravel()], -1)
-  s = np.arange(12) / 12
-  zeros, ones = np.zeros(12), np.ones(12)
-  boundary = np.concatenate([np.stack([s, zeros], -1), np.stack([ones, s], -1),
-                             np.stack([1 - s, ones], -1), np.stack([zeros, 1 - s], -1)])
-  points = np.concatenate([interior, boundary])
-  flag = np.concatenate([np.ones(len(interior)), np.zeros(len(boundary))])
-  # Interior and boundary terms weighted as in task_poisson_pinn: 0.5 mean_int + 0.5 mean_bd.
-  weights = np.where(flag > 0, np.sqrt(len(points) / len(interior)),
-                     np.sqrt(len(points) / len(boundary)))
+  points, flag, weights, test = collocation(12)
   batch = tuple(jnp.asarray(a) for a in (points, flag, weights))
-  t = np.linspace(0, 1, 50)
-  tx_, ty_ = np.meshgrid(t, t, indexing="ij")
-  test = jnp.asarray(np.stack([tx_.ravel(), ty_.ravel()], -1))
+  test = jnp.asarray(test)
   u_test = u_exact(test)
   params0 = [{"kernel": jnp.asarray(w), "bias": jnp.asarray(b)}
              for w, b in problems.mlp_init([2, 16, 16, 1], SEED, np.float64)]

@@ -69,13 +69,14 @@ QUICK_GRIDS = {"adam": [dict(learning_rate=3e-3)], "sgd": [dict(learning_rate=1e
                "dense-gn": [dict(learning_rate=1.0, damping=1e-8, line_search=True)], "riemod": RIEMOD_GRID[:1]}
 
 
-def collocation():
-  """``(points (N, 2), interior flag (N,), weights (N,))`` and the 50 x 50 test grid."""
-  inner = (np.arange(30) + 1) / 31
+def collocation(side: int = 30):
+  """``(points (N, 2), interior flag (N,), weights (N,))`` and the 50 x 50 test grid: a
+  ``side x side`` interior grid and ``side`` points per boundary edge."""
+  inner = (np.arange(side) + 1) / (side + 1)
   gx, gy = np.meshgrid(inner, inner, indexing="ij")
   interior = np.stack([gx.ravel(), gy.ravel()], -1)
-  s = np.arange(30) / 30
-  zeros, ones = np.zeros(30), np.ones(30)
+  s = np.arange(side) / side
+  zeros, ones = np.zeros(side), np.ones(side)
   boundary = np.concatenate([np.stack([s, zeros], -1), np.stack([ones, s], -1),
                              np.stack([1 - s, ones], -1), np.stack([zeros, 1 - s], -1)])
   points = np.concatenate([interior, boundary])
