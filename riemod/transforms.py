@@ -321,6 +321,9 @@ def apply_if_valid(inner: optax.GradientTransformation, policy: str = "error", *
                     else ~jnp.any(jnp.isnan(errors)))
     ok = ok_grads & ok_curvature & ok_step & ok_precision
     worst = jnp.max(jnp.where(jnp.isnan(errors), jnp.inf, errors)) if errors.size else 0.0
+    # Diagnostics only: with the gradient stopped, jax.grad through a step never differentiates
+    # the host callback below (which has no derivative).
+    worst = jax.lax.stop_gradient(worst)
     if policy == "error":
       if not isinstance(ok, jax.core.Tracer):
         _raise_refused(~ok_grads, ~ok_curvature, ~ok_step, ~ok_precision, worst)

@@ -52,16 +52,20 @@ def cholesky_with_jitter(matrix: jax.Array | Callable[[jax.Array], jax.Array]
     build = lambda shift: matrix + shift * jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
   chol = _cholesky(build(0.0))
   return jax.lax.cond(_finite_factor(chol), lambda: (chol, jnp.zeros((), chol.dtype)),
-                      lambda: _escalate(build, chol))
+                      lambda: _escalate(build))
 
 
-def _escalate(build: Callable[[jax.Array], jax.Array], chol: jax.Array
-              ) -> tuple[jax.Array, jax.Array]:
+def _escalate(build: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
   """Refactors ``build(jitter)`` with escalating jitter until the factor is finite.
 
-  Starts from ``chol`` (the plain factor), so a finite one comes back unchanged without a single
-  retry; this matters under ``jax.vmap``, where a cond around this evaluates it for every lane.
+  The search for the jitter level runs on the matrix with its gradient stopped, and the chosen
+  level's factor is then computed once more, outside the loop: reverse-mode differentiation cannot
+  pass through a ``while_loop``, but it can pass through that last factorisation (the jitter
+  itself is a constant of the step). A finite plain factor comes back after one factorisation and
+  no retry; this matters under ``jax.vmap``, where a cond around this evaluates it for every lane.
   """
+  plain = lambda shift: jax.lax.stop_gradient(build(shift))
+  chol = _cholesky(plain(0.0))
   n, dtype = chol.shape[-1], chol.dtype
 
   def failed(carry):
@@ -70,19 +74,37 @@ def _escalate(build: Callable[[jax.Array], jax.Array], chol: jax.Array
 
   def retry(carry):
     level = carry[0] + 1
-    scale = jnp.trace(build(0.0)) / n
+    scale = jnp.trace(plain(0.0)) / n
     jitter = (scale * jnp.finfo(dtype).eps * 10.0 ** level).astype(dtype)
-    return level, _cholesky(build(jitter)), jitter
+    return level, _cholesky(plain(jitter)), jitter
 
-  return jax.lax.while_loop(failed, retry, (jnp.asarray(0), chol, jnp.zeros((), dtype)))[1:]
+  jitter = jax.lax.while_loop(failed, retry, (jnp.asarray(0), chol, jnp.zeros((), dtype)))[2]
+  return _cholesky(build(jax.lax.stop_gradient(jitter))), jitter
 
 
+@jax.custom_jvp
 def _cholesky(matrix: jax.Array) -> jax.Array:
   # Every matrix factored here is symmetric by construction, and LAPACK reads one triangle:
   # no (A + A^T) / 2 pass. Factoring A^T (the same matrix) lets XLA:CPU hand the row-major A to
   # column-major LAPACK as is, where factoring A costs a transposing d x d pass (measured: ~10% of
   # an exact-Fisher step).
   return jax.lax.linalg.cholesky(matrix.T, symmetrize_input=False)
+
+
+@_cholesky.defjvp
+def _cholesky_jvp(primals, tangents):
+  """``dL = L Phi(L^{-1} dA L^{-T})`` (Phi: lower triangle, halved diagonal), as jax's own rule,
+  except that a failed (non-finite) factor gets a zero tangent instead of NaN. A failed plain
+  factor is never the result (the jittered one replaces it), but its tangent is still computed
+  and transposed by reverse mode, where 0 * NaN would poison the jittered path's gradient."""
+  (matrix,), (tangent,) = primals, tangents
+  chol = _cholesky(matrix)
+  ok = _finite_factor(chol)
+  safe = jnp.where(ok, chol, jnp.eye(chol.shape[-1], dtype=chol.dtype))
+  inner = jax.scipy.linalg.solve_triangular(safe, tangent, lower=True)
+  inner = jax.scipy.linalg.solve_triangular(safe, inner.T, lower=True).T
+  phi = jnp.tril(inner) - 0.5 * jnp.diag(jnp.diagonal(inner))
+  return chol, jnp.where(ok, safe @ phi, jnp.zeros_like(chol))
 
 
 def _finite_factor(chol: jax.Array) -> jax.Array:
@@ -261,7 +283,7 @@ class BlockFactorization:
     """The factor and jitter of the rebuilt matrix (failure path only). It refactors instead of
     starting from ``self.chol``, which would make the factor an operand of the cond."""
     build, _ = _block_plan(self.factors, self.inv_masses, self.space)
-    return _escalate(build, _cholesky(build(0.0)))
+    return _escalate(build)
 
   def _operator(self, x: jax.Array) -> jax.Array:
     """The factored matrix times ``x`` rows, from the factors (for refinement)."""
