@@ -15,11 +15,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import warnings
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +39,27 @@ class OutputMetric:
       range-aware form, free of the ``1 / mass`` cancellation (see :class:`riemod.Geometry`).
       Where a cotangent is not in the rows' span (another loss), the remainder is solved by
       Woodbury, so the step stays exact.
+    bind_loss: for metrics computed from the loss (:func:`from_loss`):
+      ``(loss_fn, outputs, num_samples) -> OutputMetric`` at those outputs;
+      :func:`riemod.value_grad_and_curvature` calls it through :meth:`bind`.
   """
 
   name: str
   factor: Callable[[jax.Array, jax.Array | None], jax.Array]
   needs_key: bool = False
   coordinates: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+  bind_loss: Callable[..., "OutputMetric"] | None = None
+
+  def bind(self, loss_fn: Callable[[jax.Array], jax.Array], outputs: jax.Array,
+           num_samples: int | None = None) -> "OutputMetric":
+    """This metric at ``outputs`` of ``loss_fn`` (itself unless it is derived from the loss).
+
+    Args:
+      loss_fn: the batch loss ``outputs -> scalar``.
+      outputs: the whole batch of outputs ``(B, *out)`` the loss is evaluated at.
+      num_samples: the factor rows are for the first ``m`` samples (``None``: all ``B``).
+    """
+    return self if self.bind_loss is None else self.bind_loss(loss_fn, outputs, num_samples)
 
   def __call__(self, outputs: jax.Array, key: jax.Array | None = None) -> jax.Array:
     if self.needs_key and key is None:
@@ -165,3 +183,236 @@ def custom(per_sample_factor: Callable[..., jax.Array], *, name: str = "custom",
     def factor(outputs, key):
       return jax.vmap(per_sample_factor)(outputs)
   return OutputMetric(name, factor, needs_key=needs_key)
+
+# -- the Gauss-Newton factor of the loss itself, and the check of a declared metric's scale
+
+# Eigenvalues of a sample's loss Hessian below this many ``size * eps * lambda_max`` are round-off
+# of the Hessian-vector products (their absolute error is about eps times the largest eigenvalue).
+_EIGENVALUE_RTOL = 16.0
+
+
+def _loss_hessian_blocks(loss_fn: Callable[[jax.Array], jax.Array], outputs: jax.Array,
+                         num_samples: int) -> jax.Array:
+  """Per-sample blocks ``H_s`` ``(m, c, c)`` of the batch loss's Hessian w.r.t. the outputs.
+
+  One linearisation of the loss gradient, applied to ``c`` cotangents: the one-hot on output
+  coordinate ``j`` of every sample at once. Samples do not interact, so column ``j`` of every
+  sample's block comes out of the same product: ``c`` products in all, not ``B c``. Reverse over
+  reverse (not forward over reverse) so that losses written with ``jax.custom_vjp`` work too.
+  """
+  y = jax.lax.stop_gradient(outputs)
+  shape = y.shape[1:]
+  size = math.prod(shape)
+  _, hvp = jax.vjp(jax.grad(loss_fn), y)
+  eye = jnp.eye(size, dtype=y.dtype).reshape((size, 1) + shape)
+  columns = jax.vmap(lambda v: hvp(v)[0])(jnp.broadcast_to(eye, (size,) + y.shape))
+  # columns[j, s] = H_s e_j: index [j, s, i] -> [s, i, j].
+  blocks = jnp.moveaxis(columns[:, :num_samples].reshape(size, num_samples, size), 0, 2)
+  return 0.5 * (blocks + jnp.swapaxes(blocks, 1, 2))
+
+
+def _bind_loss(max_outputs: int):
+
+  def bind(loss_fn, outputs, num_samples=None):
+    if not isinstance(outputs, jax.Array) or outputs.ndim < 1:
+      raise ValueError("metrics.from_loss() needs the batch of outputs (B, *out) the loss is "
+                       f"evaluated at; got {getattr(outputs, 'shape', type(outputs).__name__)}.")
+    batch, shape = outputs.shape[0], outputs.shape[1:]
+    size = math.prod(shape)
+    m = batch if num_samples is None else num_samples
+    if size > max_outputs:
+      raise ValueError(
+          f"metrics.from_loss() forms the {size} x {size} loss Hessian of every sample ({size} "
+          f"Hessian-vector products and {m} eigendecompositions per step); that is above "
+          f"max_outputs={max_outputs}. Use a closed-form metric (identity(), softmax_fisher()) or "
+          "random rows (sampled_softmax_fisher(k), gaussian_sketch(k)), or raise max_outputs.")
+    lam, vec = jnp.linalg.eigh(_loss_hessian_blocks(loss_fn, outputs, m))  # vec[s, :, i]
+    eps, tiny = jnp.finfo(lam.dtype).eps, jnp.finfo(lam.dtype).tiny
+    keep = lam > jnp.maximum(_EIGENVALUE_RTOL * size * eps * lam[:, -1:], tiny)
+    # L_s^T L_s = B H_s: value_grad_and_curvature divides the rows by sqrt(B) (sqrt(m) for a
+    # sub-batch, an estimate of the same mean), so K^T K is the Gauss-Newton matrix of the loss.
+    root = jnp.where(keep, jnp.sqrt(jnp.where(keep, batch * lam, 1)), 0)  # (m, c)
+    rows = (root[:, :, None] * jnp.swapaxes(vec, 1, 2)).reshape((m, size) + shape)
+
+    def factor(out, key):
+      if out.shape[0] != m:
+        raise ValueError(f"This from_loss() metric was bound to {m} samples; got outputs of "
+                         f"shape {out.shape}. Bind it again at these outputs.")
+      return rows
+
+    def coordinates(out, cotangent):
+      # L_s^T e_s = sum_i e_si sqrt(B lam_i) q_i = c_s on the kept directions: a pseudo-inverse.
+      # What the dropped (negative or round-off) directions hold is left to the remainder.
+      proj = jnp.einsum("sji,sj->si", vec, cotangent.reshape(m, size))
+      return jnp.where(keep, proj / jnp.where(keep, root, 1), 0)
+
+    return OutputMetric("from_loss", factor, coordinates=coordinates, bind_loss=bind)
+
+  return bind
+
+
+def from_loss(*, max_outputs: int = 1024) -> OutputMetric:
+  """The loss's own Gauss-Newton factor: per sample, the factor of its loss Hessian w.r.t. y_s.
+
+  With ``H_s = Q diag(lambda) Q^T`` the block of the batch loss's Hessian for sample ``s`` (the
+  Hessian w.r.t. the outputs, found by ``c`` Hessian-vector products of ``loss_fn`` with a one-hot
+  cotangent on output ``j`` of every sample at once, then one ``c x c`` eigendecomposition per
+  sample), the rows are ``sqrt(B lambda_i) q_i``, negative eigenvalues set to 0. Divided by
+  ``sqrt(B)`` as :func:`riemod.value_grad_and_curvature` does, ``K^T K = sum_s J_s^T H_s J_s``: the
+  generalised Gauss-Newton matrix of ``loss_fn`` exactly as written, whatever its reduction (mean or
+  sum over samples, mean or sum over outputs) and whatever the loss (squared error,
+  cross-entropy, where it equals :func:`softmax_fisher`, Huber, log-cosh, ...). The coordinates of
+  the loss cotangent (a pseudo-inverse on the kept eigen-directions) give the range-aware solve.
+
+  It is the default ``output_metric`` of :func:`riemod.value_grad_and_curvature`, which binds it to
+  ``loss_fn`` and the batch's outputs: the factor depends on the loss and only that function knows
+  it, so the marker is resolved there (one home; no second copy of ``loss_fn`` to keep in sync).
+  Outside it, :meth:`OutputMetric.bind` binds it explicitly.
+
+  Assumes samples do not interact in the loss (a sum of per-sample terms, as a mean over the batch
+  is). Costs ``c`` products with the loss Hessian and ``B`` eigendecompositions of ``c x c``
+  (``c`` the output size per sample): negligible next to the model for classifiers and regressors;
+  above ``max_outputs`` it is refused with the alternatives named.
+
+  Args:
+    max_outputs: the largest output size per sample it accepts.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> y = jnp.zeros((2, 4))
+    >>> metric = from_loss().bind(lambda y: jnp.mean((y - 1.0) ** 2), y)  # all-element mean
+    >>> rows = metric(y)
+    >>> rows.shape   # (batch, rows per sample, outputs)
+    (2, 4, 4)
+    >>> bool(jnp.allclose(rows[0].T @ rows[0], 0.5 * jnp.eye(4)))  # B times the block 2 I / (B C)
+    True
+  """
+  if not isinstance(max_outputs, int) or max_outputs < 1:
+    raise ValueError(f"max_outputs={max_outputs!r}: use a positive int.")
+
+  def unbound(outputs, key):
+    raise ValueError("metrics.from_loss() is computed from loss_fn: pass it (or nothing, it is "
+                     "the default) as output_metric to riemod.value_grad_and_curvature, which "
+                     "knows the loss, or bind it first: metrics.from_loss().bind(loss_fn, outputs).")
+
+  return OutputMetric("from_loss", unbound, bind_loss=_bind_loss(max_outputs))
+
+
+class MetricScaleWarning(UserWarning):
+  """A declared output metric is a constant multiple of the loss's Gauss-Newton factor, not it.
+
+  Silence it with ``check_metric=False`` in :func:`riemod.value_grad_and_curvature` (which also
+  skips the probe), or ``warnings.filterwarnings("ignore", category=MetricScaleWarning)``.
+  """
+
+
+# The loss each exact metric is the Gauss-Newton factor of, as the warning states it.
+_ASSUMES = {
+    "identity": "0.5 * (mean over samples of the sum over outputs of r**2), r the residuals",
+    "softmax_fisher": "the mean over samples of the cross-entropy of softmax(y)",
+}
+_SCALE_RTOL = 1e-2
+_warned: set[tuple[str, object]] = set()
+
+
+def _loss_label(loss_fn: Callable) -> tuple[object, str]:
+  """``(identity, name)`` of ``loss_fn``; the identity is its code object, the same for every
+  re-creation of one lambda (a loss closed over each step's targets warns once, not per step)."""
+  fn = loss_fn
+  while hasattr(fn, "func"):  # functools.partial
+    fn = fn.func
+  code = getattr(fn, "__code__", None)
+  if code is None:
+    return type(fn), type(fn).__qualname__
+  name = getattr(fn, "__qualname__", code.co_name)
+  return code, f"{name} ({code.co_filename}:{code.co_firstlineno})"
+
+
+def _reasons(factor: float, batch: int, size: int) -> list[tuple[str, str]] | None:
+  """Which common reductions explain ``factor``: ``[(what loss_fn does, the fix), ...]``."""
+  parts = [
+      [(1.0, None), (float(batch), ("sums over the batch (a .sum() loss, factor B = {batch})",
+                                    "average over the samples (jnp.mean over axis 0); riemod "
+                                    "scales the rows for a batch mean"))],
+      [(1.0, None), (1.0 / size, ("averages over the {size} outputs too (an all-element mean, "
+                                  "factor 1/{size})", "sum over the output axes, e.g. "
+                                  "0.5 * jnp.mean(jnp.sum((y - t) ** 2, axis=-1))"))],
+      [(1.0, None), (2.0, ("has no factor 0.5 (factor 2)", "multiply the loss by 0.5"))],
+  ]
+  for a in parts[0]:
+    for b in parts[1]:
+      for c in parts[2]:
+        if (batch == 1 and a[1]) or (size == 1 and b[1]):
+          continue
+        value = a[0] * b[0] * c[0]
+        if value != 1.0 and abs(factor / value - 1) <= _SCALE_RTOL:
+          return [tuple(text.format(batch=batch, size=size) for text in p[1])
+                  for p in (a, b, c) if p[1]]
+  return None
+
+
+def _report_scale(name: str, loss: tuple[object, str], batch: int, size: int, loss_form,
+                  metric_form) -> None:
+  loss_form = np.asarray(loss_form, np.float64)
+  metric_form = np.asarray(metric_form, np.float64)
+  if not (np.all(np.isfinite(loss_form)) and np.all(metric_form > 0)
+          and np.all(np.isfinite(metric_form))):
+    return  # a zero or invalid probe (a saturated softmax, a non-finite loss) says nothing
+  ratios = loss_form / metric_form
+  if np.any(ratios <= 0) or abs(ratios[0] / ratios[1] - 1) > _SCALE_RTOL:
+    return  # not a constant multiple: another metric chosen on purpose (identity for Huber, ...)
+  factor = float(np.sqrt(ratios[0] * ratios[1]))
+  if abs(factor - 1) <= _SCALE_RTOL or (name, loss[0]) in _warned:
+    return
+  _warned.add((name, loss[0]))
+  reasons = _reasons(factor, batch, size)
+  assumes = _ASSUMES.get(name, "its own scale")
+  if reasons:
+    what = "; ".join(r[0] for r in reasons)
+    fixes = " and ".join(r[1] for r in reasons)
+    explain = f"loss_fn {what}. Fix: {fixes}, or"
+  else:
+    explain = f"Fix: multiply loss_fn by {1 / factor:.4g}, or"
+  warnings.warn(
+      f"metrics.{name}() is the Gauss-Newton factor of {assumes}, but the Hessian of loss_fn "
+      f"{loss[1]} w.r.t. the outputs is {factor:.4g} times this metric (measured along two probe "
+      f"directions). With a small mass the steps are up to {factor:.4g}x the Gauss-Newton steps of "
+      f"this loss. {explain} pass output_metric=riemod.metrics.from_loss() (the loss's own factor, "
+      "the default). Silence: check_metric=False in value_grad_and_curvature, or "
+      "warnings.filterwarnings('ignore', category=riemod.metrics.MetricScaleWarning).",
+      MetricScaleWarning, stacklevel=2)
+
+
+def check_scale(metric: OutputMetric, loss_fn: Callable[[jax.Array], jax.Array],
+                outputs: jax.Array, rows: jax.Array) -> None:
+  """Warns once when a metric claiming to be the loss's Gauss-Newton factor is off by a constant.
+
+  A metric with :attr:`OutputMetric.coordinates` (``identity()``, ``softmax_fisher()``) claims
+  ``L_s^T L_s / B`` is the loss's Hessian block ``H_s``. The check compares the two quadratic
+  forms along two fixed random probe directions (one product of the loss Hessian with two
+  vectors, and the rows already at hand): when both ratios agree, the loss is that constant times
+  the loss the metric assumes, and a :class:`MetricScaleWarning` names the factor, the likely
+  reduction (``.sum()`` over the batch: ``B``; an all-element mean: ``1/c``; no ``0.5``: ``2``)
+  and the fix. Ratios that disagree mean another metric chosen on purpose (identity for a Huber
+  loss): no warning. Runs eagerly and under ``jax.jit`` (through ``jax.debug.callback``); warns
+  once per metric and loss function.
+
+  Args:
+    metric: the output metric used.
+    loss_fn: the batch loss.
+    outputs: the whole batch of outputs ``(B, *out)``.
+    rows: the metric's unscaled rows for the first ``m <= B`` samples ``(m, k, *out)``.
+  """
+  if metric.coordinates is None or metric.bind_loss is not None:
+    return  # random rows claim an expectation only; from_loss() is the loss's factor by construction
+  y = jax.lax.stop_gradient(outputs)
+  rows = jax.lax.stop_gradient(rows)
+  batch, m, size = y.shape[0], rows.shape[0], math.prod(y.shape[1:])
+  probes = jax.random.normal(jax.random.key(20260312), (2, m, size), y.dtype)
+  padded = jnp.concatenate([probes, jnp.zeros((2, batch - m, size), y.dtype)], axis=1)
+  _, hvp = jax.vjp(jax.grad(loss_fn), y)
+  loss_form = jax.vmap(lambda v: jnp.vdot(v, hvp(v.reshape(y.shape))[0]))(padded)
+  projected = jnp.einsum("skc,psc->psk", rows.reshape(m, rows.shape[1], size), probes)
+  metric_form = jnp.sum(projected ** 2, axis=(1, 2)) / batch
+  jax.debug.callback(functools.partial(_report_scale, metric.name, _loss_label(loss_fn), batch,
+                                       size), loss_form, metric_form)

@@ -22,7 +22,7 @@ import numpy as np
 from riemod import _tape
 from riemod.curvature.factors import DenseFactor, RowsFactor
 from riemod.curvature.types import Curvature, ModuleCurvature
-from riemod.metrics import OutputMetric
+from riemod.metrics import OutputMetric, check_scale, from_loss
 from riemod.nn.adapter import (Frontend, ModuleGroup, _FunctionFrontend, _LinenFrontend,
                                module_name)
 from riemod.nn.adapter import frontend as make_frontend
@@ -157,12 +157,13 @@ def value_grad_and_curvature(
     model: Any,
     x: Any,
     loss_fn: Callable[[jax.Array], jax.Array],
-    output_metric: OutputMetric,
+    output_metric: OutputMetric | None = None,
     *,
     params: Any = None,
     key: jax.Array | None = None,
     declarations: Mapping[str, Any] | None = None,
     curvature_batch: int | None = None,
+    check_metric: bool = True,
 ) -> tuple[jax.Array, Any, Curvature]:
   """Loss, gradient and curvature of ``loss_fn(model(x))`` in one forward and backward pass.
 
@@ -172,7 +173,11 @@ def value_grad_and_curvature(
       Samples must not interact (no batch statistics).
     x: the batch: an array or pytree of arrays with a leading sample axis ``B``.
     loss_fn: ``outputs -> scalar``, a mean over the batch (the metric rows are scaled to match).
-    output_metric: one of :mod:`riemod.metrics`.
+    output_metric: one of :mod:`riemod.metrics`; by default :func:`riemod.metrics.from_loss`, the
+      Gauss-Newton factor of ``loss_fn`` itself (right for any reduction and any loss). It is
+      resolved here because this is where ``loss_fn`` is known. A closed-form metric
+      (``identity()``, ``softmax_fisher()``) skips its ``c`` Hessian products and eigendecompositions
+      and is checked against the loss's scale (``check_metric``).
     params: the parameter pytree (Linen and plain functions only).
     key: PRNG key for random output metrics (sampled Fisher, sketches).
     declarations: ``{module name: MetricDeclaration or dict(mass=..., kind=...)}``; module names
@@ -181,6 +186,11 @@ def value_grad_and_curvature(
     curvature_batch: compute the factor rows on the first ``m`` samples only (rows scaled by
       ``1/sqrt(m)``) while the loss and gradient use the whole batch. With the exact softmax
       Fisher, ``m = 16..32`` keeps the capacitance small (``d = k m``) at full gradient accuracy.
+    check_metric: when the output metric claims to be the loss's exact Gauss-Newton factor
+      (``identity()``, ``softmax_fisher()``), compare its scale with the loss's Hessian along two
+      probe directions and warn once (:class:`riemod.metrics.MetricScaleWarning`) when they differ
+      by a constant factor (a ``.sum()`` loss: ``B``; an all-element mean: ``1/c``). One extra
+      product with the loss Hessian; ``False`` removes it from the computation.
 
   Returns:
     ``(loss, grads, curvature)``: ``grads`` has the structure of the parameters (an ``nnx.State``
@@ -196,9 +206,11 @@ def value_grad_and_curvature(
     >>> curv.num_rows
     8
   """
+  if output_metric is None:
+    output_metric = from_loss()
   if not isinstance(output_metric, OutputMetric):
-    raise TypeError(f"output_metric={output_metric!r}: use one of riemod.metrics (identity(), "
-                    "softmax_fisher(), ...), or riemod.metrics.custom(...).")
+    raise TypeError(f"output_metric={output_metric!r}: use one of riemod.metrics (from_loss(), "
+                    "identity(), softmax_fisher(), ...), or riemod.metrics.custom(...).")
   frontend = make_frontend(model, params, declarations)
   params = frontend.params
   batch = _check_inputs(x, params)
@@ -230,7 +242,11 @@ def value_grad_and_curvature(
     num_curv = curvature_batch
 
   root = jnp.sqrt(jnp.asarray(num_curv, outputs_curv.dtype))
-  factor_rows = output_metric(outputs_curv, key) / root
+  output_metric = output_metric.bind(loss_fn, outputs, num_curv)  # from_loss(): at this loss
+  unscaled_rows = output_metric(outputs_curv, key)
+  if check_metric:
+    check_scale(output_metric, loss_fn, outputs, unscaled_rows)
+  factor_rows = unscaled_rows / root
   rows = jnp.moveaxis(factor_rows, 1, 0)  # (k, B, *out)
   num_rows = rows.shape[0] * num_curv
   tap_cotangents = jax.vmap(lambda r: vjp(r)[1])(rows) if taps else {}
