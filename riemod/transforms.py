@@ -37,7 +37,7 @@ from flax import nnx
 from riemod._util import all_finite
 from riemod.composer.geometry import Geometry, GeometryState
 from riemod.composer.metric import StepReport
-from riemod.curvature.types import Curvature
+from riemod.curvature.types import Curvature, leaf_paths
 from riemod.nn.adapter import parameter_groups
 from riemod.state import find_state
 
@@ -147,6 +147,15 @@ def _require_curvature(curvature: Any, who: str) -> None:
                     "riemod.value_grad_and_curvature (as the keyword curvature=).")
 
 
+def _selected(curvature: Curvature, updates: Any) -> Curvature:
+  """The curvature of the parameters ``updates`` holds: all of them, or the ones an
+  ``optax.masked`` / ``optax.multi_transform`` group (``optax.MaskedNode`` elsewhere) or an
+  ``nnx.Optimizer`` with a narrower ``wrt`` selects, found by their paths."""
+  if len(jax.tree.leaves(updates)) == len(curvature.leaf_shapes):
+    return curvature
+  return curvature.restrict(leaf_paths(updates))
+
+
 def scale_by_metric(geometry: Geometry, *, momentum: float | None = None,
                     residuals: bool = False) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients by ``G^{-1}``, ``G`` as ``geometry`` describes it (no learning rate).
@@ -187,6 +196,7 @@ def scale_by_metric(geometry: Geometry, *, momentum: float | None = None,
     del params, extra_args
     _no_positional(positional)
     _require_curvature(curvature, "riemod.scale_by_metric")
+    curvature = _selected(curvature, updates)
     slots = state.report.condition.shape[0]
     if geometry.structure == "layerwise" and len(curvature.modules) != slots:
       raise ValueError(

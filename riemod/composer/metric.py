@@ -234,7 +234,9 @@ def _checked_leaves(tree: Any, curvature: Curvature):
     raise ValueError(
         "The curvature does not belong to these parameters: it was computed for parameter "
         f"shapes {list(curvature.leaf_shapes)} but got {list(shapes)}. Pass the curvature from "
-        "value_grad_and_curvature on the same model (and nnx.Optimizer(..., wrt=nnx.Param)).")
+        "value_grad_and_curvature on the same model. To train only some parameters, wrap the "
+        "riemod transform in optax.masked / optax.multi_transform (or give nnx.Optimizer a "
+        "narrower wrt=): it then restricts the curvature to the selected parameters by path.")
   for leaf in leaves:
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
       raise TypeError(f"A gradient leaf has dtype {jnp.result_type(leaf)}; the metric acts on "

@@ -21,7 +21,7 @@ import numpy as np
 
 from riemod import _tape
 from riemod.curvature.factors import DenseFactor, RowsFactor
-from riemod.curvature.types import Curvature, ModuleCurvature
+from riemod.curvature.types import Curvature, ModuleCurvature, leaf_paths
 from riemod.metrics import OutputMetric, check_scale, from_loss
 from riemod.nn.adapter import (Frontend, ModuleGroup, _FunctionFrontend, _LinenFrontend,
                                module_name)
@@ -279,7 +279,7 @@ def value_grad_and_curvature(
     per_sample = output_metric.coordinates(outputs_curv, loss_cotangent[:num_curv])  # (m, k)
     coordinates = (root * jnp.moveaxis(per_sample, 1, 0)).reshape(-1)
   curvature = Curvature(tuple(modules), coordinates, tuple(tuple(np.shape(l)) for l in leaves),
-                        num_rows, output_metric.name)
+                        num_rows, output_metric.name, leaf_paths=leaf_paths(params))
   return loss, grads, curvature
 
 

@@ -8,10 +8,11 @@ consumes them. Both sides import this module; it imports neither.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Sequence
 
 import jax
 
-from riemod.curvature.factors import Factor
+from riemod.curvature.factors import DenseFactor, Factor, RowsFactor
 
 
 @jax.tree_util.register_dataclass
@@ -52,6 +53,9 @@ class Curvature:
       ``1 / mass`` cancellation.
     num_rows: ``d = k * B``, the number of factor rows.
     output_metric: the output metric's name.
+    leaf_paths: the parameters' paths (see :func:`leaf_paths`), aligned with ``leaf_shapes``
+      (``None``: unknown). They let :meth:`restrict` find the leaves an ``optax.masked`` or
+      ``optax.multi_transform`` group (or an ``nnx.Optimizer`` with a narrower ``wrt``) selects.
   """
 
   modules: tuple[ModuleCurvature, ...]
@@ -59,4 +63,107 @@ class Curvature:
   leaf_shapes: tuple[tuple[int, ...], ...] = dataclasses.field(metadata=dict(static=True))
   num_rows: int = dataclasses.field(metadata=dict(static=True))
   output_metric: str = dataclasses.field(metadata=dict(static=True))
+  leaf_paths: tuple[str, ...] | None = dataclasses.field(default=None,
+                                                          metadata=dict(static=True))
+
+  def restrict(self, paths: Sequence[str]) -> "Curvature":
+    """The curvature of the selected parameters only: ``K`` restricted to their columns.
+
+    For a parameter subset ``S`` the metric on ``S`` with the rest held fixed is
+    ``K_S^T K_S + D_S``: modules without selected leaves are dropped, a module with some of its
+    leaves selected keeps only their columns (a dense layer's kernel keeps its Gram-Hadamard
+    form; anything else is materialised), and the gradient's coordinates ``e`` stay valid
+    (``g_a = K_a^T e`` holds leaf by leaf).
+
+    Args:
+      paths: the selected leaves' paths, in their order in the (masked) parameter tree.
+
+    Returns:
+      A :class:`Curvature` whose leaves are ``paths``, in that order.
+
+    Example:
+      >>> import jax.numpy as jnp, riemod
+      >>> params = {"body": {"w": jnp.ones((3, 2))}, "head": {"w": jnp.ones((2, 1))}}
+      >>> f = lambda p, x: jnp.tanh(x @ p["body"]["w"]) @ p["head"]["w"]
+      >>> _, _, curv = riemod.value_grad_and_curvature(
+      ...     f, jnp.ones((4, 3)), lambda y: 0.5 * jnp.mean(y ** 2), riemod.metrics.identity(),
+      ...     params=params)
+      >>> [m.name for m in curv.restrict(["head/w"]).modules]
+      ['head']
+    """
+    if self.leaf_paths is None:
+      raise ValueError(
+          "This curvature carries no parameter paths, so the parameters an optax.masked / "
+          "optax.multi_transform group selects cannot be found in it: compute it with "
+          "riemod.value_grad_and_curvature.")
+    position = {path: i for i, path in enumerate(self.leaf_paths)}
+    unknown = [p for p in paths if p not in position]
+    if unknown:
+      raise ValueError(
+          f"The updates hold parameters {unknown} that the curvature does not have (its "
+          f"parameters are {list(self.leaf_paths)}): pass the curvature of the model whose "
+          "gradients are being transformed.")
+    new_index = {position[p]: j for j, p in enumerate(paths)}
+    modules = []
+    for module in self.modules:
+      kept = [(name, new_index[i]) for name, i in zip(module.leaf_names, module.leaf_indices)
+              if i in new_index]
+      if not kept:
+        continue
+      names = tuple(name for name, _ in kept)
+      factor = module.factor
+      if factor is not None and len(kept) != len(module.leaf_names):
+        factor = _restrict_factor(factor, names)
+      mass = None if module.mass is None else {n: module.mass[n] for n in names}
+      modules.append(dataclasses.replace(
+          module, factor=factor, mass=mass, leaf_indices=tuple(j for _, j in kept),
+          leaf_names=names))
+    modules.sort(key=lambda m: min(m.leaf_indices))
+    return dataclasses.replace(
+        self, modules=tuple(modules), leaf_shapes=tuple(self.leaf_shapes[position[p]] for p in paths),
+        leaf_paths=tuple(paths))
+
+
+def _restrict_factor(factor: Factor, names: tuple[str, ...]) -> Factor:
+  """``K_a`` restricted to the columns of the leaves ``names``."""
+  if isinstance(factor, DenseFactor) and names == ("kernel",):
+    # The kernel's rows x (x) c do not involve the bias: the same factor without bias rows.
+    return dataclasses.replace(factor, structure=dataclasses.replace(factor.structure,
+                                                                     has_bias=False),
+                               bias_weight=None)
+  rows = factor.rows()  # (d, *leaf shape), rows r-major over (factor row, sample)
+  return RowsFactor({n: rows[n][None] for n in names})
+
+
+def _path_name(entries: tuple[Any, ...]) -> str:
+  names = []
+  for key in entries:
+    for attr in ("key", "idx", "name"):
+      if hasattr(key, attr):
+        names.append(str(getattr(key, attr)))
+        break
+    else:
+      names.append(str(key))
+  return "/".join(names)
+
+
+def leaf_paths(tree: Any) -> tuple[str, ...]:
+  """The path of every leaf of ``tree`` as ``"module/.../name"``, in ``jax.tree.leaves`` order.
+
+  An ``nnx.Variable``'s own ``value`` entry is dropped, so an ``nnx.State`` of variables and its
+  pure arrays (``nnx.as_pure``) give the same paths. Masked leaves (``optax.MaskedNode``) have no
+  leaves and so no paths.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> leaf_paths({"layer": {"bias": jnp.zeros(2), "kernel": jnp.ones((3, 2))}})
+    ('layer/bias', 'layer/kernel')
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  out = []
+  for path, _ in flat:
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+      path = path[:-1]
+    out.append(_path_name(path))
+  return tuple(out)
 
