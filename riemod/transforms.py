@@ -83,12 +83,17 @@ class ValidStepState(NamedTuple):
   """State of :func:`apply_if_valid`.
 
   Attributes:
-    skipped_steps: steps refused (non-finite, or estimated error above ``max_error``).
+    skipped_steps: steps refused (non-finite, estimated error above ``max_error``, or a loss
+      past ``max_loss_growth``).
     inner_state: the wrapped transform's state.
+    first_value: the first loss passed as ``value=`` (NaN before it).
+    smoothed_value: a moving average of the losses passed as ``value=`` (NaN before the first).
   """
 
   skipped_steps: jax.Array
   inner_state: Any
+  first_value: jax.Array = jnp.nan
+  smoothed_value: jax.Array = jnp.nan
 
 
 def _float():
@@ -259,7 +264,8 @@ class StepRefusedError(FloatingPointError):
   """A step was refused: non-finite values, or an estimated error above ``max_error``."""
 
 
-def _refusal_message(bad_grads, bad_curvature, bad_step, bad_precision, worst_error) -> str:
+def _refusal_message(bad_grads, bad_curvature, bad_step, bad_precision, worst_error,
+                     bad_loss=False, first=np.nan, smoothed=np.nan, growth=np.nan) -> str:
   what = [name for name, bad in (("the gradient", bad_grads), ("the curvature", bad_curvature),
                                  ("the update", bad_step)) if np.any(bad)]
   parts = []
@@ -273,19 +279,51 @@ def _refusal_message(bad_grads, bad_curvature, bad_step, bad_precision, worst_er
         f"an estimated relative error of {worst:.2g} in the solved step (above max_error): the "
         "metric is too ill-conditioned for this precision; raise the mass, enable "
         "jax_enable_x64, or use the parameter-space solve")
+  if np.any(bad_loss):
+    parts.append(
+        f"the loss is diverging (moving average {float(np.max(smoothed)):.3g}, more than "
+        f"max_loss_growth={float(np.max(growth)):g} times the first loss "
+        f"{float(np.max(first)):.3g}): lower the learning rate or raise the mass; with a low-rank "
+        "metric (sampled Fisher, a sketch, curvature_batch) the gradient outside the rows' span is "
+        "scaled by 1/mass, so the mass sets that step (raise it 10x), or use the exact metric. "
+        "max_loss_growth=None turns this check off")
   return ("riemod: step refused: " + "; ".join(parts) + ". Pass on_nonfinite='skip' to skip such "
           "steps (parameters unchanged, skipped_steps counts them).")
 
 
-def _raise_refused(bad_grads, bad_curvature, bad_step, bad_precision, worst_error):
-  if np.any(bad_grads) or np.any(bad_curvature) or np.any(bad_step) or np.any(bad_precision):
+def _raise_refused(bad_grads, bad_curvature, bad_step, bad_precision, worst_error,
+                   bad_loss=False, first=np.nan, smoothed=np.nan, growth=np.nan):
+  if (np.any(bad_grads) or np.any(bad_curvature) or np.any(bad_step) or np.any(bad_precision)
+      or np.any(bad_loss)):
     raise StepRefusedError(_refusal_message(bad_grads, bad_curvature, bad_step, bad_precision,
-                                            worst_error))
+                                            worst_error, bad_loss, first, smoothed, growth))
   return np.zeros(np.shape(bad_grads), np.int32)  # batched under jax.vmap
 
 
+# Moving average of the loss for the divergence check: 0.9 lets a single batch 30x the first
+# loss pass (0.1 * 21 + 0.9 = 3), while a blow-up trips it within a step or two.
+_LOSS_DECAY = 0.9
+
+
+def _track_loss(state: ValidStepState, value: Any, max_loss_growth: float | None):
+  """``(first loss, smoothed loss, whether the loss is within max_loss_growth of the first)``."""
+  first, smoothed = state.first_value, state.smoothed_value
+  if value is None or max_loss_growth is None:
+    return first, smoothed, jnp.asarray(True)
+  value = jax.lax.stop_gradient(jnp.asarray(value, first.dtype))
+  if value.shape != ():
+    raise ValueError(f"value= must be the scalar loss; got shape {value.shape}.")
+  started = ~jnp.isnan(first)
+  first = jnp.where(started, first, value)
+  smoothed = jnp.where(started, _LOSS_DECAY * smoothed + (1 - _LOSS_DECAY) * value, value)
+  # NaN compares False, so a NaN loss is left to the finiteness checks.
+  diverged = (first > 0) & (smoothed > max_loss_growth * first)
+  return first, smoothed, ~diverged
+
+
 def apply_if_valid(inner: optax.GradientTransformation, policy: str = "error", *,
-                   max_error: float | None = 1e-2) -> optax.GradientTransformationExtraArgs:
+                   max_error: float | None = 1e-2, max_loss_growth: float | None = 3.0,
+                   ) -> optax.GradientTransformationExtraArgs:
   """Applies the non-finite policy to a riemod chain's final update (learning rate included).
 
   A step is refused when the gradient, the curvature or the final update holds NaN or inf, or
@@ -302,6 +340,12 @@ def apply_if_valid(inner: optax.GradientTransformation, policy: str = "error", *
       message names it); ``"skip"`` returns a zero update and rolls the inner state back,
       counting the step in ``skipped_steps``; ``"ignore"`` checks nothing.
     max_error: the largest accepted estimated relative error (``None``: no precision check).
+    max_loss_growth: with the loss passed as ``update(..., value=loss)``, a step is refused once
+      a moving average of the loss (decay 0.9, so one bad batch does not trip it) exceeds this
+      multiple of the first loss: every value can stay finite while training diverges (a
+      low-rank metric at too small a mass steps ``1 / mass`` times the gradient outside its
+      rows' span). Meant for non-negative losses; not checked while the first loss is <= 0,
+      nor without ``value``. ``None``: off.
 
   Example:
     >>> import jax.numpy as jnp, optax, riemod
@@ -313,47 +357,56 @@ def apply_if_valid(inner: optax.GradientTransformation, policy: str = "error", *
     raise ValueError(f"on_nonfinite={policy!r}: use one of {NONFINITE_POLICIES}.")
   if isinstance(max_error, (int, float)) and not max_error > 0:  # arrays: inject_hyperparams
     raise ValueError(f"max_error={max_error!r}: a positive number (e.g. 1e-2) or None.")
+  if max_loss_growth is not None and not (isinstance(max_loss_growth, (int, float))
+                                          and max_loss_growth > 1):
+    raise ValueError(f"max_loss_growth={max_loss_growth!r}: a number > 1 (e.g. 3.0) or None.")
 
   def init_fn(params):
-    return ValidStepState(jnp.zeros((), jnp.int32), inner.init(params))
+    nan = jnp.full((), jnp.nan, _float())
+    return ValidStepState(jnp.zeros((), jnp.int32), inner.init(params), nan, nan)
 
   def update_fn(updates, state, params=None, *positional, curvature=None, **extra_args):
     _no_positional(positional)
     out, inner_state = inner.update(updates, state.inner_state, params, curvature=curvature,
                                     **extra_args)
+    first, smoothed, ok_loss = _track_loss(state, extra_args.get("value"), max_loss_growth)
     if policy == "ignore":
-      return out, ValidStepState(state.skipped_steps, inner_state)
+      return out, ValidStepState(state.skipped_steps, inner_state, first, smoothed)
     ok_grads, ok_curvature, ok_step = all_finite(updates), all_finite(curvature), all_finite(out)
     metric_state = find_state(inner_state, MetricState)
     errors = jnp.zeros((1,)) if metric_state is None else metric_state.report.error
     # NaN marks an invalid mass: refused with or without a precision threshold.
     ok_precision = (jnp.all(errors <= max_error) if max_error is not None
                     else ~jnp.any(jnp.isnan(errors)))
-    ok = ok_grads & ok_curvature & ok_step & ok_precision
+    ok = ok_grads & ok_curvature & ok_step & ok_precision & ok_loss
     worst = jnp.max(jnp.where(jnp.isnan(errors), jnp.inf, errors)) if errors.size else 0.0
     # Diagnostics only: with the gradient stopped, jax.grad through a step never differentiates
     # the host callback below (which has no derivative).
-    worst = jax.lax.stop_gradient(worst)
+    flags = jax.lax.stop_gradient((~ok_grads, ~ok_curvature, ~ok_step, ~ok_precision, worst,
+                                   ~ok_loss, first, smoothed,
+                                   jnp.asarray(np.nan if max_loss_growth is None
+                                               else max_loss_growth, _float())))
     if policy == "error":
       if not isinstance(ok, jax.core.Tracer):
-        _raise_refused(~ok_grads, ~ok_curvature, ~ok_step, ~ok_precision, worst)
-        return out, ValidStepState(state.skipped_steps, inner_state)
+        _raise_refused(*flags)
+        return out, ValidStepState(state.skipped_steps, inner_state, first, smoothed)
       zero = jax.lax.cond(ok, lambda: jnp.zeros((), jnp.int32), lambda: jax.pure_callback(
-          _raise_refused, jax.ShapeDtypeStruct((), jnp.int32), ~ok_grads, ~ok_curvature,
-          ~ok_step, ~ok_precision, worst, vmap_method="broadcast_all"))
+          _raise_refused, jax.ShapeDtypeStruct((), jnp.int32), *flags,
+          vmap_method="broadcast_all"))
       # The updates and the state both depend on the check, so neither can be used without it.
       out = jax.tree.map(lambda d: d + zero.astype(d.dtype), out)
-      return out, ValidStepState(state.skipped_steps + zero, inner_state)
+      return out, ValidStepState(state.skipped_steps + zero, inner_state, first, smoothed)
     out = jax.tree.map(lambda d: jnp.where(ok, d, jnp.zeros_like(d)), out)
     inner_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), inner_state,
                                state.inner_state)
-    return out, ValidStepState(state.skipped_steps + (~ok).astype(jnp.int32), inner_state)
+    return out, ValidStepState(state.skipped_steps + (~ok).astype(jnp.int32), inner_state,
+                               first, smoothed)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _natural_gradient(structure: str, learning_rate, mass, geometry, momentum, on_nonfinite,
-                      max_error, residuals) -> optax.GradientTransformationExtraArgs:
+                      max_error, residuals, max_loss_growth) -> optax.GradientTransformationExtraArgs:
   """The one builder behind both aliases."""
   if geometry is None:
     geometry = Geometry(mass=1e-2 if mass is None else mass, structure=structure)
@@ -366,7 +419,8 @@ def _natural_gradient(structure: str, learning_rate, mass, geometry, momentum, o
         "riemod.layerwise_natural_gradient for 'layerwise' (or scale_by_metric directly).")
   core = optax.chain(scale_by_metric(geometry, momentum=momentum, residuals=residuals),
                      optax.scale_by_learning_rate(learning_rate))
-  return apply_if_valid(track_action(core, learning_rate), on_nonfinite, max_error=max_error)
+  return apply_if_valid(track_action(core, learning_rate), on_nonfinite, max_error=max_error,
+                        max_loss_growth=max_loss_growth)
 
 
 def natural_gradient(
@@ -378,6 +432,7 @@ def natural_gradient(
     on_nonfinite: str = "error",
     max_error: float | None = 1e-2,
     residuals: bool = False,
+    max_loss_growth: float | None = 3.0,
 ) -> optax.GradientTransformationExtraArgs:
   """Whole-network damped natural-gradient / Gauss-Newton descent: ``-lr (K^T K + D)^{-1} g``.
 
@@ -394,6 +449,8 @@ def natural_gradient(
     max_error: the largest accepted estimated relative error of a step (see
       :func:`apply_if_valid`; ``None``: unchecked).
     residuals: record the small solves' residuals (see :func:`scale_by_metric`).
+    max_loss_growth: refuse steps once the loss, passed as ``update(..., value=loss)``, has
+      grown past this multiple of the first loss (see :func:`apply_if_valid`; ``None``: off).
 
   Example:
     >>> import jax, jax.numpy as jnp, riemod
@@ -409,7 +466,7 @@ def natural_gradient(
     True
   """
   return _natural_gradient("full", learning_rate, mass, geometry, momentum, on_nonfinite,
-                           max_error, residuals)
+                           max_error, residuals, max_loss_growth)
 
 
 def layerwise_natural_gradient(
@@ -421,6 +478,7 @@ def layerwise_natural_gradient(
     on_nonfinite: str = "error",
     max_error: float | None = 1e-2,
     residuals: bool = False,
+    max_loss_growth: float | None = 3.0,
 ) -> optax.GradientTransformationExtraArgs:
   """Layerwise Riemannian descent: ``-lr (K_a^T K_a + D_a)^{-1} g_a`` for every module.
 
@@ -433,7 +491,7 @@ def layerwise_natural_gradient(
     >>> state = tx.init({"w": jnp.zeros((3, 2))})
   """
   return _natural_gradient("layerwise", learning_rate, mass, geometry, momentum, on_nonfinite,
-                           max_error, residuals)
+                           max_error, residuals, max_loss_growth)
 
 
 def module_diagnostics(state: Any, curvature: Curvature) -> dict[str, dict[str, float]]:
