@@ -5,7 +5,8 @@ errors per sampler and step size, saves the plot, then looks at one SGLD chain o
 probability current in a 2-D projection and entropy production with the integral fluctuation
 theorem on a coarse-grained trajectory.
 
-Run: ``python examples/blr_sampling.py [--out DIR]`` (about two minutes on two CPU cores).
+Run: ``python examples/blr_sampling.py [--out DIR]`` (about two minutes on two CPU cores; the plot
+goes to ``riemod-output/blr_sampling`` by default).
 """
 
 import argparse
@@ -19,7 +20,8 @@ from riemod.sampling import blr, diagnostics as dg
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--out", default="docs/img")
+  parser.add_argument("--out", default="riemod-output/blr_sampling",
+                      help="output folder (default: %(default)s)")
   parser.add_argument("--target-error", type=float, default=0.25)
   args = parser.parse_args()
 

@@ -1,13 +1,15 @@
-"""Monitored drift of conservation laws under optax training (writes docs/img/conservation_drift.png).
+"""Monitored drift of conservation laws under optax training (writes ``conservation_drift.png`` to
+``--out``, default ``riemod-output/conservation_drift``).
 
 Left: ``max |(U^T U - V^T V)_k - (U^T U - V^T V)_0|`` along plain gradient descent for three learning
 rates, against the exact gradient flow (RK4). Middle: one-step drift against the learning rate
 (slope 2: ``O(lr^2)``). Right: heavy ball (``optax.sgd(momentum=0.9)``) breaks ``U^T U - V^T V`` while
 the decaying charge ``beta^{-k} (W_k^T W_{k+1} - W_{k+1}^T W_k)`` stays constant.
 
-Run: ``python examples/conservation_drift.py``.
+Run: ``python examples/conservation_drift.py [--out DIR]``.
 """
 
+import argparse
 import pathlib
 
 import jax
@@ -48,6 +50,11 @@ def drift_scaling(loss_fn, params, laws, rates):
 
 
 def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--out", type=pathlib.Path,
+                      default=pathlib.Path("riemod-output/conservation_drift"),
+                      help="output folder (default: %(default)s)")
+  out = parser.parse_args().out
   rep = cons.factorization(4, 3, 2)
   rng = np.random.default_rng(0)
   inputs, targets = jnp.asarray(rng.normal(size=(20, 4))), jnp.asarray(rng.normal(size=(20, 3)))
@@ -101,7 +108,7 @@ def main():
   axes[2].set(xlabel="heavy-ball step", ylabel="drift", title=f"momentum beta={beta}")
   axes[2].legend(fontsize=8)
   fig.tight_layout()
-  path = pathlib.Path(__file__).resolve().parents[1] / "docs" / "img" / "conservation_drift.png"
+  path = out / "conservation_drift.png"
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=110)
   print(f"slope of one-step drift vs lr: {scaling['exponent']:.4f}; wrote {path}")
