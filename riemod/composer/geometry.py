@@ -25,7 +25,7 @@ from riemod.composer import masses as _masses
 from riemod.composer.metric import STRUCTURES, ComposedMetric, compose
 from riemod.curvature.types import Curvature
 
-SPACES = ("auto", "sample", "parameter")
+SPACES = ("auto", "sample", "parameter", "nystrom")
 
 
 class GeometryState(NamedTuple):
@@ -82,9 +82,24 @@ class Geometry:
     structure: ``"layerwise"`` (block diagonal: one block per module) or ``"full"`` (one block
       for the whole network; cross-module curvature included, never an ``n x n`` matrix).
     space: ``"auto"``, ``"sample"`` (Woodbury, ``d x d``) or ``"parameter"`` (``n x n``) solves
-      per block; ``"auto"`` picks the smaller.
+      per block; ``"auto"`` picks the smaller. ``"nystrom"``: sample space with the ``d x d``
+      kernel replaced by a randomized rank-``rank`` Nystrom sketch (for batches too large for a
+      ``d x d`` factorisation; see :mod:`riemod.composer.spectral`). The sketch's test vectors
+      are drawn from ``jax.random.key(seed)`` folded with the step count, so they change every
+      step and a run is reproducible.
     refinement_steps: iterative refinement of every small solve against the metric as an
       operator (0: none; 1 recovers most digits an ill-conditioned float32 solve loses).
+    cutoff: ``None`` (default: every direction damped by the mass) or a relative cut-off in
+      ``(0, 1)``: a truncated pseudo-inverse that drops each block's directions whose eigenvalue
+      of the whitened ``D^{-1/2} K^T K D^{-1/2}`` is below ``cutoff`` times the largest (zero step
+      there, the null space of ``K`` included) and solves the others with the mass as usual.
+      With a tiny mass this is ``numpy.linalg.lstsq(K^T K, g, rcond=cutoff)``: Gauss-Newton
+      least squares as ENGD solves it. Parameter space uses an SVD of ``K`` (cut-offs down to
+      ``~1e-20`` in float64), sample space an eigendecomposition of the kernel (``>= ~1e-12``).
+    rank: the Nystrom sketch's rank (``space="nystrom"`` only).
+    oversampling: extra test vectors of the sketch (``rank + oversampling`` products with the
+      kernel; 5-10 make the sketch's error close to the best rank-``rank`` one).
+    seed: the sketch's random seed.
 
   Example:
     >>> import jax.numpy as jnp, riemod
@@ -105,6 +120,10 @@ class Geometry:
   structure: str = "layerwise"
   space: str = "auto"
   refinement_steps: int = 0
+  cutoff: float | None = None
+  rank: int | None = None
+  oversampling: int = 10
+  seed: int = 0
 
   def __post_init__(self):
     validate_mass(self.mass)
@@ -116,6 +135,7 @@ class Geometry:
     if not isinstance(self.refinement_steps, int) or self.refinement_steps < 0:
       raise ValueError(f"refinement_steps={self.refinement_steps!r}: use an int >= 0 (0: none, "
                        "1 usually suffices).")
+    _validate_solver(self)
 
   def init(self, params: Any) -> GeometryState:
     """A fresh state for parameters shaped like ``params``."""
@@ -143,8 +163,32 @@ class Geometry:
       raise TypeError(f"curvature={type(curvature).__name__}: pass the Curvature returned by "
                       "riemod.value_grad_and_curvature.")
     scaled, scales = self.mass_policy.rescale(curvature, state.moments, state.count)
+    key = (None if self.space != "nystrom" else
+           jax.random.fold_in(jax.random.key(self.seed), state.count))
     return compose(scaled, scales, mass=self.mass_at(state), mass_scale=state.mass_scale,
                    structure=self.structure, space=self.space,
-                   refinement_steps=self.refinement_steps)
+                   refinement_steps=self.refinement_steps, cutoff=self.cutoff, rank=self.rank,
+                   oversampling=self.oversampling, key=key)
+
+
+def _validate_solver(geometry: Geometry) -> None:
+  """The truncation and sketch options, checked when the geometry is built."""
+  cutoff, rank = geometry.cutoff, geometry.rank
+  if cutoff is not None and not (isinstance(cutoff, (int, float)) and 0 < cutoff < 1):
+    raise ValueError(f"cutoff={cutoff!r}: a relative eigenvalue cut-off in (0, 1), e.g. 1e-14 "
+                     "(parameter space) or 1e-10 (sample space); None for the damped solve.")
+  if geometry.space == "nystrom":
+    if not isinstance(rank, int) or rank < 1:
+      raise ValueError(f"rank={rank!r}: space='nystrom' needs the sketch rank, an int >= 1 "
+                       "(e.g. rank=200).")
+    if cutoff is not None:
+      raise ValueError("cutoff= and space='nystrom' do not combine: the sketch keeps only the "
+                       "kernel's leading directions already; use space='sample' for a cut-off.")
+  elif rank is not None:
+    raise ValueError(f"rank={rank!r} is the Nystrom sketch's rank: pass space='nystrom' with it.")
+  if not isinstance(geometry.oversampling, int) or geometry.oversampling < 0:
+    raise ValueError(f"oversampling={geometry.oversampling!r}: use an int >= 0 (e.g. 10).")
+  if not isinstance(geometry.seed, int):
+    raise ValueError(f"seed={geometry.seed!r}: the sketch's seed is an int.")
 
 

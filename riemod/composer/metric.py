@@ -22,7 +22,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from riemod.composer.woodbury import BlockFactorization, factorize_block
+from riemod.composer.spectral import factorize
+from riemod.composer.woodbury import BlockFactorization
 from riemod.curvature.types import Curvature, ModuleCurvature
 
 STRUCTURES = ("layerwise", "full")
@@ -252,7 +253,9 @@ def _inverse_masses(module: ModuleCurvature, mass: jax.Array, dtype) -> dict[str
 
 
 def compose(curvature: Curvature, scales: list[Any], *, mass: jax.Array, mass_scale: jax.Array,
-            structure: str, space: str, refinement_steps: int) -> ComposedMetric:
+            structure: str, space: str, refinement_steps: int, cutoff: float | None = None,
+            rank: int | None = None, oversampling: int = 10, key: jax.Array | None = None
+            ) -> ComposedMetric:
   """Factors ``G`` block by block (called by :meth:`riemod.Geometry.compose`, which validates the
   arguments and applies the mass policy first)."""
   dtype = _dtype_of(curvature)
@@ -266,10 +269,12 @@ def compose(curvature: Curvature, scales: list[Any], *, mass: jax.Array, mass_sc
               if m.kind == "riemannian" and m.factor is not None]
   groups = [(i,) for i in solvable] if structure == "layerwise" else (
       [tuple(solvable)] if solvable else [])
-  blocks = tuple(factorize_block([curvature.modules[i].factor for i in members],
-                                 [inverse_masses[i] for i in members], space=space,
-                                 refinement_steps=refinement_steps)
-                 for members in groups)
+  blocks = tuple(factorize([curvature.modules[i].factor for i in members],
+                           [inverse_masses[i] for i in members], space=space,
+                           refinement_steps=refinement_steps, cutoff=cutoff, rank=rank,
+                           oversampling=oversampling,
+                           key=None if key is None else jax.random.fold_in(key, b))
+                 for b, members in enumerate(groups))
   return ComposedMetric(curvature, inverse_masses, blocks, tuple(scales), mass_ok, tuple(groups),
                         structure)
 

@@ -194,6 +194,22 @@ def _smallest_eigenvalue(chol: jax.Array) -> jax.Array:
   return lam
 
 
+def _split_range(factors, rhs: Sequence[Params], coordinates: jax.Array | None, eps
+                 ) -> tuple[list[Params], jax.Array | None]:
+  """``(r, alpha e)`` with ``g = alpha K^T e + r`` (``alpha`` by projection); a remainder below
+  ``_ROUNDOFF`` eps of ``|g|`` is round-off and returned as zero. Without coordinates:
+  ``(g, None)``."""
+  if coordinates is None:
+    return list(rhs), None
+  norm = lambda tree: jnp.sqrt(sum(jnp.vdot(x, x).real for x in jax.tree.leaves(tree)))
+  kte = [f.rmatvec(coordinates) for f in factors]
+  alpha = _safe_div(_dot(rhs, kte), _dot(kte, kte))
+  remainder = [_add(g, k, -alpha) for g, k in zip(rhs, kte)]
+  keep = norm(remainder) > _ROUNDOFF * eps * norm(rhs)
+  remainder = jax.tree.map(lambda r: jnp.where(keep, r, jnp.zeros_like(r)), remainder)
+  return remainder, alpha * coordinates
+
+
 class BlockStep(NamedTuple):
   """One block's share of an optimizer step.
 
@@ -365,16 +381,10 @@ class BlockFactorization:
       return BlockStep(self._unflatten(direction), g_ginv_g, residual, error, condition)
 
     rows, parts = [], {}
-    if coordinates is not None:
-      kte = [f.rmatvec(coordinates) for f in self.factors]
-      alpha = _safe_div(_dot(rhs, kte), _dot(kte, kte))
-      remainder = [_add(g, k, -alpha) for g, k in zip(rhs, kte)]
-      keep = norm(remainder) > _ROUNDOFF * eps * norm(rhs)
-      remainder = jax.tree.map(lambda r: jnp.where(keep, r, jnp.zeros_like(r)), remainder)
+    remainder, in_range = _split_range(self.factors, rhs, coordinates, eps)
+    if in_range is not None:
       parts["range"] = len(rows)
-      rows.append(alpha * coordinates)
-    else:
-      remainder = list(rhs)
+      rows.append(in_range)
     scaled = [_scale(m, r) for m, r in zip(self.inv_masses, remainder)]
     parts["remainder"] = len(rows)
     rows.append(sum(f.matvec(s) for f, s in zip(self.factors, scaled)))
@@ -400,7 +410,7 @@ class BlockFactorization:
       x_phi = [_add(p, b) for p, b in zip(previous, piece("momentum"))]
       direction = [_add(a, b, momentum) for a, b in zip(x_g, x_phi)]
     g_ginv_g = _dot(rhs, x_g)
-    lam_max = self._with_factor(_largest_eigenvalue)
+    lam_max = self._capacitance_max()
     # Relative error of the direction, calibrated on float32 against float64 (tests and
     # docs/method.md): a Woodbury subtraction loses about eps * cond(C) of its own size (measured
     # 0.2-0.35 eps lam_max(C) for masses 1e-1..1e-8); the push-through part about
@@ -410,6 +420,10 @@ class BlockFactorization:
     error = _ERROR_SAFETY * eps * _safe_div(jnp.sqrt(lam_max) * pushed + lam_max * subtracted,
                                              norm(direction))
     return BlockStep(tuple(direction), g_ginv_g, residual, error, lam_max)
+
+  def _capacitance_max(self) -> jax.Array:
+    """``lam_max(C)`` of the sample-space capacitance (for the error estimate)."""
+    return self._with_factor(_largest_eigenvalue)
 
   def matvec(self, v: Sequence[Params]) -> tuple[Params, ...]:
     """``G v`` per module (the metric itself, never formed)."""
