@@ -105,6 +105,31 @@ def targets(out: Path) -> list[list[Any]]:
                      (_verdict(rs_ / gs_, 0.3)[0] if rs_ and gs_ else
                       "NOT met (riemod never reached it)" if gs_ else "not measured")
                      + f": riemod {harness.fmt(rs_)} s, dense GN {harness.fmt(gs_)} s"])
+  engd = _load(out, "engd-poisson")
+  if engd:
+    v = engd["verdict"]
+    finals = {str(r["seed"]): r["final"]["l2"] for r in engd["runs"] if r["optimizer"] == "riemod"}
+    rows.append(["engd-poisson", f"abs. L2 <= {engd['target_l2']:g} on 3/3 inits in "
+                 f"{engd['iterations']} it.", v["riemod_inits_at_target"], "3/3",
+                 ("met" if v["riemod_inits_at_target"] == "3/3" else "NOT met")
+                 + " (riemod final " + ", ".join(f"{k}: {harness.fmt(x)}" for k, x in
+                                                 finals.items()) + ")"])
+    ratio = engd["interleaved_timing"]["optimizers"]["riemod"].get("ratio_to_authors")
+    rows.append(["engd-poisson", "step time < the authors' ENGD (interleaved)", ratio, 1.0,
+                 _verdict(ratio, 1.0)[0] + f" (faster on {v['riemod_faster_inits']} inits by "
+                 "total step time)"])
+  five = _load(out, "poisson5d")
+  if five:
+    ratio = five.get("step_ratio_dense_to_riemod")
+    rows.append(["poisson5d", "dense GN step / riemod step >= 10 (interleaved)", ratio, 10,
+                 _verdict(ratio, 10, False)[0] + f" (d = {five['rows_d']}, n = "
+                 f"{five['parameters']})"])
+    ttt = five.get("time_to_target") or {}
+    rs_, ds_ = ttt.get("riemod_curve_s"), ttt.get("dense_s")
+    rows.append(["poisson5d", f"time to rel. L2 {ttt.get('level', 1e-4):g}: riemod / dense <= 0.2",
+                 rs_ / ds_ if rs_ and ds_ else None, 0.2,
+                 _verdict(rs_ / ds_, 0.2)[0] if rs_ and ds_ else
+                 f"NOT met (riemod did not reach it in {five.get('budget_s')} s)"])
   scaling = _load(out, "scaling")
   if scaling:
     rie = [e for e in scaling["entries"] if e["method"] == "riemod" and "temp_bytes" in e]
@@ -140,7 +165,8 @@ def write_summary(out: Path, quick: bool = False) -> None:
   lines += ["## Targets (issue 6)", "",
             harness.markdown_table(["task", "target", "measured", "limit", "verdict"],
                                    targets(out)), ""]
-  for name in ("digits-mlp", "digits-autoencoder", "poisson-pinn", "scaling", "blr-sampling"):
+  for name in ("digits-mlp", "digits-autoencoder", "poisson-pinn", "engd-poisson", "poisson5d",
+               "scaling", "blr-sampling"):
     md = out / f"{name}.md"
     if md.exists():
       body = md.read_text().split("\n", 1)[1]
