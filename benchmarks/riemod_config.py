@@ -9,7 +9,8 @@ A configuration looks like::
   :func:`riemod.natural_gradient`.
 * The metric: ``mass``, ``structure``, ``space``, ``refinement_steps`` and ``mass_policy``
   (``"constant"``, ``"adaptive"`` or ``"adaptive:<decay>"``, e.g. ``"adaptive:0.99"`` for
-  :func:`riemod.masses.adaptive`) build one :class:`riemod.Geometry`, passed as ``geometry=`` to
+  :func:`riemod.masses.adaptive`, or ``"kronecker:<decay>:<damping>:<update_every>"`` for
+  :func:`riemod.masses.kronecker`) build one :class:`riemod.Geometry`, passed as ``geometry=`` to
   the transform and to the guard.
 * ``output_metric``: a name from :mod:`riemod.metrics`, optionally with a count after a colon
   (``"sampled_softmax_fisher:1"``, ``"gaussian_sketch:4"``).
@@ -60,13 +61,20 @@ def output_metric(name: str) -> riemod.metrics.OutputMetric:
 
 
 def mass_policy(name: str):
-  """``"constant"``, ``"adaptive"`` or ``"adaptive:<decay>"`` -> a :mod:`riemod.masses` policy."""
+  """``"constant"``, ``"adaptive[:<decay>]"`` or ``"kronecker[:<decay>[:<damping>[:<every>]]]"``
+  -> a :mod:`riemod.masses` policy."""
   base, _, decay = name.partition(":")
   if base == "constant" and not decay:
     return riemod.masses.constant()
   if base == "adaptive":
     return riemod.masses.adaptive(float(decay)) if decay else riemod.masses.adaptive()
-  raise ValueError(f"mass_policy={name!r}: use 'constant', 'adaptive' or 'adaptive:<decay>'.")
+  if base == "kronecker":
+    # "kronecker:<decay>:<damping>:<update_every>", trailing fields optional
+    fields = decay.split(":") if decay else []
+    kinds = (float, float, int)
+    return riemod.masses.kronecker(*(kind(v) for kind, v in zip(kinds, fields)))
+  raise ValueError(f"mass_policy={name!r}: use 'constant', 'adaptive', 'adaptive:<decay>' or "
+                   "'kronecker:<decay>:<damping>:<update_every>'.")
 
 
 def supported(config: dict[str, Any]) -> tuple[bool, str]:

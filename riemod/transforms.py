@@ -208,7 +208,7 @@ def scale_by_metric(geometry: Geometry, *, momentum: float | None = None,
           f"The optimizer state does not belong to this model: it was initialised for {slots} "
           f"modules, the curvature has {len(curvature.modules)}. Initialise the optimizer on the "
           "parameters of the model you train (tx.init(params) / nnx.Optimizer(model, tx)).")
-    geometry_state = geometry.advance(state.geometry, updates)
+    geometry_state = geometry.advance(state.geometry, updates, curvature)
     metric = geometry.compose(curvature, geometry_state)
     direction, report = metric.step(updates, state.momentum, momentum)
     if not residuals:

@@ -78,7 +78,8 @@ class Geometry:
   Attributes:
     mass: default mass for modules that declare none (> 0), or an optax schedule of the step.
       ``mass -> inf`` gives ``g / mass`` (SGD with learning rate ``lr / mass``).
-    mass_policy: :func:`riemod.masses.constant` (default) or :func:`riemod.masses.adaptive`.
+    mass_policy: :func:`riemod.masses.constant` (default), :func:`riemod.masses.adaptive` or
+      :func:`riemod.masses.kronecker`.
     structure: ``"layerwise"`` (block diagonal: one block per module) or ``"full"`` (one block
       for the whole network; cross-module curvature included, never an ``n x n`` matrix).
     space: ``"auto"``, ``"sample"`` (Woodbury, ``d x d``) or ``"parameter"`` (``n x n``) solves
@@ -142,10 +143,13 @@ class Geometry:
     return GeometryState(jnp.zeros((), jnp.int32), jnp.ones((), jnp.result_type(float)),
                          self.mass_policy.init(params))
 
-  def advance(self, state: GeometryState, grads: Any) -> GeometryState:
-    """Folds one gradient into the state (before the step that uses it is composed)."""
-    return state._replace(count=state.count + 1,
-                          moments=self.mass_policy.update(state.moments, grads))
+  def advance(self, state: GeometryState, grads: Any,
+              curvature: Curvature | None = None) -> GeometryState:
+    """Folds one step's gradient and curvature into the state (before the step that uses it is
+    composed). The adaptive policy reads the gradient, the Kronecker policy the curvature."""
+    count = state.count + 1
+    return state._replace(count=count, moments=self.mass_policy.update(
+        state.moments, grads, curvature, count))
 
   def mass_at(self, state: GeometryState) -> jax.Array:
     """The default mass of the step being taken, before the mass scale."""

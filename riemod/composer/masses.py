@@ -2,11 +2,12 @@
 
 A policy turns the optimizer's running statistics into the mass of the modules that declare none
 (declared masses are kept). Every policy is expressed as a change of variables ``S`` (per
-parameter, ``None`` for the identity) under which that mass becomes the geometry's scalar default:
+module, ``None`` for the identity) under which that mass becomes the geometry's scalar default:
 
-    (K^T K + D)^{-1} = S (S K^T K S + mass I)^{-1} S,    D = mass S^{-2},
+    (K^T K + D)^{-1} = S (S^T K^T K S + mass I)^{-1} S^T,    D = mass S^{-T} S^{-1},
 
 so the composer solves one kind of problem, with one place that applies the mass and its scale.
+For the diagonal policies ``S`` is a per-parameter scale (``S^T = S``, ``D = mass S^{-2}``).
 
 * :func:`constant`: ``D = mass`` (``S = I``).
 * :func:`adaptive`: ``D = mass (sqrt(v) + eps)`` with ``v`` the bias-corrected moving average of
@@ -17,21 +18,108 @@ so the composer solves one kind of problem, with one place that applies the mass
   ``S`` is a Kronecker product and ``K S`` is again a dense factor (features times ``a^{-1/2}``,
   cotangents times ``b^{-1/2}``): the Gram-Hadamard kernel and its cost are kept. Other modules
   take the full diagonal (their rows are materialised anyway).
+* :func:`kronecker`: per dense or convolution module ``D_a = mass (A (x) S)``, the moving averages
+  of K-FAC's two factors (the bias-augmented input second moments ``A``, the second moments ``S``
+  of the output-metric rows pulled back to the layer output), read off the rows the step already
+  computes and refactored every ``update_every`` steps. ``S`` is then the pair of inverse Cholesky
+  factors ``(L_A^{-1}, L_S^{-1})``, ordered bias first so the whitened features keep a constant
+  bias entry: ``K S`` is again a dense factor (features ``L_A^{-1} [1; x]``, cotangents
+  ``L_S^{-1} c``) and the Gram-Hadamard kernel is kept. The step is K-FAC's memory plus this
+  batch's exact curvature; with no batch rows it is the damped K-FAC step
+  ``A^{-1} G S^{-1} / mass``. Modules without dense structure keep the constant mass.
 
-Reference: Pehle & Slotine, *Riemannian Optimization in Modular Systems* (arXiv 2603.03610),
-sec. 3 (a diagonal mass ``D_a``).
+References:
+  Pehle & Slotine, *Riemannian Optimization in Modular Systems* (arXiv 2603.03610), sec. 3 (a
+  diagonal mass ``D_a``).
+  Martens & Grosse, *Optimizing Neural Networks with Kronecker-factored Approximate Curvature*
+  (arXiv 1503.05671), for the factors, their moving averages and the factored damping.
+  Grosse & Martens, *A Kronecker-factored approximate Fisher matrix for convolution layers*
+  (arXiv 1602.01407), for the factors of a convolution (sums over positions).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from riemod.curvature.factors import DenseFactor, RowsFactor
+from riemod.curvature.factors import DenseFactor, EmbedFactor, RowsFactor
 from riemod.curvature.types import Curvature
+from riemod.nn.adapter import parameter_groups
+from riemod.nn.structure import DenseStructure
+
+
+# -- changes of variables (what ComposedMetric applies at its boundary, per module)
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DiagonalChange:
+  """``S`` as a per-parameter scale ``{leaf name: array or None}`` (``S^T = S``)."""
+
+  leaf_scales: dict[str, Any]
+
+  def apply(self, leaves: dict[str, jax.Array], *, inverse: bool = False,
+            transpose: bool = False) -> dict[str, jax.Array]:
+    """``S v`` (``inverse``: ``S^{-1} v``); ``transpose`` changes nothing for a diagonal."""
+    del transpose
+    out = {}
+    for name, x in leaves.items():
+      s = self.leaf_scales.get(name)
+      out[name] = x if s is None else (x / s.astype(x.dtype) if inverse else x * s.astype(x.dtype))
+    return out
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KroneckerChange:
+  """``S`` of a dense module under a Kronecker mass: ``Theta = L_A^{-T} Phi L_S^{-1}``.
+
+  ``Theta`` is the module's parameters as one ``(1 + fan_in, fan_out)`` matrix, bias row first
+  (``(fan_in, fan_out)`` without a bias), and ``A = L_A L_A^T``, ``S = L_S L_S^T`` are the damped
+  factors, so ``S S^T = A^{-1} (x) S^{-1}`` and ``D = mass S^{-T} S^{-1} = mass (A (x) S)``.
+
+  Attributes:
+    inputs_root, inputs_inverse: ``L_A`` and ``L_A^{-1}`` (lower triangular).
+    outputs_root, outputs_inverse: ``L_S`` and ``L_S^{-1}``.
+    structure: the layer's static :class:`~riemod.nn.DenseStructure`.
+  """
+
+  inputs_root: jax.Array
+  inputs_inverse: jax.Array
+  outputs_root: jax.Array
+  outputs_inverse: jax.Array
+  structure: DenseStructure = dataclasses.field(metadata=dict(static=True))
+
+  def apply(self, leaves: dict[str, jax.Array], *, inverse: bool = False,
+            transpose: bool = False) -> dict[str, jax.Array]:
+    """``S v``, ``S^T v``, ``S^{-1} v`` or ``S^{-T} v`` (leaves may carry one leading axis)."""
+    # S: L_A^{-T} . L_S^{-1};  S^T: L_A^{-1} . L_S^{-T};  S^{-1}: L_A^T . L_S;  S^{-T}: L_A . L_S^T.
+    if inverse:
+      left, right = self.inputs_root, self.outputs_root
+    else:
+      left, right = self.inputs_inverse, self.outputs_inverse
+    if not transpose:
+      left = left.T
+    else:
+      right = right.T
+    structure = self.structure
+    flat = structure.kernel_to_flat(leaves["kernel"])
+    theta = (jnp.concatenate([leaves["bias"][..., None, :], flat], axis=-2)
+             if structure.has_bias else flat)
+    dtype = theta.dtype
+    theta = jnp.einsum("ij,...jk,kl->...il", left.astype(dtype), theta, right.astype(dtype))
+    out = {"kernel": structure.flat_to_kernel(theta[..., 1:, :] if structure.has_bias else theta)}
+    if structure.has_bias:
+      out["bias"] = theta[..., 0, :]
+    return out
+
+
+def _identity_changes(curvature: Curvature) -> list[Any]:
+  return [None] * len(curvature.modules)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +130,15 @@ class ConstantMass:
     del params
     return None
 
-  def update(self, moments: None, grads: Any) -> None:
-    del moments, grads
+  def update(self, moments: None, grads: Any, curvature: Curvature | None = None,
+             count: jax.Array | None = None) -> None:
+    del moments, grads, curvature, count
     return None
 
   def rescale(self, curvature: Curvature, moments: None, count: jax.Array
               ) -> tuple[Curvature, list[Any]]:
     del moments, count
-    return curvature, [None] * len(curvature.leaf_shapes)
+    return curvature, _identity_changes(curvature)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,20 +163,23 @@ class AdaptiveMass:
   def init(self, params: Any) -> list[jax.Array]:
     return [jnp.zeros_like(p) for p in jax.tree.leaves(params)]
 
-  def update(self, moments: list[jax.Array], grads: Any) -> list[jax.Array]:
+  def update(self, moments: list[jax.Array], grads: Any, curvature: Curvature | None = None,
+             count: jax.Array | None = None) -> list[jax.Array]:
+    del curvature, count
     return [self.decay * v + (1 - self.decay) * (g * g).astype(v.dtype)
             for v, g in zip(moments, jax.tree.leaves(grads))]
 
   def rescale(self, curvature: Curvature, moments: list[jax.Array], count: jax.Array
               ) -> tuple[Curvature, list[Any]]:
-    """The curvature of ``S K`` and the per-leaf ``S`` (``count``: gradients averaged so far)."""
+    """The curvature of ``K S`` and each module's ``S`` (``count``: gradients averaged so far)."""
     correction = 1 - self.decay ** jnp.maximum(count, 1).astype(moments[0].dtype) if moments else 1
     second_moment = [v / correction for v in moments]
-    scales: list[Any] = [None] * len(curvature.leaf_shapes)
+    changes: list[Any] = []
     modules = []
     for module in curvature.modules:
       if module.mass is not None or module.kind == "frozen":
         modules.append(module)
+        changes.append(None)
         continue
       v = {name: second_moment[i] for name, i in zip(module.leaf_names, module.leaf_indices)}
       if isinstance(module.factor, DenseFactor):
@@ -98,10 +190,11 @@ class AdaptiveMass:
         if isinstance(factor, RowsFactor):
           factor = RowsFactor({name: rows * leaf_scales[name]
                                for name, rows in factor.leaf_rows.items()})
-      for name, i in zip(module.leaf_names, module.leaf_indices):
-        scales[i] = leaf_scales[name]
+        elif isinstance(factor, EmbedFactor):
+          factor = factor.scaled(leaf_scales["embedding"])
+      changes.append(DiagonalChange(leaf_scales))
       modules.append(dataclasses.replace(module, factor=factor))
-    return dataclasses.replace(curvature, modules=tuple(modules)), scales
+    return dataclasses.replace(curvature, modules=tuple(modules)), changes
 
 
 def _dense_scaling(factor: DenseFactor, v: dict[str, jax.Array], eps: float):
@@ -119,14 +212,190 @@ def _dense_scaling(factor: DenseFactor, v: dict[str, jax.Array], eps: float):
     # D_b = mass * s * b: the kernel's column profile, scaled to the bias's own mean magnitude.
     # The cotangents already carry b^{-1/2}; the bias rows get the remaining s^{-1/2}.
     s = jnp.mean(jnp.sqrt(v["bias"]) + eps) / jnp.mean(b)
-    scales["bias"] = jax.lax.rsqrt(s * b)
+    scales["bias"] = structure.flat_to_bias(jax.lax.rsqrt(s * b))
     bias_weight = jax.lax.rsqrt(s)
   scaled = DenseFactor(factor.features * in_scale, factor.cotangents * out_scale, structure,
                        bias_weight)
   return scaled, scales
 
 
-MassPolicy = ConstantMass | AdaptiveMass
+class KroneckerMoments(NamedTuple):
+  """One dense module's Kronecker mass state (in ``GeometryState.moments``).
+
+  Attributes:
+    inputs: moving average of the bias-augmented input second moments ``[1; x][1; x]^T`` (bias
+      entry first), not yet bias-corrected: ``(1 + fan_in, 1 + fan_in)`` (``fan_in`` without bias).
+    outputs: moving average of the pulled-back cotangents' second moments ``(fan_out, fan_out)``.
+    inputs_root, inputs_inverse: ``L_A`` and ``L_A^{-1}`` of the damped, bias-corrected ``A``
+      from the last refactoring (what the mass uses until the next one).
+    outputs_root, outputs_inverse: ``L_S`` and ``L_S^{-1}`` likewise.
+  """
+
+  inputs: jax.Array
+  outputs: jax.Array
+  inputs_root: jax.Array
+  inputs_inverse: jax.Array
+  outputs_root: jax.Array
+  outputs_inverse: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class KroneckerMass:
+  """``D_a = mass (A (x) S)`` per dense/conv module from K-FAC's moving-average factors.
+
+  Attributes:
+    decay: the factors' moving-average decay, in ``[0, 1)`` (0: this batch's factors only).
+    damping: ``delta > 0`` of the factored Tikhonov damping ``A + pi sqrt(delta) I``,
+      ``S + sqrt(delta) / pi I`` with ``pi^2 = (tr A / dim A) / (tr S / dim S)``, so that
+      ``A (x) S`` is damped by about ``delta I``.
+    update_every: refactor (Cholesky and triangular inverse) every this many steps, >= 1; in
+      between the mass keeps the last factors while the moving averages keep updating.
+  """
+
+  decay: float = 0.95
+  damping: float = 1e-3
+  update_every: int = 1
+
+  def __post_init__(self):
+    if isinstance(self.decay, (int, float)) and not 0 <= self.decay < 1:
+      raise ValueError(f"decay={self.decay!r}: the factors' moving-average decay must lie in "
+                       "[0, 1), e.g. 0.95.")
+    if isinstance(self.damping, (int, float)) and not (math.isfinite(self.damping)
+                                                       and self.damping > 0):
+      raise ValueError(f"damping={self.damping!r}: must be finite and > 0 (it keeps A and S "
+                       "invertible), e.g. 1e-3.")
+    if not isinstance(self.update_every, int) or self.update_every < 1:
+      raise ValueError(f"update_every={self.update_every!r}: refactor every this many steps, an "
+                       "int >= 1 (e.g. 1, or 10 to amortise the Cholesky factorisations).")
+
+  def init(self, params: Any) -> dict[str, KroneckerMoments]:
+    """Zero moving averages and identity factors for every module with a ``kernel`` (keyed by the
+    kernel's position in ``jax.tree.leaves(params)``)."""
+    if isinstance(params, nnx.State):
+      params = nnx.as_pure(params)
+    leaves = jax.tree.leaves(params)
+    moments = {}
+    for group in parameter_groups(params):
+      names = dict(zip(group.leaf_names, group.leaf_indices))
+      if "kernel" not in names or not set(names) <= {"kernel", "bias"}:
+        continue
+      kernel = leaves[names["kernel"]]
+      if kernel.ndim < 2:
+        continue
+      fan_in = math.prod(kernel.shape[:-1]) + ("bias" in names)
+      fan_out = kernel.shape[-1]
+      eye_in, eye_out = jnp.eye(fan_in, dtype=kernel.dtype), jnp.eye(fan_out, dtype=kernel.dtype)
+      moments[str(names["kernel"])] = KroneckerMoments(
+          jnp.zeros_like(eye_in), jnp.zeros_like(eye_out), eye_in, eye_in, eye_out, eye_out)
+    return moments
+
+  def _eligible(self, module, moments) -> KroneckerMoments | None:
+    """The module's state if it takes the Kronecker mass (dense factor, no declared mass)."""
+    if module.mass is not None or module.kind != "riemannian":
+      return None
+    if not isinstance(module.factor, DenseFactor) or "kernel" not in module.leaf_names:
+      return None
+    state = moments.get(str(module.leaf_indices[module.leaf_names.index("kernel")]))
+    structure = module.factor.structure
+    if state is None or state.inputs.shape[0] != structure.fan_in + structure.has_bias or (
+        state.outputs.shape[0] != structure.fan_out):
+      return None
+    return state
+
+  def update(self, moments: dict[str, KroneckerMoments], grads: Any,
+             curvature: Curvature | None = None, count: jax.Array | None = None
+             ) -> dict[str, KroneckerMoments]:
+    """Folds this step's factors into the moving averages; refactors every ``update_every``
+    steps (``count``: steps folded in, this one included)."""
+    del grads
+    if curvature is None or count is None:
+      raise ValueError("riemod.masses.kronecker reads its factors off the curvature: call "
+                       "geometry.advance(state, grads, curvature) with the step's curvature.")
+    out = dict(moments)
+    for module in curvature.modules:
+      state = self._eligible(module, moments)
+      if state is None:
+        continue
+      factor = module.factor
+      inputs, outputs = _batch_factors(factor)
+      inputs = self.decay * state.inputs + (1 - self.decay) * inputs.astype(state.inputs.dtype)
+      outputs = self.decay * state.outputs + (1 - self.decay) * outputs.astype(state.outputs.dtype)
+      correction = 1 - self.decay ** count.astype(inputs.dtype)
+      refresh = (count - 1) % self.update_every == 0
+      roots = jax.lax.cond(
+          refresh, lambda: self._factorize(inputs / correction, outputs / correction, state),
+          lambda: (state.inputs_root, state.inputs_inverse, state.outputs_root,
+                   state.outputs_inverse))
+      out[str(module.leaf_indices[module.leaf_names.index("kernel")])] = KroneckerMoments(
+          inputs, outputs, *roots)
+    return out
+
+  def _factorize(self, inputs: jax.Array, outputs: jax.Array, old: KroneckerMoments):
+    """Damped Cholesky factors and their inverses; the old ones where a factorisation fails."""
+    dtype = inputs.dtype
+    tiny = jnp.sqrt(jnp.finfo(dtype).tiny)
+    n_in, n_out = inputs.shape[0], outputs.shape[0]
+    pi = jnp.sqrt((jnp.trace(inputs) / n_in + tiny) / (jnp.trace(outputs) / n_out + tiny))
+    root_damping = jnp.sqrt(jnp.asarray(self.damping, dtype))
+    roots = []
+    for matrix, shift in ((inputs, pi * root_damping), (outputs, root_damping / pi)):
+      n = matrix.shape[0]
+      root = jnp.linalg.cholesky(matrix + shift * jnp.eye(n, dtype=dtype))
+      inverse = jax.scipy.linalg.solve_triangular(root, jnp.eye(n, dtype=dtype), lower=True)
+      roots += [root, inverse]
+    ok = jnp.all(jnp.array([jnp.all(jnp.isfinite(r)) for r in roots]))
+    previous = (old.inputs_root, old.inputs_inverse, old.outputs_root, old.outputs_inverse)
+    return tuple(jnp.where(ok, new, prev) for new, prev in zip(roots, previous))
+
+  def rescale(self, curvature: Curvature, moments: dict[str, KroneckerMoments], count: jax.Array
+              ) -> tuple[Curvature, list[Any]]:
+    """The curvature of ``K S`` (whitened features and cotangents) and each module's ``S``."""
+    del count
+    changes: list[Any] = []
+    modules = []
+    for module in curvature.modules:
+      state = self._eligible(module, moments)
+      if state is None:
+        modules.append(module)
+        changes.append(None)
+        continue
+      factor = module.factor
+      dtype = factor.features.dtype
+      inverse_in = state.inputs_inverse.astype(dtype)
+      inverse_out = state.outputs_inverse.astype(factor.cotangents.dtype)
+      bias_weight = None
+      if factor.structure.has_bias:
+        # L_A^{-1} [1; x]: a constant bias entry L_A^{-1}[0, 0] (lower triangular, bias first)
+        # and features L_A^{-1}[1:, 1:] x + L_A^{-1}[1:, 0].
+        features = factor.features @ inverse_in[1:, 1:].T + inverse_in[1:, 0]
+        bias_weight = inverse_in[0, 0]
+      else:
+        features = factor.features @ inverse_in.T
+      cotangents = factor.cotangents @ inverse_out.T
+      modules.append(dataclasses.replace(
+          module, factor=DenseFactor(features, cotangents, factor.structure, bias_weight)))
+      changes.append(KroneckerChange(state.inputs_root, state.inputs_inverse, state.outputs_root,
+                                     state.outputs_inverse, factor.structure))
+    return dataclasses.replace(curvature, modules=tuple(modules)), changes
+
+
+def _batch_factors(factor: DenseFactor) -> tuple[jax.Array, jax.Array]:
+  """This batch's ``A`` (mean over samples and positions of ``[1; x][1; x]^T``) and ``S`` (sum
+  over rows, samples and positions of ``c c^T``; the rows carry the batch mean's ``1/sqrt(B)``),
+  so that ``A (x) S`` approximates ``K^T K`` (K-FAC; exact up to the cross-position terms and the
+  correlation of inputs and cotangents)."""
+  x, c = factor.features, factor.cotangents
+  samples = x.shape[0] * x.shape[1]
+  second = jnp.einsum("bpi,bpj->ij", x, x) / samples
+  if factor.structure.has_bias:
+    mean = x.sum(axis=(0, 1)) / samples
+    one = jnp.ones((1, 1), x.dtype)
+    second = jnp.block([[one, mean[None, :]], [mean[:, None], second]])
+  outputs = jnp.einsum("rbpf,rbpg->fg", c, c)
+  return second, outputs
+
+
+MassPolicy = ConstantMass | AdaptiveMass | KroneckerMass
 
 
 def constant() -> ConstantMass:
@@ -154,10 +423,43 @@ def adaptive(decay: float = 0.99, eps: float = 1e-8) -> AdaptiveMass:
   return AdaptiveMass(decay, eps)
 
 
+def kronecker(decay: float = 0.95, damping: float = 1e-3, update_every: int = 1) -> KroneckerMass:
+  """The Kronecker mass policy: ``D_a = mass (A (x) S)`` per dense/conv module (see the module
+  docstring); the moving averages are read off the step's own factor rows.
+
+  ``mass`` is then dimensionless: it weighs K-FAC's running estimate of the Gauss-Newton matrix
+  against the exact curvature of the batch (``mass = 1``: as much as one batch). Modules without
+  dense structure (the generic path), euclidean modules and modules that declare a mass keep the
+  constant (or declared) mass. The state holds four ``(1 + fan_in)^2`` and ``fan_out^2`` matrices
+  per dense module (two moving averages, a Cholesky factor and its inverse of each).
+
+  Args:
+    decay: the factors' moving-average decay, in ``[0, 1)``.
+    damping: ``delta > 0``: ``A (x) S`` is damped by about ``delta I`` (factored Tikhonov).
+    update_every: refactor the damped factors every this many steps (>= 1).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, riemod
+    >>> from flax import nnx
+    >>> model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    >>> geometry = riemod.Geometry(mass=1.0, mass_policy=riemod.masses.kronecker(damping=1e-2))
+    >>> x = jax.random.normal(jax.random.key(1), (8, 3))
+    >>> _, g, curv = riemod.value_grad_and_curvature(
+    ...     model, x, lambda y: 0.5 * jnp.mean(jnp.sum(y**2, -1)), riemod.metrics.identity())
+    >>> state = geometry.advance(geometry.init(nnx.state(model, nnx.Param)), g, curv)
+    >>> step = geometry.compose(curv, state).solve(g)   # (K^T K + A (x) S)^{-1} g
+    >>> step["kernel"].shape
+    (3, 2)
+  """
+  return KroneckerMass(decay, damping, update_every)
+
+
 def _validate(policy: Any) -> None:
-  if not isinstance(policy, (ConstantMass, AdaptiveMass)):
-    raise TypeError(f"mass_policy={policy!r}: use riemod.masses.constant() or "
-                    "riemod.masses.adaptive(decay, eps).")
+  if not isinstance(policy, (ConstantMass, AdaptiveMass, KroneckerMass)):
+    raise TypeError(f"mass_policy={policy!r}: use riemod.masses.constant(), "
+                    "riemod.masses.adaptive(decay, eps) or riemod.masses.kronecker(decay, "
+                    "damping, update_every).")
 
 
-__all__ = ["AdaptiveMass", "ConstantMass", "MassPolicy", "adaptive", "constant"]
+__all__ = ["AdaptiveMass", "ConstantMass", "DiagonalChange", "KroneckerChange", "KroneckerMass",
+           "KroneckerMoments", "MassPolicy", "adaptive", "constant", "kronecker"]

@@ -60,7 +60,8 @@ class ComposedMetric:
     inverse_masses: per module ``{leaf name: 1 / mass}`` in those variables, the mass scale
       included.
     blocks: the factored blocks.
-    scales: per parameter leaf, the policy's ``S`` (``None``: identity).
+    scales: per module, the policy's change of variables ``S`` (``None``: identity), an object
+      with ``apply(leaves, inverse=, transpose=)`` (see :mod:`riemod.masses`).
     mass_ok: whether the default mass and scale are finite and > 0 (checked at run time for
       traced masses).
     block_modules: for each block, the indices (into ``curvature.modules``) of its modules.
@@ -75,16 +76,18 @@ class ComposedMetric:
   block_modules: tuple[tuple[int, ...], ...] = dataclasses.field(metadata=dict(static=True))
   structure: str = dataclasses.field(metadata=dict(static=True))
 
-  # -- the policy's change of variables, at the boundary
-  def _rescale(self, tree: Any, inverse: bool = False) -> Any:
+  # -- the policy's change of variables, at the boundary: vectors (steps, draws) map by S or
+  # S^{-1}, covectors (gradients, G v) by S^T or S^{-T}.
+  def _rescale(self, tree: Any, inverse: bool = False, transpose: bool = False) -> Any:
     leaves, treedef = _checked_leaves(tree, self.curvature)
-    out = []
-    for x, s in zip(leaves, self.scales):
-      if s is None:
-        out.append(x)
-      else:
-        s = s.astype(x.dtype)
-        out.append(x / s if inverse else x * s)
+    out = list(leaves)
+    for module, change in zip(self.curvature.modules, self.scales):
+      if change is None:
+        continue
+      mapped = change.apply(self._module_leaves(leaves, module), inverse=inverse,
+                            transpose=transpose)
+      for name, index in zip(module.leaf_names, module.leaf_indices):
+        out[index] = mapped[name]
     return jax.tree.unflatten(treedef, out)
 
   def _module_leaves(self, leaves, module: ModuleCurvature) -> dict[str, jax.Array]:
@@ -119,7 +122,7 @@ class ComposedMetric:
   def solve_with_residuals(self, tree: Any) -> tuple[Any, list[jax.Array]]:
     """``G^{-1} v`` and the relative residual of each block's small solve."""
     out, residuals = self._map(
-        self._rescale(tree), lambda block, v, _: block.solve(v),
+        self._rescale(tree, transpose=True), lambda block, v, _: block.solve(v),
         lambda m, inv, g, _: jnp.zeros_like(g) if m.kind == "frozen" else inv * g)
     return self._rescale(out), residuals
 
@@ -160,7 +163,7 @@ class ComposedMetric:
       quadratic.append(jnp.vdot(g, inv * g).real)
       return inv * g + momentum * prev_leaves[index] if with_momentum else inv * g
 
-    direction, results = self._map(self._rescale(grads), block_fn, diagonal)
+    direction, results = self._map(self._rescale(grads, transpose=True), block_fn, diagonal)
     dtype = jax.tree.leaves(grads)[0].dtype if jax.tree.leaves(grads) else jnp.float32
     stack = lambda values: (jnp.stack([jnp.asarray(v, dtype) for v in values]) if values
                             else jnp.zeros((0,), dtype))
@@ -178,7 +181,7 @@ class ComposedMetric:
     out = self._map(
         self._rescale(tree, inverse=True), lambda block, v, _: (block.matvec(v), None),
         lambda m, inv, g, _: jnp.zeros_like(g) if m.kind == "frozen" else g / inv)[0]
-    return self._rescale(out, inverse=True)
+    return self._rescale(out, inverse=True, transpose=True)
 
   def mass_times(self, tree: Any) -> Any:
     """``D v``: the mass alone (frozen modules: zero)."""
@@ -188,7 +191,7 @@ class ComposedMetric:
       for name, index in zip(module.leaf_names, module.leaf_indices):
         out[index] = (jnp.zeros_like(leaves[index]) if module.kind == "frozen"
                       else leaves[index] / inverse[name])
-    return self._rescale(jax.tree.unflatten(treedef, out), inverse=True)
+    return self._rescale(jax.tree.unflatten(treedef, out), inverse=True, transpose=True)
 
   def sample(self, key: jax.Array, like: Any) -> Any:
     """An exact draw from ``N(0, G^{-1})`` shaped like ``like`` (frozen modules: zero).
