@@ -58,6 +58,9 @@ class FieldFamily(NamedTuple):
     polynomial: the same fields as an exact sparse ``polyfields.PolyFamily`` when they are polynomial
       (linear and ReLU networks, factorisations; gradient, mirror and momentum flows), else ``None``.
       ``count_laws`` then brackets them exactly instead of by nested differentiation.
+    flow: ``flow(z, j, s) -> z`` the closed-form flow of generator ``j`` for time ``s`` (traced ``j`` and
+      ``s``) when known (the heavy-ball ``momentum_lift``), else ``None``; ``count_laws`` then measures the
+      orbit's dimension from pushforwards along these flows (``riemod.conservation.orbit``).
   """
 
   field: Callable[[jax.Array, jax.Array], jax.Array]
@@ -70,6 +73,7 @@ class FieldFamily(NamedTuple):
   tau: Optional[float] = None
   reparametrization: Optional[Reparametrization] = None
   polynomial: Optional[PolyFamily] = None
+  flow: Optional[Callable[[jax.Array, jax.Array, jax.Array], jax.Array]] = None
 
 
 def _output_size(rep: Reparametrization) -> int:
@@ -171,6 +175,20 @@ def momentum_lift(phi, theta_or_shapes=None, *, tau: float = 1.0,
         -drift / tau * velocity + force,
     ])
 
+  num_outputs = _output_size(rep)
+
+  def heavy_ball_flow(z, index, s):
+    # Exact flows of the generators. X_0: t + s, v e^{-s/tau}, theta + tau v (1 - e^{-s/tau});
+    # X_j (j >= 1) moves only v, along grad phi_j(theta), which it leaves unchanged.
+    time_now, theta, velocity = z[0], z[1:size + 1], z[size + 1:]
+    decay = jnp.exp(-s / tau)
+    drifted = jnp.concatenate([jnp.reshape(time_now + s, (1,)), theta - tau * velocity * jnp.expm1(-s / tau),
+                               velocity * decay])
+    _, pullback = jax.vjp(rep.flat_phi, theta)
+    push = pullback(jax.nn.one_hot(jnp.maximum(index - 1, 0), num_outputs, dtype=z.dtype))[0]
+    pushed = jnp.concatenate([z[:size + 1], velocity + s * push])
+    return jnp.where(index == 0, drifted, pushed)
+
   positive = rep.positive or position_rate is not None
   sample_theta = _point_sampler(rep, positive)
 
@@ -184,11 +202,12 @@ def momentum_lift(phi, theta_or_shapes=None, *, tau: float = 1.0,
     ])
 
   names = ("t",) + rep.variable_names + tuple(f"v_{name}" for name in rep.variable_names)
-  return FieldFamily(field=field, num_fields=_output_size(rep) + 1, dimension=2 * size + 1,
+  return FieldFamily(field=field, num_fields=num_outputs + 1, dimension=2 * size + 1,
                      sample_point=sample, variable_names=names,
                      description=f"momentum flow (tau={tau}) of {rep.name}", time_index=0, tau=float(tau),
                      reparametrization=rep,
-                     polynomial=None if position_rate is not None else poly_family_for(rep, "momentum", None, tau))
+                     polynomial=None if position_rate is not None else poly_family_for(rep, "momentum", None, tau),
+                     flow=None if position_rate is not None else heavy_ball_flow)
 
 
 def _rk4(rhs, state, dt, steps, observe):

@@ -41,11 +41,14 @@ import scipy.sparse
 
 from riemod.conservation import polyfields
 from riemod.conservation.flows import FieldFamily, gradient_fields, momentum_lift
+from riemod.conservation.orbit import orbit_rank
 
 __all__ = ["LawCount", "count_laws", "lie_rank", "AmbiguousRankWarning"]
 
 
 _SCALE_FLOOR = 1e-3
+# Default rtol of the orbit method (see riemod.conservation.orbit: a weak direction returns next round).
+ORBIT_RTOL = 1e-3
 
 
 class AmbiguousRankWarning(RuntimeWarning):
@@ -279,21 +282,38 @@ def _start_tracker(generators: np.ndarray, dimension: int, rtol: float, ambiguit
   return tracker, generator_rank, left, singular, right
 
 
-def lie_rank(family: FieldFamily, point, *, rtol: float = 1e-8, ambiguity: float = 1e2,
+def _prefer_orbit(family: FieldFamily) -> bool:
+  """Whether ``method="auto"`` measures the orbit instead of bracketing polynomials.
+
+  Exact brackets are fast when there are many generators (few rounds of small polynomials: wide layers,
+  ReLU paths); with few generators for the dimension (one or two inputs and outputs) the search needs many
+  rounds and the polynomials of deep brackets grow past memory, while a pushforward chain costs ``2k``
+  flow evaluations at depth ``k``. The switch, ``num_fields^2 <= dimension``, separates the two kinds in
+  the benchmark table (benchmarks/results/law_counts.md).
+  """
+  if family.flow is None:
+    return False
+  return family.polynomial is None or family.num_fields ** 2 <= family.dimension
+
+
+def lie_rank(family: FieldFamily, point, *, rtol: Optional[float] = None, ambiguity: float = 1e2,
              max_rounds: Optional[int] = None, chunk: int = 1024, method: str = "auto",
-             max_terms: int = 20_000_000, _cache: Optional[dict] = None) -> dict:
+             max_terms: int = 20_000_000, seed: int = 0, _cache: Optional[dict] = None) -> dict:
   """``dim Lie(W)(z)`` at one point, with the rank after every bracket round.
 
   Args:
     family: the fields (see ``gradient_fields`` / ``momentum_lift``).
     point: flat ``z`` (converted to float64).
     rtol: singular values of the candidates, each scaled by its own round-off level, below ``rtol``
-      count as zero.
+      count as zero (default ``1e-8`` for brackets, ``1e-3`` for the orbit method).
     ambiguity: singular values within a factor ``ambiguity`` of ``rtol`` flag the decision as ambiguous.
     max_rounds: bracket rounds at most (default ``dimension``, i.e. until a round adds nothing).
     chunk: candidates evaluated per vectorised batch (nested-derivative method).
-    method: ``"auto"`` (exact polynomial brackets when ``family.polynomial`` is set, else nested
-      forward-mode derivatives), ``"polynomial"`` or ``"jvp"``.
+    method: ``"auto"`` (the orbit method when ``family.flow`` is set and there are few generators for the
+      dimension, ``num_fields^2 <= dimension``; else exact polynomial brackets when ``family.polynomial``
+      is set; else nested forward-mode derivatives),
+      ``"orbit"`` (``riemod.conservation.orbit``), ``"polynomial"`` or ``"jvp"``.
+    seed: seed of the orbit method's random flow times.
     max_terms: exact brackets held at once, in polynomial terms (~50 bytes each), before a ``ValueError``.
 
   Returns:
@@ -303,11 +323,15 @@ def lie_rank(family: FieldFamily, point, *, rtol: float = 1e-8, ambiguity: float
   dimension = family.dimension
   cache = {} if _cache is None else _cache
   max_rounds = dimension if max_rounds is None else int(max_rounds)
-  if method not in ("auto", "polynomial", "jvp"):
-    raise ValueError(f"method='{method}' is unknown; use 'auto', 'polynomial' or 'jvp'.")
+  if method not in ("auto", "orbit", "polynomial", "jvp"):
+    raise ValueError(f"method='{method}' is unknown; use 'auto', 'orbit', 'polynomial' or 'jvp'.")
   if method == "polynomial" and family.polynomial is None:
     raise ValueError("method='polynomial' needs polynomial fields (family.polynomial is None): phi must "
                      "be a built-in linear/ReLU network or factorization; use method='jvp'.")
+  if method == "orbit" or (method == "auto" and _prefer_orbit(family)):
+    return orbit_rank(family, point, rtol=ORBIT_RTOL if rtol is None else rtol, ambiguity=ambiguity,
+                      max_rounds=max_rounds, seed=seed, _cache=cache)
+  rtol = 1e-8 if rtol is None else rtol
   if method != "jvp" and family.polynomial is not None:
     return _polynomial_lie_rank(family.polynomial, point, rtol, ambiguity, max_rounds, cache,
                                 max_terms=max_terms)
@@ -517,7 +541,7 @@ def _as_family(phi, theta_or_shapes, flow, metric, tau) -> tuple[FieldFamily, An
 
 
 def count_laws(phi, theta_or_shapes=None, *, flow: str = "gradient", metric=None, tau: float = 1.0,
-               num_points: int = 3, seed: int = 0, rtol: float = 1e-8, ambiguity: float = 1e2,
+               num_points: int = 3, seed: int = 0, rtol: Optional[float] = None, ambiguity: float = 1e2,
                max_rounds: Optional[int] = None, warn: bool = True, method: str = "auto",
                max_terms: int = 20_000_000) -> LawCount:
   """Maximal number of independent conservation laws, ``N - dim Lie(W_phi)``.
@@ -531,13 +555,16 @@ def count_laws(phi, theta_or_shapes=None, *, flow: str = "gradient", metric=None
     tau: momentum time constant (the count does not depend on it).
     num_points: random points; their ranks must agree (the maximum, the generic rank, is used).
     seed: PRNG seed of the random points.
-    rtol: relative singular-value tolerance (float64 arithmetic).
+    rtol: relative singular-value tolerance (float64 arithmetic; default ``1e-8``, ``1e-3`` for the orbit
+      method, whose weak directions return in the next round).
     ambiguity: warn when a singular value lies within this factor of ``rtol``.
     max_rounds: cap on bracket rounds (default: until a round adds nothing).
     warn: emit ``AmbiguousRankWarning`` when the decision is ambiguous.
-    method: ``"auto"``: exact polynomial brackets when the fields are polynomial (built-in linear and
-      ReLU networks, factorisations, under gradient, mirror and momentum flows), nested forward-mode
-      derivatives otherwise; ``"polynomial"`` or ``"jvp"`` to force one.
+    method: ``"auto"``: the orbit method (pushforwards along the generators' closed-form flows,
+      ``riemod.conservation.orbit``) when the flows are known (heavy-ball momentum) and the generators are
+      few (``num_fields^2 <= dimension``: one or two inputs and outputs); exact polynomial brackets for
+      other polynomial fields (built-in linear and ReLU networks, factorisations); nested forward-mode
+      derivatives otherwise; ``"orbit"``, ``"polynomial"`` or ``"jvp"`` to force one.
     max_terms: memory guard of the exact brackets: a ``ValueError`` (naming ``max_rounds`` for an upper
       bound) when the fields to expand in a round exceed this many polynomial terms (~50 bytes each).
 
@@ -568,9 +595,8 @@ def count_laws(phi, theta_or_shapes=None, *, flow: str = "gradient", metric=None
       points.append(point)
   cache = {}
   results = [lie_rank(family, point, rtol=rtol, ambiguity=ambiguity, max_rounds=max_rounds, method=method,
-                      max_terms=max_terms,
-                      _cache=cache)
-             for point in points]
+                      max_terms=max_terms, seed=seed + index, _cache=cache)
+             for index, point in enumerate(points)]
   ranks = [result["rank"] for result in results]
   ambiguous = any(result["ambiguous"] for result in results) or len(set(ranks)) > 1
   if warn and len(set(ranks)) > 1:
@@ -581,7 +607,7 @@ def count_laws(phi, theta_or_shapes=None, *, flow: str = "gradient", metric=None
     kept = min(result["smallest_kept"] for result in results)
     dropped = max(result["largest_dropped"] for result in results)
     warnings.warn(f"Rank decision is ambiguous: smallest kept singular value {kept:.2e}, largest "
-                  f"dropped {dropped:.2e}, tolerance {rtol:.1e}. Try other points (seed) or rtol.",
+                  f"dropped {dropped:.2e}, tolerance {rtol or 1e-8:.1e}. Try other points (seed) or rtol.",
                   AmbiguousRankWarning, stacklevel=2)
   if warn and not all(result["complete"] for result in results):
     warnings.warn(f"max_rounds={max_rounds} stopped the bracket search before it converged; the count "
