@@ -22,7 +22,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,17 +350,21 @@ def _reasons(factor: float, batch: int, size: int) -> list[tuple[str, str]] | No
   return None
 
 
-def _report_scale(name: str, loss: tuple[object, str], batch: int, size: int, loss_form,
-                  metric_form) -> None:
-  loss_form = np.asarray(loss_form, np.float64)
-  metric_form = np.asarray(metric_form, np.float64)
-  if not (np.all(np.isfinite(loss_form)) and np.all(metric_form > 0)
-          and np.all(np.isfinite(metric_form))):
-    return  # a zero or invalid probe (a saturated softmax, a non-finite loss) says nothing
-  ratios = loss_form / metric_form
-  if np.any(ratios <= 0) or abs(ratios[0] / ratios[1] - 1) > _SCALE_RTOL:
-    return  # not a constant multiple: another metric chosen on purpose (identity for Huber, ...)
-  factor = float(np.sqrt(ratios[0] * ratios[1]))
+def _constant_factor(loss_form: jax.Array, metric_form: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(mismatch, factor)``: whether the loss's quadratic forms along the two probes are one
+  constant ``factor != 1`` times the metric's."""
+  ratios = loss_form / jnp.where(metric_form > 0, metric_form, 1)
+  # A zero or invalid probe (a saturated softmax, a non-finite loss) says nothing.
+  valid = jnp.all(jnp.isfinite(loss_form) & jnp.isfinite(metric_form) & (metric_form > 0)
+                  & (ratios > 0))
+  # Ratios that disagree: not a multiple, another metric chosen on purpose (identity for Huber).
+  constant = jnp.abs(ratios[0] / jnp.where(valid, ratios[1], 1) - 1) <= _SCALE_RTOL
+  factor = jnp.sqrt(jnp.abs(ratios[0] * ratios[1]))
+  return valid & constant & (jnp.abs(factor - 1) > _SCALE_RTOL), factor
+
+
+def _report_scale(name: str, loss: tuple[object, str], batch: int, size: int, factor) -> None:
+  factor = float(factor)
   if abs(factor - 1) <= _SCALE_RTOL or (name, loss[0]) in _warned:
     return
   _warned.add((name, loss[0]))
@@ -394,8 +397,8 @@ def check_scale(metric: OutputMetric, loss_fn: Callable[[jax.Array], jax.Array],
   the loss the metric assumes, and a :class:`MetricScaleWarning` names the factor, the likely
   reduction (``.sum()`` over the batch: ``B``; an all-element mean: ``1/c``; no ``0.5``: ``2``)
   and the fix. Ratios that disagree mean another metric chosen on purpose (identity for a Huber
-  loss): no warning. Runs eagerly and under ``jax.jit`` (through ``jax.debug.callback``); warns
-  once per metric and loss function.
+  loss): no warning. Runs eagerly and under ``jax.jit`` (the decision on the device, a
+  ``jax.debug.callback`` only when there is a mismatch); warns once per metric and loss function.
 
   Args:
     metric: the output metric used.
@@ -414,5 +417,8 @@ def check_scale(metric: OutputMetric, loss_fn: Callable[[jax.Array], jax.Array],
   loss_form = jax.vmap(lambda v: jnp.vdot(v, hvp(v.reshape(y.shape))[0]))(padded)
   projected = jnp.einsum("skc,psc->psk", rows.reshape(m, rows.shape[1], size), probes)
   metric_form = jnp.sum(projected ** 2, axis=(1, 2)) / batch
-  jax.debug.callback(functools.partial(_report_scale, metric.name, _loss_label(loss_fn), batch,
-                                       size), loss_form, metric_form)
+  mismatch, factor = _constant_factor(loss_form, metric_form)
+  report = functools.partial(_report_scale, metric.name, _loss_label(loss_fn), batch, size)
+  # The host is called only when there is something to say: a metric that matches costs two
+  # products with the loss Hessian and no round trip.
+  jax.lax.cond(mismatch, lambda f: jax.debug.callback(report, f), lambda f: None, factor)
