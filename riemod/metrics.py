@@ -80,7 +80,58 @@ def _eye_rows(outputs: jax.Array) -> jax.Array:
   return jnp.broadcast_to(eye, (batch,) + eye.shape)
 
 
-def identity() -> OutputMetric:
+def _token_weights(outputs: jax.Array, mask: jax.Array | None, name: str) -> jax.Array | None:
+  """Per (sequence, position) factor ``sqrt(w_p / mean_s sum_p w_sp)`` of outputs ``(B, *P, F)``.
+
+  The rows of a per-token output carry it so that ``K^T K`` matches a loss that is the mean over
+  the (unmasked) tokens of the batch: ``sum_{s,p} w_sp l_sp / sum_{s,p} w_sp``. ``None`` for
+  outputs ``(B, F)`` without positions. The normaliser is taken over the whole mask given (it may
+  cover more sequences than the outputs, as with ``curvature_batch``).
+  """
+  positions = outputs.shape[1:-1]
+  if not positions:
+    if mask is not None:
+      raise ValueError(f"{name}: mask= weighs the tokens of per-token outputs (batch, tokens, "
+                       f"...); these outputs have shape {outputs.shape}, with no token axis.")
+    return None
+  count = math.prod(positions)
+  if mask is None:
+    return jnp.full((outputs.shape[0],) + positions, 1 / math.sqrt(count), outputs.dtype)
+  mask = jnp.asarray(mask)
+  if mask.shape[1:] != positions or mask.shape[0] < outputs.shape[0]:
+    raise ValueError(f"{name}: mask= has shape {mask.shape}; it must be (batch, "
+                     f"{', '.join(map(str, positions))}), one weight per token of the outputs "
+                     f"{outputs.shape}.")
+  weights = mask.astype(outputs.dtype)
+  tokens = jnp.sum(weights) / mask.shape[0]  # valid tokens per sequence, over the whole batch
+  scale = jnp.where(tokens > 0, 1 / jnp.where(tokens > 0, tokens, 1), 0)
+  return jnp.sqrt(weights[:outputs.shape[0]] * scale)
+
+
+def _weigh(rows: jax.Array, weights: jax.Array | None) -> jax.Array:
+  """Rows ``(B, k, *P, F)`` times per-position weights ``(B, *P)``."""
+  return rows if weights is None else rows * weights[:, None, ..., None]
+
+
+def _unweigh(cotangent: jax.Array, weights: jax.Array | None) -> jax.Array:
+  """``c / w`` per position (0 where a token's weight is 0: its cotangent is 0 too)."""
+  if weights is None:
+    return cotangent
+  w = weights[..., None]
+  return jnp.where(w > 0, cotangent / jnp.where(w > 0, w, 1), 0)
+
+
+def _token_blocks(per_token: jax.Array, weights: jax.Array, out_shape: tuple[int, ...]):
+  """Exact per-token rows ``(B, *P, k, F)`` as ``(B, P k, *P, F)``: row ``(p, i)`` lives at ``p``."""
+  batch, k, f = per_token.shape[0], per_token.shape[-2], per_token.shape[-1]
+  count = math.prod(out_shape[1:-1])
+  per_token = per_token.reshape(batch, count, k, f) * weights.reshape(batch, count, 1, 1)
+  eye = jnp.eye(count, dtype=per_token.dtype)
+  blocks = jnp.einsum("bpkf,pq->bpkqf", per_token, eye)
+  return blocks.reshape((batch, count * k) + out_shape[1:])
+
+
+def identity(per_token: bool = False, *, mask: jax.Array | None = None) -> OutputMetric:
   """``M_o = I``: the Gauss-Newton metric of ``0.5 * mean_s ||r_s||^2`` (sum over outputs).
 
   For squared errors ``r_s = y_s - t_s``, and for any residual model (PINNs, least squares) whose
@@ -88,80 +139,175 @@ def identity() -> OutputMetric:
   output size. A loss that averages over output coordinates too (``jnp.mean((y - t) ** 2)``) has
   the metric ``I / out_size``: declare it with a matching mass, or sum over outputs.
 
+  Args:
+    per_token: outputs ``(B, T, F)`` (any number of position axes before the last) of a loss that
+      is the mean over tokens, ``0.5 * mean_{s,t} ||r_st||^2``: every token is a sample. Exact,
+      ``k = T F`` rows per sequence (use :func:`gaussian_sketch` with ``per_token=True`` when
+      that is large).
+    mask: with ``per_token``, ``(B, T)`` token weights (``1`` real, ``0`` padding) of a loss
+      ``sum_{s,t} mask_st l_st / sum mask``.
+
   Example:
     >>> import jax.numpy as jnp
     >>> identity()(jnp.zeros((2, 3))).shape   # (batch, rows per sample, outputs)
     (2, 3, 3)
+    >>> identity(per_token=True)(jnp.zeros((2, 4, 3))).shape   # k = 4 tokens x 3 features
+    (2, 12, 4, 3)
   """
-  return OutputMetric("identity", lambda outputs, key: _eye_rows(outputs),
-                      coordinates=lambda outputs, c: c.reshape(c.shape[0], -1))
+  name = "identity(per_token)" if per_token else "identity"
+  if not per_token:
+    if mask is not None:
+      raise ValueError("identity(mask=...) weighs tokens: pass per_token=True with outputs "
+                       "(batch, tokens, features).")
+    return OutputMetric(name, lambda outputs, key: _eye_rows(outputs),
+                        coordinates=lambda outputs, c: c.reshape(c.shape[0], -1))
+
+  def weights_of(outputs):
+    if outputs.ndim < 3:
+      raise ValueError(f"identity(per_token=True) expects outputs (batch, tokens, features); got "
+                       f"{outputs.shape}.")
+    return _token_weights(outputs, mask, name)
+
+  def factor(outputs, key):
+    return _weigh(_eye_rows(outputs), weights_of(outputs))
+
+  def coordinates(outputs, c):
+    return _unweigh(c, weights_of(outputs)).reshape(c.shape[0], -1)
+
+  return OutputMetric(name, factor, coordinates=coordinates)
 
 
 def _check_logits(outputs: jax.Array, name: str) -> None:
-  if outputs.ndim != 2:
-    raise ValueError(f"{name} expects logits of shape (batch, classes); got {outputs.shape}.")
+  if outputs.ndim < 2:
+    raise ValueError(f"{name} expects logits of shape (batch, classes) or per-token logits "
+                     f"(batch, tokens, classes); got {outputs.shape}.")
 
 
-def softmax_fisher() -> OutputMetric:
+def softmax_fisher(*, mask: jax.Array | None = None) -> OutputMetric:
   """Exact Fisher of softmax cross-entropy: per sample, rows ``sqrt(p_i) (e_i - p)``.
 
   ``sum_i`` of the outer products is ``diag(p) - p p^T`` (rank ``C - 1``): the Hessian of
   ``mean_s CE(softmax(y_s), t_s)`` with respect to the logits, so the step is the exact block
   Gauss-Newton/natural gradient step.
+
+  Per-token logits ``(B, T, C)`` (a language model; any number of position axes before the
+  classes) are for the mean over tokens, ``mean_{s,t} CE_st`` (what ``jnp.mean`` of optax's
+  per-token cross-entropy gives). The rows are exact per token, ``T C`` of them per sequence, each
+  nonzero at its own token and scaled by ``1 / sqrt(T)``, so ``K^T K`` is the exact Gauss-Newton
+  matrix; :func:`sampled_softmax_fisher` keeps ``k`` rows per sequence instead.
+
+  Args:
+    mask: for per-token logits, ``(B, T)`` weights (``1`` a real token, ``0`` padding) of the loss
+      ``sum_{s,t} mask_st CE_st / sum mask``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> softmax_fisher()(jnp.zeros((2, 4, 3))).shape   # 4 tokens x 3 classes rows per sequence
+    (2, 12, 4, 3)
   """
+  name = "softmax_fisher"
 
   def factor(logits, key):
-    _check_logits(logits, "softmax_fisher")
+    _check_logits(logits, name)
     p = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
     eye = jnp.eye(p.shape[-1], dtype=p.dtype)
-    return jnp.sqrt(p)[:, :, None] * (eye[None] - p[:, None, :])
+    per_token = jnp.sqrt(p)[..., :, None] * (eye - p[..., None, :])  # (B, *P, C, C)
+    weights = _token_weights(logits, mask, name)
+    if weights is None:
+      return per_token
+    return _token_blocks(per_token, weights, logits.shape)
 
   def coordinates(logits, cotangent):
     # sum_i e_i sqrt(p_i) (e_i - p) = c - p sum(c) = c for e = c / sqrt(p), since a
     # cross-entropy cotangent p - y sums to zero. A class with p = 0 has a zero row: its
-    # coordinate is set to 0 (what remains is solved outside the rows' span).
+    # coordinate is set to 0 (what remains is solved outside the rows' span). Per token, the
+    # rows carry the token's weight, and so the coordinates its inverse.
     p = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
     root = jnp.sqrt(p)
-    return jnp.where(root > 0, cotangent / jnp.where(root > 0, root, 1), 0)
+    e = jnp.where(root > 0, cotangent / jnp.where(root > 0, root, 1), 0)
+    return _unweigh(e, _token_weights(logits, mask, name)).reshape(logits.shape[0], -1)
 
-  return OutputMetric("softmax_fisher", factor, coordinates=coordinates)
+  return OutputMetric(name, factor, coordinates=coordinates)
 
 
-def sampled_softmax_fisher(num_samples: int = 1) -> OutputMetric:
+def sampled_softmax_fisher(num_samples: int = 1, *, mask: jax.Array | None = None
+                           ) -> OutputMetric:
   """Monte-Carlo softmax Fisher: ``k`` rows ``(e_yhat - p) / sqrt(k)``, ``yhat ~ softmax(y)``.
 
   The labels ``yhat`` are drawn from the model (not the data), so the expectation is
   ``diag(p) - p p^T``. Needs a PRNG key.
+
+  Per-token logits ``(B, T, C)`` (any number of position axes before the classes): a label is
+  drawn at every token, and row ``r`` of a sequence carries all its tokens' rows at once,
+  ``((e_yhat_rt - p_t) / sqrt(k T))_t``. Labels at different tokens are independent with mean
+  ``p_t``, so the cross-token terms vanish in expectation: the expectation is the block-diagonal
+  token Fisher of ``mean_{s,t} CE_st``, with ``d = k B`` rows whatever ``T``.
+
+  Args:
+    num_samples: ``k``, labels drawn per sample (per token).
+    mask: for per-token logits, ``(B, T)`` weights (``1`` a real token, ``0`` padding) of the loss
+      ``sum_{s,t} mask_st CE_st / sum mask``; padded tokens contribute nothing.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> rows = sampled_softmax_fisher(2)(jnp.zeros((3, 5, 4)), jax.random.key(0))
+    >>> rows.shape   # (batch, k, tokens, classes)
+    (3, 2, 5, 4)
   """
   if num_samples < 1:
     raise ValueError(f"num_samples={num_samples}: draw at least one probe per sample.")
+  name = f"sampled_softmax_fisher(k={num_samples})"
 
   def factor(logits, key):
     _check_logits(logits, "sampled_softmax_fisher")
     logits = jax.lax.stop_gradient(logits)
     p = jax.nn.softmax(logits, axis=-1)
-    draws = jax.random.categorical(key, logits[:, None, :],
-                                   shape=(logits.shape[0], num_samples))
+    draws = jax.random.categorical(key, logits[:, None],
+                                   shape=(logits.shape[0], num_samples) + logits.shape[1:-1])
     onehot = jax.nn.one_hot(draws, p.shape[-1], dtype=p.dtype)
-    return (onehot - p[:, None, :]) / jnp.sqrt(jnp.asarray(num_samples, p.dtype))
+    rows = (onehot - p[:, None]) / jnp.sqrt(jnp.asarray(num_samples, p.dtype))
+    return _weigh(rows, _token_weights(logits, mask, "sampled_softmax_fisher"))
 
-  return OutputMetric(f"sampled_softmax_fisher(k={num_samples})", factor, needs_key=True)
+  return OutputMetric(name, factor, needs_key=True)
 
 
-def gaussian_sketch(num_rows: int) -> OutputMetric:
+def gaussian_sketch(num_rows: int, *, per_token: bool = False,
+                    mask: jax.Array | None = None) -> OutputMetric:
   """A random sketch of the identity metric: ``k`` Gaussian rows scaled by ``1/sqrt(k)``.
 
   ``E[L_o^T L_o] = I``: for large outputs (autoencoders, dense regression) where ``k`` rows are
   much cheaper than one row per output. Needs a PRNG key.
+
+  Args:
+    num_rows: ``k``.
+    per_token: outputs ``(B, T, F)`` of a loss that is the mean over tokens (see
+      :func:`identity`): rows scaled by ``1 / sqrt(T)``; their expectation is the identity
+      metric of that mean, with ``d = k B`` rows whatever ``T``.
+    mask: with ``per_token``, ``(B, T)`` token weights (``0`` padding).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> gaussian_sketch(2, per_token=True)(jnp.zeros((3, 5, 4)), jax.random.key(0)).shape
+    (3, 2, 5, 4)
   """
   if num_rows < 1:
     raise ValueError(f"num_rows={num_rows}: the sketch needs at least one row.")
+  if mask is not None and not per_token:
+    raise ValueError("gaussian_sketch(mask=...) weighs tokens: pass per_token=True with outputs "
+                     "(batch, tokens, features).")
+  name = f"gaussian_sketch(k={num_rows}{', per_token' if per_token else ''})"
 
   def factor(outputs, key):
     z = jax.random.normal(key, (outputs.shape[0], num_rows) + outputs.shape[1:], outputs.dtype)
-    return z / jnp.sqrt(jnp.asarray(num_rows, outputs.dtype))
+    z = z / jnp.sqrt(jnp.asarray(num_rows, outputs.dtype))
+    if not per_token:
+      return z
+    if outputs.ndim < 3:
+      raise ValueError(f"gaussian_sketch(per_token=True) expects outputs (batch, tokens, "
+                       f"features); got {outputs.shape}.")
+    return _weigh(z, _token_weights(outputs, mask, name))
 
-  return OutputMetric(f"gaussian_sketch(k={num_rows})", factor, needs_key=True)
+  return OutputMetric(name, factor, needs_key=True)
 
 
 def custom(per_sample_factor: Callable[..., jax.Array], *, name: str = "custom",

@@ -22,7 +22,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from riemod.nn.structure import DenseStructure
+from riemod.nn.structure import DenseStructure, EmbedStructure
 
 Leaves = Mapping[str, jax.Array]
 
@@ -83,8 +83,9 @@ class DenseFactor:
       return (flat_c @ flat_c.T) * jnp.tile(weight, (r, r))
     else:
       fan_in, fan_out = self.structure.fan_in, self.structure.fan_out
-      # Position-summed Hadamard costs d^2 P^2 (in + out); materialised rows cost d P in out.
-      if p * p * (fan_in + fan_out) <= p * fan_in * fan_out + self.num_rows * fan_in * fan_out:
+      # Position-summed Hadamard costs d^2 P^2 (in + out); materialised rows cost d P in out
+      # to form and d^2 in out to multiply.
+      if self.num_rows * p * p * (fan_in + fan_out) <= (p + self.num_rows) * fan_in * fan_out:
         kernel = inv_mass["kernel"] * jnp.einsum("bpi,cqi,rbpf,ucqf->rbuc", x, x, c, c,
                                                  optimize=True)
       else:
@@ -99,7 +100,7 @@ class DenseFactor:
   def leaf_shapes(self) -> dict[str, tuple[int, ...]]:
     shapes = {"kernel": self.structure.kernel_shape}
     if self.structure.has_bias:
-      shapes["bias"] = (self.structure.fan_out,)
+      shapes["bias"] = self.structure.bias_shape
     return shapes
 
   def matvec(self, v: Leaves) -> jax.Array:
@@ -109,7 +110,8 @@ class DenseFactor:
     hidden = jnp.einsum("bpi,...if->...bpf", self.features, w)
     out = jnp.einsum("...bpf,rbpf->...rb", hidden, self.cotangents)
     if self.structure.has_bias:
-      out = out + jnp.einsum("...f,rbf->...rb", v["bias"], self._bias_rows())
+      out = out + jnp.einsum("...f,rbf->...rb", self.structure.bias_to_flat(v["bias"]),
+                             self._bias_rows())
     return out.reshape(out.shape[:-2] + (-1,))
 
   def rmatvec(self, t: jax.Array) -> dict[str, jax.Array]:
@@ -120,7 +122,7 @@ class DenseFactor:
     w = jnp.einsum("bpi,...bpf->...if", self.features, weighted)
     out = {"kernel": self.structure.flat_to_kernel(w)}
     if self.structure.has_bias:
-      out["bias"] = jnp.einsum("...rb,rbf->...f", t, self._bias_rows())
+      out["bias"] = self.structure.flat_to_bias(jnp.einsum("...rb,rbf->...f", t, self._bias_rows()))
     return out
 
   def rows(self) -> dict[str, jax.Array]:
@@ -130,7 +132,7 @@ class DenseFactor:
     out = {"kernel": self.structure.flat_to_kernel(w).reshape(
         (r * b,) + self.structure.kernel_shape)}
     if self.structure.has_bias:
-      out["bias"] = self._bias_rows().reshape(r * b, -1)
+      out["bias"] = self._bias_rows().reshape((r * b,) + self.structure.bias_shape)
     return out
 
 
@@ -189,4 +191,86 @@ def _gram_of_rows(rows: Leaves, inv_mass: Leaves) -> jax.Array:
   return total
 
 
-Factor = DenseFactor | RowsFactor
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class EmbedFactor:
+  """Implicit ``K`` of an embedding ``y[p] = E[id_p]``: a dense layer with one-hot features.
+
+  The row of (factor row ``r``, sample ``s``) is ``sum_p onehot(id_sp) ⊗ c_rsp``: nonzero in at
+  most ``P`` rows of ``E``. The token ids are kept, never one-hot features, so
+  ``(K D^{-1} K^T)[(r,s),(r',s')] = sum_{p,q} [id_sp = id_s'q] (c_rsp · c_r's'q) / m``.
+
+  Attributes:
+    cotangents: factor rows pulled back to the embedding output, ``(R, B, P, features)``
+      (the first leaf: the factor's floating dtype is read off it).
+    ids: token ids ``(B, P)``.
+    structure: the layer's static :class:`~riemod.nn.structure.EmbedStructure`.
+  """
+
+  cotangents: jax.Array
+  ids: jax.Array
+  structure: EmbedStructure = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def num_rows(self) -> int:
+    return self.cotangents.shape[0] * self.cotangents.shape[1]
+
+  @property
+  def leaf_names(self) -> tuple[str, ...]:
+    return ("embedding",)
+
+  @property
+  def num_params(self) -> int:
+    return self.structure.num_embeddings * self.structure.features
+
+  @property
+  def leaf_shapes(self) -> dict[str, tuple[int, ...]]:
+    return {"embedding": (self.structure.num_embeddings, self.structure.features)}
+
+  def scaled(self, scale: jax.Array) -> "EmbedFactor":
+    """The factor of ``K S`` for a per-entry scale ``S`` of the table, ``(V, features)``."""
+    return EmbedFactor(self.cotangents * scale[self.ids], self.ids, self.structure)
+
+  def gram(self, inv_mass: Leaves) -> jax.Array:
+    """``K D^{-1} K^T`` as ``(d, d)``."""
+    inv = inv_mass["embedding"]
+    c = self.cotangents
+    r, b, p, f = c.shape
+    left = c * inv if _scalar(inv) else c * inv[self.ids]
+    slots = min(self.structure.num_embeddings, b * p)
+    if slots <= p * p:
+      # Rows over the ids present in the batch (at most B P of them, never the vocabulary when
+      # it is larger): d^2 slots f instead of the pairwise d^2 P^2 f.
+      if slots == self.structure.num_embeddings:
+        index = self.ids
+      else:
+        present = jnp.unique(self.ids, size=slots, fill_value=self.structure.num_embeddings)
+        index = jnp.searchsorted(present, self.ids)
+      sample = jnp.arange(b)[:, None]
+      compact = lambda v: jnp.zeros((r, b, slots, f), v.dtype).at[:, sample, index].add(v)
+      kernel = jnp.einsum("rbuf,scuf->rbsc", compact(left), compact(c))
+    else:
+      same = (self.ids[:, :, None, None] == self.ids[None, None]).astype(c.dtype)
+      kernel = jnp.einsum("rbpf,ucqf,bpcq->rbuc", left, c, same, optimize=True)
+    return kernel.reshape(r * b, r * b)
+
+  def matvec(self, v: Leaves) -> jax.Array:
+    """``K v`` for a parameter dict ``v``: ``(..., d)``."""
+    picked = jnp.take(v["embedding"], self.ids, axis=-2)  # (..., B, P, features)
+    out = jnp.einsum("...bpf,rbpf->...rb", picked, self.cotangents)
+    return out.reshape(out.shape[:-2] + (-1,))
+
+  def rmatvec(self, t: jax.Array) -> dict[str, jax.Array]:
+    """``K^T t`` for ``t`` of shape ``(..., d)``: a scatter-add into the table's shape."""
+    r, b = self.cotangents.shape[:2]
+    t = t.reshape(t.shape[:-1] + (r, b))
+    weighted = jnp.einsum("...rb,rbpf->...bpf", t, self.cotangents)
+    table = jnp.zeros(t.shape[:-2] + self.leaf_shapes["embedding"], weighted.dtype)
+    return {"embedding": table.at[..., self.ids, :].add(weighted)}
+
+  def rows(self) -> dict[str, jax.Array]:
+    """``K`` materialised, ``{"embedding": (d, V, features)}`` (for tests and small blocks)."""
+    return self.rmatvec(jnp.eye(self.num_rows, dtype=self.cotangents.dtype))
+
+
+Factor = DenseFactor | RowsFactor | EmbedFactor

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from riemod import _tape
-from riemod.curvature.factors import DenseFactor, RowsFactor
+from riemod.curvature.factors import RowsFactor
 from riemod.curvature.types import Curvature, ModuleCurvature, leaf_paths
 from riemod.metrics import OutputMetric, check_scale, from_loss
 from riemod.nn.adapter import (Frontend, ModuleGroup, _FunctionFrontend, _LinenFrontend,
@@ -54,6 +54,10 @@ def _check_inputs(x: Any, params: Any) -> int:
   return size
 
 
+# Generic-path rows formed at once (per chunk of samples): 4M entries, 16 MB in float32.
+_GENERIC_CHUNK_ELEMENTS = 1 << 22
+
+
 def _generic_rows(frontend: Frontend, params: Any, x: Any, rows: jax.Array,
                   groups: list[ModuleGroup]) -> dict[tuple, dict[str, jax.Array]]:
   """Per-sample VJPs for modules without dense structure: ``{path: {name: (k, B, *shape)}}``."""
@@ -72,7 +76,11 @@ def _generic_rows(frontend: Frontend, params: Any, x: Any, rows: jax.Array,
     _, vjp = jax.vjp(output, [leaves[i] for i in indices])
     return jax.vmap(lambda r: vjp(r)[0])(rows_s)
 
-  per_sample = jax.vmap(one_sample)(x, jnp.moveaxis(rows, 0, 1))  # list of (B, k, *shape)
+  # Chunked over samples: at most _GENERIC_CHUNK_ELEMENTS row entries are formed per chunk.
+  num_params = sum(int(np.prod(np.shape(leaves[i]))) for i in indices)
+  chunk = max(1, _GENERIC_CHUNK_ELEMENTS // max(1, rows.shape[0] * num_params))
+  per_sample = jax.lax.map(lambda args: one_sample(*args), (x, jnp.moveaxis(rows, 0, 1)),
+                           batch_size=min(chunk, rows.shape[1]))  # list of (B, k, *shape)
   out, position = {}, 0
   for g in groups:
     out[g.path] = {name: jnp.moveaxis(per_sample[position + j], 0, 1)
@@ -259,11 +267,8 @@ def value_grad_and_curvature(
   for group in frontend.groups:
     factor = None
     if group.path in taps:
-      s = group.structure
-      features = jnp.concatenate([s.features(v) for v in inputs[group.path]], axis=1)
-      cotangents = jnp.concatenate(
-          [s.positions(c, batch_axes=1) for c in tap_cotangents[group.path]], axis=2)
-      factor = DenseFactor(features, cotangents, s)
+      # Dense, embedding or elementwise structure: the structure forms its own factor.
+      factor = group.structure.make_factor(inputs[group.path], tap_cotangents[group.path])
       _check_leaf_names(group, factor.leaf_names)
     elif group.path in generic_rows:
       factor = RowsFactor(generic_rows[group.path])

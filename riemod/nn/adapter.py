@@ -4,7 +4,8 @@ Everything in riemod that runs a model (the curvature measurement, the certifica
 :class:`Frontend`: it splits the model into a parameter pytree and an ``apply(params, x, tape)``
 function, and groups the parameters into modules (parameters sharing a parent path) with their
 metric declarations. With a recording tape active, recognised dense and conv layers record their
-inputs and add a zero tap to their outputs (see ``riemod._tape``).
+inputs and add a zero tap to their outputs (see ``riemod._tape``). Recognised by type: dense,
+``LinearGeneral``/``DenseGeneral`` (attention projections), conv, embedding and norm layers.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from flax import nnx
 
 from riemod import _tape
 from riemod.nn.declaration import MetricDeclaration
-from riemod.nn.structure import DenseStructure, linen_structure, structure_of
+from riemod.nn.structure import Structure, linen_structure, normalized_input, structure_of
 
 
 
@@ -29,7 +30,7 @@ class ModuleGroup:
   leaf_indices: list[int]
   leaf_names: list[str]
   declaration: MetricDeclaration
-  structure: DenseStructure | None = None
+  structure: Structure | None = None
 
 
 def _path_entry(key) -> Hashable:
@@ -79,14 +80,40 @@ class Frontend:
 
 
 _TAPPED_CLASSES: dict[type, type] = {}
+# The flax layers recognised by type (riemod's own Dense and Conv tap themselves).
+_TAPPABLE = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Embed, nnx.LayerNorm, nnx.RMSNorm)
+
+
+def _records(tape: _tape.Tape, key) -> bool:
+  return key is not None and (tape.taps is None or key in tape.taps)
 
 
 def _tapped_class(cls: type) -> type:
-  """A subclass of a plain ``nnx.Linear``/``nnx.Conv`` whose call goes through the tape."""
+  """A subclass of a recognised flax layer whose call goes through the tape."""
   if cls not in _TAPPED_CLASSES:
-    def __call__(self, x, *args, **kwargs):
-      return _tape.tapped_call(self, None, x, lambda v: cls.__call__(self, v, *args, **kwargs))
-    _TAPPED_CLASSES[cls] = type(f"Tapped{cls.__name__}", (cls,), {"__call__": __call__})
+    if cls in (nnx.LayerNorm, nnx.RMSNorm):
+      def __call__(self, x, *args, **kwargs):
+        # The tape records xhat (the output without scale and bias), what the rows are made of.
+        tape = _tape.active_tape()
+        recorded = x
+        if tape is not None and _records(tape, tape.key_of(self)):
+          recorded = normalized_input(self, x, *args, **kwargs)
+        return _tape.tapped_call(self, None, recorded,
+                                 lambda _: cls.__call__(self, x, *args, **kwargs))
+    else:
+      def __call__(self, x, *args, **kwargs):
+        return _tape.tapped_call(self, None, x, lambda v: cls.__call__(self, v, *args, **kwargs))
+    namespace = {"__call__": __call__}
+    if cls is nnx.Embed:
+      def attend(self, query, *args, **kwargs):
+        # A table also used as an output layer (weight tying) is not an embedding alone: the
+        # shape pass sends it to the generic path, whose rows see both uses.
+        tape = _tape.active_tape()
+        if tape is not None and tape.taps is None and tape.key_of(self) is not None:
+          tape.structures[tape.key_of(self)] = None
+        return cls.attend(self, query, *args, **kwargs)
+      namespace["attend"] = attend
+    _TAPPED_CLASSES[cls] = type(f"Tapped{cls.__name__}", (cls,), namespace)
   return _TAPPED_CLASSES[cls]
 
 
@@ -123,7 +150,7 @@ class _NNXFrontend(Frontend):
       for path, node in nnx.iter_graph(model):
         if path in self.structured_paths:
           tape.owners[id(node)] = path
-          if type(node) in (nnx.Linear, nnx.Conv):
+          if type(node) in _TAPPABLE:
             node.__class__ = _tapped_class(type(node))
     return model(x)
 
@@ -146,19 +173,41 @@ class _LinenFrontend(Frontend):
     if tape is None:
       return self.apply_fn(params, x)
 
+    tappable = (linen.Dense, linen.Conv, linen.DenseGeneral, linen.Embed, linen.LayerNorm,
+                linen.RMSNorm)
+    inside = []  # set while a norm layer's xhat is computed (its own calls are not tapped)
+
     def interceptor(next_fun, args, kwargs, context):
       module = context.module
-      if context.method_name != "__call__" or type(module) not in (linen.Dense, linen.Conv):
+      if inside or type(module) not in tappable or context.method_name not in ("__call__",
+                                                                             "attend"):
         return next_fun(*args, **kwargs)
       key = ("params",) + tuple(module.path)
+      if context.method_name == "attend":  # a tied embedding: the generic path sees both uses
+        if tape.taps is None:
+          tape.structures[key] = None
+        return next_fun(*args, **kwargs)
       if tape.taps is None:  # shape pass: learn the structure of each layer
-        structure = linen_structure(module, module.variables["params"]["kernel"].shape)
+        if tape.structures.get(key, 0) is None:
+          return next_fun(*args, **kwargs)
+        shapes = {name: value.shape for name, value in module.variables["params"].items()}
+        structure = linen_structure(module, shapes)
         if structure is None:
           return next_fun(*args, **kwargs)
         tape.structures[key] = structure
       elif key not in tape.taps:
         return next_fun(*args, **kwargs)
-      return _tape.tapped_call(module, key, args[0],
+      recorded = args[0]
+      if type(module) in (linen.LayerNorm, linen.RMSNorm):
+        bare = module.clone(parent=None, use_scale=False,
+                            **({"use_bias": False} if type(module) is linen.LayerNorm else {}))
+        inside.append(True)
+        try:
+          recorded = bare.apply({}, *args, **kwargs)
+        finally:
+          inside.pop()
+        return _tape.tapped_call(module, key, recorded, lambda _: next_fun(*args, **kwargs))
+      return _tape.tapped_call(module, key, recorded,
                                lambda v: next_fun(v, *args[1:], **kwargs))
 
     with linen.intercept_methods(interceptor):
@@ -174,12 +223,11 @@ class _FunctionFrontend(Frontend):
 
   def apply(self, params, x, tape):
     if tape is not None:
-      # riemod.nn.dense finds its module by the identity of its kernel array.
+      # riemod.nn.dense, embed and the norms find their module by the identity of a parameter.
       leaves = jax.tree.leaves(params)
       for group in self.groups:
-        if "kernel" in group.leaf_names:
-          kernel = leaves[group.leaf_indices[group.leaf_names.index("kernel")]]
-          tape.owners[id(kernel)] = group.path
+        for index in group.leaf_indices:
+          tape.owners[id(leaves[index])] = group.path
     return self.fn(params, x)
 
 
