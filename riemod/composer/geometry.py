@@ -95,8 +95,9 @@ class Geometry:
       of the whitened ``D^{-1/2} K^T K D^{-1/2}`` is below ``cutoff`` times the largest (zero step
       there, the null space of ``K`` included) and solves the others with the mass as usual.
       With a tiny mass this is ``numpy.linalg.lstsq(K^T K, g, rcond=cutoff)``: Gauss-Newton
-      least squares as ENGD solves it. Parameter space uses an SVD of ``K`` (cut-offs down to
-      ``~1e-20`` in float64), sample space an eigendecomposition of the kernel (``>= ~1e-12``).
+      least squares as ENGD solves it, from an eigendecomposition of the ``n x n`` (parameter
+      space) or ``d x d`` (sample space) matrix; eigenvalues are resolved to ``~eps`` relative,
+      so use cut-offs ``>= ~1e-15`` in float64.
     rank: the Nystrom sketch's rank (``space="nystrom"`` only).
     oversampling: extra test vectors of the sketch (``rank + oversampling`` products with the
       kernel; 5-10 make the sketch's error close to the best rank-``rank`` one).

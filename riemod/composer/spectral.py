@@ -14,12 +14,15 @@ the eigenvalues of ``K^T K``: ``numpy.linalg.lstsq(K^T K, g, rcond=c)``, or ``rc
 slows the last digits of a least-squares fit; the cut-off removes only the directions the data do
 not determine and leaves the rest undamped.
 
-* Parameter space (``n < d``): a thin SVD of ``K~`` (``O(d n^2)``). The gradient's in-range part
-  ``K^T e`` is solved as ``D^{-1/2} V diag(s / (s^2 + 1)) U^T e``: no ``K^T K`` is formed, so the
-  cut-off may go down to ``~eps^2`` (squared singular values are resolved far below ``eps``).
+* Parameter space (``n < d``): the eigendecomposition of the ``n x n`` matrix ``K~^T K~``
+  (``O(d n^2 + n^3)``; a thin SVD of ``K~`` would resolve smaller singular values, at an order
+  of magnitude more time for a tall ``K``).
 * Sample space: the eigendecomposition of the ``d x d`` kernel ``Q`` (``O(d^3)``), with
-  ``v_i = K~^T u_i / s_i``; eigenvalues below ``~eps * s_max^2`` are round-off there, so use
-  ``c >= ~1e-12`` in float64.
+  ``v_i = K~^T u_i / s_i``; the gradient's in-range part ``K^T e`` is solved from ``U^T e``
+  (``V^T K~^T e = S U^T e``), without forming ``K^T e`` first.
+
+Either way eigenvalues are resolved to about ``eps * s_max^2``, so cut-offs below ``~1e-15`` in
+float64 keep round-off directions (``lstsq``'s default ``rcond`` on ``K^T K`` is ``n eps``).
 
 **Randomized Nystrom** (``Geometry(space="nystrom", rank=r, oversampling=p)``). For batches whose
 ``d x d`` kernel is too large to factor, ``Q`` is replaced by a rank-``r`` sketch
@@ -74,9 +77,10 @@ class TruncatedBlock(BlockFactorization):
   """A block solved by the truncated pseudo-inverse of ``G`` (see the module docstring).
 
   Attributes:
-    left: ``U`` (``d x p``): left singular vectors of ``K~``, i.e. eigenvectors of ``Q``.
+    left: ``U`` (``d x d``): eigenvectors of ``Q`` in sample space; ``None`` in parameter space.
     values: ``s`` (``p``): singular values of ``K~``, descending.
-    right: ``V`` (``n x p``) in parameter space; ``None`` in sample space (``K~^T u_i / s_i``).
+    right: ``V`` (``n x n``): eigenvectors of ``K~^T K~`` in parameter space; ``None`` in sample
+      space (``K~^T u_i / s_i``).
     keep: ``(p,)`` whether direction ``i`` is kept (``s_i^2 >= cutoff s_max^2``, ``s_i > 0``).
     whiten: ``D^{-1/2}`` as one flat vector (parameter space), ``None`` in sample space.
   """
@@ -132,10 +136,13 @@ class TruncatedBlock(BlockFactorization):
     remainder from its own coefficients; SPRING's ``G^+ D phi`` likewise drops what is cut off."""
     dtype = jax.tree.leaves(tuple(rhs))[0].dtype
     eps = jnp.finfo(dtype).eps
-    remainder, in_range = _wb._split_range(self.factors, rhs, coordinates, eps)
-    c = self._weights(0) * self._right_coefficients(remainder)
-    if in_range is not None:  # V^T D^{-1/2} K^T e = S U^T e: no K^T K, no 1/s
-      c = c + self._weights(1) * (in_range @ self.left)
+    if self.space == "parameter":  # V^T D^{-1/2} g directly: n numbers, no cancellation
+      c = self._weights(0) * self._right_coefficients(rhs)
+    else:
+      remainder, in_range = _wb._split_range(self.factors, rhs, coordinates, eps)
+      c = self._weights(0) * self._right_coefficients(remainder)
+      if in_range is not None:  # V^T D^{-1/2} K^T e = S U^T e: no K^T e, no 1/s
+        c = c + self._weights(1) * (in_range @ self.left)
     x_g = self._from_right(c)
     direction = x_g
     if previous is not None:  # G^+ D phi = D^{-1/2} (K~^T K~ + I)^+ D^{1/2} phi
@@ -145,9 +152,9 @@ class TruncatedBlock(BlockFactorization):
     s2 = self.values**2
     smallest = jnp.min(jnp.where(self.keep, s2, jnp.inf))
     condition = (s2[0] + 1) / (smallest + 1)
-    # An SVD of K~ resolves singular values to eps s_max: relative error eps cond(K~) on the kept
-    # directions; an eigendecomposition of Q resolves its eigenvalues to eps s_max^2: eps cond(Q).
-    error = _SAFETY * eps * (jnp.sqrt(condition) if self.space == "parameter" else condition)
+    # Both eigendecompositions resolve eigenvalues to eps s_max^2: relative error up to
+    # eps cond on the kept directions.
+    error = _SAFETY * eps * condition
     return BlockStep(tuple(direction), _wb._dot(rhs, x_g), self._residual(x_g, rhs), error,
                      condition)
 
@@ -169,8 +176,10 @@ def truncated_block(factors, inv_masses, space: str, cutoff: float) -> Truncated
     whiten = jnp.sqrt(jnp.concatenate([
         jnp.broadcast_to(m[name], r[name].shape[1:]).reshape(-1)
         for f, m, r in zip(factors, inv_masses, rows) for name in f.leaf_names]))
-    left, values, right_t = jnp.linalg.svd(k * whiten, full_matrices=False)
-    right = right_t.T
+    whitened = k * whiten
+    eigenvalues, vectors = jnp.linalg.eigh(whitened.T @ whitened)
+    left, right = None, vectors[:, ::-1]
+    values = jnp.sqrt(jnp.maximum(eigenvalues[::-1], 0))
   else:
     kernel = sum(f.gram(m) for f, m in zip(factors, inv_masses))
     eigenvalues, vectors = jnp.linalg.eigh(kernel)
