@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from riemod import _tape
-from riemod.nn.structure import _conv_structure
-from riemod.nn.structure import DenseStructure, ElementwiseStructure, EmbedStructure
+from riemod.nn.structure import (DenseStructure, ElementwiseStructure, EmbedStructure,
+                                   _conv_structure)
 
 
 def dense(params: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
