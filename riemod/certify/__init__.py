@@ -11,7 +11,10 @@
 4. the stability bound with measured constants (:mod:`riemod.certify.bound`).
 
 :func:`guarded` wraps a natural-gradient transform with Levenberg-Marquardt mass adaptation and
-step rejection (:mod:`riemod.certify.guard`).
+step rejection (:mod:`riemod.certify.guard`). :func:`controlled` wraps riemod's step with a
+certified learning rate, a fixed fraction of the edge of stability ``2 / lam_max(G^{-1} H_GN)``
+measured every few steps (:mod:`riemod.certify.controller`); :func:`certified_natural_gradient`
+and :func:`certified_layerwise_natural_gradient` are the aliases that need no learning rate.
 
 References:
   Pehle & Slotine, *Riemannian Optimization in Modular Systems* (arXiv 2603.03610), sec. 5-6.
@@ -26,18 +29,22 @@ from riemod.certify.certificate import certify
 from riemod.certify.contraction import (Contraction, cascade_weights, composed_rate,
                                         contraction_factor, contraction_of, coupling_norm,
                                         max_stable_learning_rate, spectrum)
+from riemod.certify.controller import (ControllerState, certified_layerwise_natural_gradient,
+                                       certified_natural_gradient, controlled)
 from riemod.certify.guard import GuardState, guarded
-from riemod.certify.lanczos import LanczosResult, generalized_lanczos
+from riemod.certify.lanczos import LanczosResult, generalized_lanczos, top_ritz_pair
 from riemod.certify.lipschitz import (LipschitzSummary, ModuleLipschitz, network_lipschitz,
                                       param_lipschitz, state_lipschitz)
 from riemod.certify.report import CertificateReport
 
 __all__ = [
-    "ActionTerms", "CertificateReport", "Contraction", "FORMULA", "GuardState", "LanczosResult",
-    "LipschitzSummary", "ModuleLipschitz", "StabilityBound", "action_terms", "cascade_weights",
-    "certify", "composed_rate", "contraction_factor", "contraction_of", "coupling_norm",
-    "generalized_lanczos", "guarded", "max_stable_learning_rate", "network_lipschitz",
-    "param_lipschitz", "path_action", "spectrum", "stability_bound", "state_lipschitz",
+    "ActionTerms", "CertificateReport", "Contraction", "ControllerState", "FORMULA", "GuardState",
+    "LanczosResult", "LipschitzSummary", "ModuleLipschitz", "StabilityBound", "action_terms",
+    "cascade_weights", "certified_layerwise_natural_gradient", "certified_natural_gradient",
+    "certify", "composed_rate", "contraction_factor", "contraction_of", "controlled",
+    "coupling_norm", "generalized_lanczos", "guarded", "max_stable_learning_rate",
+    "network_lipschitz", "param_lipschitz", "path_action", "spectrum", "stability_bound",
+    "state_lipschitz", "top_ritz_pair",
 ]
 
 

@@ -20,7 +20,8 @@ from jax.flatten_util import ravel_pytree
 from riemod._util import all_finite
 from riemod.certify.action import action_terms
 from riemod.certify.bound import stability_bound
-from riemod.certify.contraction import (composed_rate, contraction_of, coupling_norm, spectrum)
+from riemod.certify.contraction import (composed_rate, contraction_of, coupling_norm,
+                                        gauss_newton_spectrum, spectrum)
 from riemod.certify.lanczos import generalized_lanczos
 from riemod.certify.lipschitz import network_lipschitz, state_lipschitz
 from riemod.certify.report import CertificateReport
@@ -86,6 +87,12 @@ def _measure(model_kind, model_static, loss_fn, output_metric, geometry, num_lan
   starts = jax.random.normal(jax.random.fold_in(key, 7), (1 + 2 * len(active) + len(pairs), size),
                              dtype)
   whole = spectrum(hvp, solve, matvec, starts[0], num_lanczos)
+  # The Gauss-Newton part J^T (d^2 l/dy^2) J against the same G: its edge 2/lam_max is what tells
+  # a diverging step from an edge-of-stability one (see contraction.classify). Its own start
+  # vector (a separate draw keeps the other spectra's start vectors as they were).
+  gauss_newton = gauss_newton_spectrum(
+      lambda f: apply(unravel(f), x), flat, loss_fn, solve, matvec,
+      jax.random.normal(jax.random.fold_in(key, 11), (size,), dtype), num_lanczos)
   blocks = conditions = None
   couplings = {}
   if active:
@@ -120,7 +127,7 @@ def _measure(model_kind, model_static, loss_fn, output_metric, geometry, num_lan
   loss_lipschitz = jnp.max(jnp.sqrt(jnp.sum(grad_out(outputs).reshape(batch, -1) ** 2, axis=1)))
   lip_meta = [(e.name, e.kind, e.num_params) for e in lipschitz.modules]
   lipschitz = lipschitz._replace(modules=tuple((e.state, e.param) for e in lipschitz.modules))
-  return dict(loss=loss, whole=whole, blocks=blocks, conditions=conditions, couplings=couplings,
+  return dict(loss=loss, whole=whole, gauss_newton=gauss_newton, blocks=blocks, conditions=conditions, couplings=couplings,
               lipschitz=lipschitz, loss_grad_lipschitz=loss_grad_lipschitz,
               loss_lipschitz=loss_lipschitz, active=active, num_rows=curvature.num_rows,
               names=[m.name for m in curvature.modules], lip_meta=lip_meta, finite=jnp.isfinite(loss))
@@ -181,7 +188,10 @@ def certify(model: Any, x: Any, loss_fn: Callable[[jax.Array], jax.Array], outpu
     num_power_iterations: power-iteration steps for Lipschitz and coupling norms.
 
   Returns:
-    A :class:`CertificateReport`.
+    A :class:`CertificateReport`. Its ``network`` holds the spectrum of ``G^{-1} H`` and, under
+    ``"gauss_newton"``, of ``G^{-1} H_GN`` (same ``G``, ``num_lanczos`` steps); the verdict
+    judges the step size on the Gauss-Newton edge (see
+    :func:`~riemod.certify.contraction.classify`).
 
   Example:
     >>> import jax, jax.numpy as jnp, riemod
@@ -355,4 +365,6 @@ def _build_report(out, box, lr, mass, mass_scale, structure, batch, dataset_size
               "batch_size": batch, "dataset_size": dataset_size, "loss": f(out["loss"]),
               "num_lanczos": num_lanczos, "num_rows": box["num_rows"]}
   verdict = str(CertificateReport.verdict_of(network, settings, action))
-  return CertificateReport(modules, network, composition, action, bound, settings, verdict, notes)
+  report = CertificateReport(modules, network, composition, action, bound, settings, verdict, notes)
+  # The Gauss-Newton spectrum refines the verdict (step size judged on its edge).
+  return report.with_gauss_newton(out["gauss_newton"])

@@ -70,6 +70,30 @@ def generalized_lanczos(hvp: Operator, solve: Operator, matvec: Operator, start:
     >>> [round(float(e), 4) for e in r.eigenvalues]
     [1.0, 2.0]
   """
+  return _lanczos(hvp, solve, matvec, start, num_steps)[0]
+
+
+def top_ritz_pair(hvp: Operator, solve: Operator, matvec: Operator, start: jax.Array,
+                  num_steps: int) -> tuple[jax.Array, jax.Array]:
+  """The largest Ritz value of ``G^{-1} H`` and its Ritz vector (``G``-normalised).
+
+  The same Lanczos as :func:`generalized_lanczos`; the Ritz vector is what a warm start of the
+  next estimate needs (the step-size controller keeps it between estimates).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> h, g = jnp.diag(jnp.array([1.0, 4.0])), jnp.diag(jnp.array([1.0, 2.0]))
+    >>> lam, v = top_ritz_pair(lambda v: h @ v, lambda v: jnp.linalg.solve(g, v),
+    ...                        lambda v: g @ v, jnp.ones(2), 2)
+    >>> round(float(lam), 4), [round(abs(float(c)), 4) for c in v]
+    (2.0, [0.0, 0.7071])
+  """
+  result, basis, vectors = _lanczos(hvp, solve, matvec, start, num_steps)
+  return result.lam_max, basis.T @ vectors[:, -1]
+
+
+def _lanczos(hvp, solve, matvec, start, num_steps):
+  """``(LanczosResult, G-orthonormal basis (m, n), eigenvectors of the projected matrix)``."""
   start = jnp.asarray(start)
   if start.ndim != 1:
     raise ValueError(f"start must be a flat vector; got shape {start.shape}.")
@@ -118,6 +142,7 @@ def generalized_lanczos(hvp: Operator, solve: Operator, matvec: Operator, start:
   projected = 0.5 * (projected + projected.T)
   # Two Gram-Schmidt passes keep Q^T G Q = I to round-off (reported as ``orthogonality``), so the
   # projected matrix is the Rayleigh-Ritz matrix of the pencil.
-  eigenvalues = jnp.linalg.eigvalsh(projected)
+  eigenvalues, vectors = jnp.linalg.eigh(projected)
   orthogonality = jnp.max(jnp.abs(basis @ gbasis.T - jnp.eye(m, dtype=dtype)))
-  return LanczosResult(eigenvalues, eigenvalues[0], eigenvalues[-1], orthogonality)
+  return (LanczosResult(eigenvalues, eigenvalues[0], eigenvalues[-1], orthogonality), basis,
+          vectors)

@@ -1,0 +1,263 @@
+"""The certified step-size controller and the Gauss-Newton verdict of ``certify()``.
+
+References are dense: ``scipy.linalg.eigh(H, G)`` with ``H`` from ``jax.hessian`` / ``jax.jacrev``
+and ``G`` built by definition (``J^T J / B + mass I`` for the whole-network metric) or, for the
+layerwise and adaptive metrics, column by column from the optimizer's own geometry state. Runs
+are float64.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.linalg
+from jax.flatten_util import ravel_pytree
+
+import riemod
+from riemod.certify import (ControllerState, certified_layerwise_natural_gradient,
+                            certified_natural_gradient, certify, controlled)
+from test_certify_verdict import B as N
+from test_certify_verdict import _net, _problem, _run
+
+MASS = 1e-2
+B = 16
+
+
+# --------------------------------------------------------------------------- least squares
+def _least_squares(seed=0):
+  """A linear model with two parameter leaves (so the layerwise G has two blocks): H = H_GN."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(B, 3)) * np.array([3.0, 1.0, 0.3]))
+  t = jnp.asarray(rng.normal(size=(B, 2)))
+  f = lambda p, v: v @ p["a"] + jnp.tanh(v) @ p["b"]
+  loss_fn = lambda y: 0.5 * jnp.mean(jnp.sum((y - t) ** 2, -1))
+  params = {"a": jnp.asarray(rng.normal(size=(3, 2))), "b": jnp.asarray(rng.normal(size=(3, 2)))}
+  return f, x, loss_fn, params
+
+
+def _dense_h(f, x, loss_fn, params):
+  flat, unravel = ravel_pytree(params)
+  return np.asarray(jax.hessian(lambda v: loss_fn(f(unravel(v), x)))(flat))
+
+
+def _dense_g(geometry, curvature, geometry_state, params):
+  """G column by column from the geometry's own matvec (the optimizer's G)."""
+  flat, unravel = ravel_pytree(params)
+  metric = geometry.compose(curvature, geometry_state)
+  cols = [ravel_pytree(metric.matvec(unravel(e)))[0] for e in np.eye(flat.shape[0])]
+  return np.asarray(jnp.stack(cols, 1))
+
+
+def _update(tx, state, f, x, loss_fn, params):
+  loss, g, curv = riemod.value_grad_and_curvature(f, x, loss_fn, riemod.metrics.identity(),
+                                                  params=params)
+  u, state = tx.update(g, state, params, curvature=curv, value=loss,
+                       apply_fn=lambda p: f(p, x), loss_fn=loss_fn)
+  return u, state, loss, g, curv
+
+
+def _stepper(tx, f, x, loss_fn):
+  """The jitted ``(state, params) -> (updates, state, loss, grads, curvature)``."""
+  return jax.jit(lambda state, params: _update(tx, state, f, x, loss_fn, params))
+
+
+def test_lam_max_and_learning_rate_match_eigh_full_metric_by_definition():
+  with jax.enable_x64(True):
+    f, x, loss_fn, params = _least_squares()
+    flat, unravel = ravel_pytree(params)
+    jac = np.asarray(jax.jacrev(lambda v: f(unravel(v), x).ravel())(flat))
+    g_dense = jac.T @ jac / B + MASS * np.eye(flat.shape[0])
+    h = _dense_h(f, x, loss_fn, params)
+    np.testing.assert_allclose(h, jac.T @ jac / B, atol=1e-12)   # linear model: H = H_GN
+    expected = scipy.linalg.eigh(h, g_dense, eigvals_only=True)[-1]
+    tx = certified_natural_gradient(MASS, fraction=0.4, num_steps=flat.shape[0])
+    u, state, _, g, curv = _update(tx, tx.init(params), f, x, loss_fn, params)
+    np.testing.assert_allclose(float(state.lam_max), expected, rtol=1e-6)
+    np.testing.assert_allclose(float(state.learning_rate), 0.4 * 2 / expected, rtol=1e-6)
+    # The update is the certified rate times the natural-gradient step -G^{-1} g.
+    step = -np.linalg.solve(g_dense, ravel_pytree(g)[0])
+    np.testing.assert_allclose(ravel_pytree(u)[0], 0.8 / expected * step, rtol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["constant", "adaptive"])
+def test_layerwise_and_adaptive_metric_estimate_matches_eigh(policy):
+  """The estimate uses the G the inner step was solved with: layerwise blocks, and the adaptive
+  mass's moments after several steps (a fresh geometry state would give another pencil)."""
+  with jax.enable_x64(True):
+    f, x, loss_fn, params = _least_squares(1)
+    mass_policy = riemod.masses.adaptive() if policy == "adaptive" else riemod.masses.constant()
+    geometry = riemod.Geometry(mass=MASS, mass_policy=mass_policy)
+    n = ravel_pytree(params)[0].shape[0]
+    tx = controlled(riemod.layerwise_natural_gradient(1.0, geometry=geometry), geometry,
+                    every=1, num_steps=n)
+    state, step, p = tx.init(params), _stepper(tx, f, x, loss_fn), params
+    for _ in range(5):
+      u, state, _, _, curv = step(state, p)
+      last = p
+      p = optax.apply_updates(p, u)
+    geometry_state = riemod.find_state(state, riemod.MetricState).geometry
+    expected = scipy.linalg.eigh(_dense_h(f, x, loss_fn, last),
+                                 _dense_g(geometry, curv, geometry_state, last),
+                                 eigvals_only=True)[-1]
+    np.testing.assert_allclose(float(state.lam_max), expected, rtol=1e-6)
+    np.testing.assert_allclose(float(state.learning_rate), 2 * 0.5 / expected, rtol=1e-6)
+    if policy == "adaptive":   # the moments moved G away from a fresh state's
+      fresh = scipy.linalg.eigh(_dense_h(f, x, loss_fn, last),
+                                _dense_g(geometry, curv, geometry.init(params), last),
+                                eigvals_only=True)[-1]
+      assert abs(fresh - expected) > 1e-4 * expected   # far outside the 1e-6 tolerance
+
+
+def test_warm_start_reaches_eigh_with_two_lanczos_steps():
+  """Repeated 2-step estimates, each warm-started from the last Ritz vector, converge to the top
+  eigenvalue of the pencil (H, G) (layerwise G, fixed parameters)."""
+  with jax.enable_x64(True):
+    f, x, loss_fn, params = _least_squares(1)
+    # A mass of the order of the Gram's eigenvalues spreads the pencil's spectrum (at 1e-2 the top
+    # ones crowd below 1 and any restarted iteration converges slowly).
+    geometry = riemod.Geometry(mass=1.0)
+    tx = controlled(riemod.layerwise_natural_gradient(1.0, geometry=geometry), geometry,
+                    every=1, num_steps=2)
+    state, step = tx.init(params), _stepper(tx, f, x, loss_fn)
+    h = _dense_h(f, x, loss_fn, params)
+    first = None
+    for _ in range(40):
+      # The parameters stay put (H and the curvature stay fixed); the state moves on.
+      _, state, _, _, curv = step(state, params)
+      first = float(state.lam_max) if first is None else first
+    geometry_state = riemod.find_state(state, riemod.MetricState).geometry
+    expected = scipy.linalg.eigh(h, _dense_g(geometry, curv, geometry_state, params),
+                                 eigvals_only=True)[-1]
+    np.testing.assert_allclose(float(state.lam_max), expected, rtol=1e-6)
+    np.testing.assert_allclose(float(state.learning_rate), 2 * 0.5 / expected, rtol=1e-6)
+    assert first < (1 - 1e-3) * expected   # two cold Lanczos steps alone are not there
+    assert int(state.estimates) == 40
+
+
+def test_estimates_every_k_steps_and_jit_equals_eager():
+  with jax.enable_x64(True):
+    f, x, loss_fn, params = _least_squares()
+    tx = certified_layerwise_natural_gradient(MASS, every=3, warmup=0, num_steps=4)
+
+    def run(step_fn, n):
+      p, state = params, tx.init(params)
+      lams = []
+      for _ in range(n):
+        u, state = step_fn(p, state)
+        p = optax.apply_updates(p, u)
+        lams.append(float(state.lam_max))
+      return p, state, lams
+
+    def step(p, state):
+      return _update(tx, state, f, x, loss_fn, p)[:2]
+
+    p_eager, s_eager, lams = run(step, 7)
+    p_jit, s_jit, _ = run(jax.jit(step), 7)
+    assert isinstance(s_jit, ControllerState)
+    assert int(s_eager.estimates) == 3           # steps 0, 3, 6
+    assert lams[0] == lams[1] == lams[2] and lams[3] == lams[4] == lams[5]
+    for a, b in zip(jax.tree.leaves((p_eager, s_eager)), jax.tree.leaves((p_jit, s_jit))):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
+    # The warm-up (default: `every` steps) estimates at each of its steps, then every `every`.
+    tx = certified_layerwise_natural_gradient(MASS, every=3, num_steps=4)
+    assert int(run(step, 7)[1].estimates) == 5     # steps 0, 1, 2, 3, 6
+
+
+def test_diverging_learning_rate_is_brought_back():
+  with jax.enable_x64(True):
+    f, x, loss_fn, params = _least_squares()
+    geometry = riemod.Geometry(mass=MASS)
+    probe = controlled(riemod.layerwise_natural_gradient(1.0, geometry=geometry), geometry,
+                       num_steps=12)
+    _, state, *_ = _update(probe, probe.init(params), f, x, loss_fn, params)
+    too_large = 10 * 2 / float(state.lam_max)                     # 10x the edge of stability
+
+    def losses(tx, n=30):
+      p, st, out, step = params, tx.init(params), [], _stepper(tx, f, x, loss_fn)
+      for _ in range(n):
+        u, st, loss, *_ = step(st, p)
+        out.append(float(loss))
+        p = optax.apply_updates(p, u)
+      return out, st
+
+    plain, _ = losses(riemod.layerwise_natural_gradient(too_large, geometry=geometry,
+                                                        on_nonfinite="ignore"))
+    assert not np.isfinite(plain[-1]) or plain[-1] > 1e3 * plain[0]          # it diverges
+    capped, st = losses(controlled(riemod.layerwise_natural_gradient(1.0, geometry=geometry),
+                                   geometry, learning_rate=too_large, num_steps=12))
+    np.testing.assert_allclose(float(st.learning_rate), 2 * 0.5 / float(st.lam_max), rtol=1e-9)
+    optimum = losses(riemod.natural_gradient(1.0, 1e-12), 3)[0][-1]   # least squares: one step
+    # ... and now it converges: monotonically, to within 1% of the initial gap in 30 steps.
+    assert np.all(np.diff(capped) < 0)
+    assert capped[-1] - optimum < 1e-2 * (capped[0] - optimum)
+    # A learning rate below the certified one is left alone.
+    small, st = losses(controlled(riemod.layerwise_natural_gradient(1.0, geometry=geometry),
+                                  geometry, learning_rate=1e-3, num_steps=12), 2)
+    assert float(st.learning_rate) == pytest.approx(1e-3)
+
+
+def test_full_hessian_option_matches_eigh_on_a_nonlinear_net():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(2)
+    x, t = jnp.asarray(rng.normal(size=(8, 3))), jnp.asarray(rng.normal(size=(8, 2)))
+    f = lambda p, v: jnp.tanh(v @ p["w1"]) @ p["w2"]
+    loss_fn = lambda y: 0.5 * jnp.mean(jnp.sum((y - t) ** 2, -1))
+    params = {"w1": jnp.asarray(rng.normal(size=(3, 4))),
+              "w2": jnp.asarray(rng.normal(size=(4, 2)))}
+    flat, unravel = ravel_pytree(params)
+    n = flat.shape[0]
+    jac = np.asarray(jax.jacrev(lambda v: f(unravel(v), x).ravel())(flat))
+    g_dense = jac.T @ jac / 8 + MASS * np.eye(n)
+    h = _dense_h(f, x, loss_fn, params)
+    for hessian, matrix in (("full", h), ("gauss_newton", jac.T @ jac / 8)):
+      tx = certified_natural_gradient(MASS, num_steps=n, hessian=hessian)
+      _, state, *_ = _update(tx, tx.init(params), f, x, loss_fn, params)
+      expected = scipy.linalg.eigh(matrix, g_dense, eigvals_only=True)[-1]
+      np.testing.assert_allclose(float(state.lam_max), expected, rtol=1e-6)
+
+
+def test_clear_errors():
+  f, x, loss_fn, params = _least_squares()
+  with pytest.raises(ValueError, match="fraction"):
+    certified_layerwise_natural_gradient(fraction=1.5)
+  with pytest.raises(ValueError, match="every"):
+    certified_layerwise_natural_gradient(every=0)
+  with pytest.raises(ValueError, match="hessian"):
+    certified_layerwise_natural_gradient(hessian="fisher")
+  with pytest.raises(ValueError, match="scale_by_metric"):
+    controlled(optax.sgd(0.1), riemod.Geometry()).init(params)
+  tx = certified_layerwise_natural_gradient()
+  loss, g, curv = riemod.value_grad_and_curvature(f, x, loss_fn, riemod.metrics.identity(),
+                                                  params=params)
+  with pytest.raises(ValueError, match="apply_fn"):
+    tx.update(g, tx.init(params), params, curvature=curv, value=loss)
+
+
+# --------------------------------------------------------------------------- certify() verdicts
+# The 20-parameter tanh network of test_certify_verdict and its exact natural-gradient runs.
+
+
+def test_certify_alone_judges_the_step_on_the_gauss_newton_edge():
+  """certify() without any extra call: a converging run is not "unstable", 10x its step is."""
+  with jax.enable_x64(True):
+    x, loss_fn, w = _problem()
+    jac = np.asarray(jax.jacrev(lambda v: _net({"w": v}, x).ravel())(w))
+    g = jac.T @ jac / N + MASS * np.eye(w.shape[0])
+    gn = scipy.linalg.eigh(jac.T @ jac / N, g, eigvals_only=True)
+    certified = lambda lr: certify(_net, x, loss_fn, riemod.metrics.identity(), learning_rate=lr,
+                                   params={"w": w}, num_lanczos=w.shape[0],
+                                   num_power_iterations=5)
+    converging = _run(x, loss_fn, w, 1.0, 40)
+    assert converging[-1] < 0.01 * converging[0]
+    report = certified(1.0)
+    np.testing.assert_allclose(report.network["gauss_newton"]["lam_max"], gn[-1], rtol=1e-6)
+    assert not report.verdict.startswith("unstable")
+    assert report.verdict_detail.gauss_newton_edge_ratio < 1
+    diverging = _run(x, loss_fn, w, 10.0, 15)
+    assert max(diverging[1:]) > 10 * diverging[0]
+    report = certified(10.0)
+    assert report.verdict.startswith("unstable") and "Gauss-Newton" in report.verdict
+    assert "Gauss-Newton model" in report.table()
