@@ -13,9 +13,11 @@ Methods:
   the full residual Jacobian (per-point ``jax.grad``, vmapped), the direction from
   ``jnp.linalg.lstsq`` (a pseudo-inverse with lstsq's default cut-off; a NaN direction becomes
   zero, as in their code), and their line search: the best of ``0.5**k, k = 0..30`` by the loss.
-* ``riemod``: ``riemod.natural_gradient`` (tiny constant mass, optional SPRING momentum) chained
-  with ``riemod.scale_by_grid_linesearch`` over the same 31 step sizes; riemod's metric is the
-  Gauss-Newton matrix of ``0.5 mean(r^2)``, twice the paper's Gram, so its grid starts at 2
+* ``riemod``: ``riemod.natural_gradient`` (tiny constant mass, optional SPRING momentum, optional
+  truncated pseudo-inverse ``Geometry(cutoff=)``: directions whose eigenvalue of ``K^T K`` is below
+  ``cutoff`` times the largest are dropped, the rest solved with the mass, by an SVD of ``K``)
+  chained with ``riemod.scale_by_grid_linesearch`` over the same 31 step sizes; riemod's metric is
+  the Gauss-Newton matrix of ``0.5 mean(r^2)``, twice the paper's Gram, so its grid starts at 2
   (``2 * 0.5**k`` is the authors' ``0.5**k`` step). Configurations in ``RIEMOD_GRID``, tuned on
   seeds 100 and 101 (score: the median final error), reported on seeds 0, 1, 2.
 
@@ -68,15 +70,18 @@ LINE_SEARCH = {"max_step": 2.0, "factor": 0.5, "num": 31}
 # riemod's configurations (first: the headline). Explored on seeds 100/101 before this grid was
 # fixed: a smaller constant mass (1e-9, 1e-10) or a schedule from 1e-8 down to 1e-10..1e-12 stalls
 # (the line search finds no decrease along steps dominated by the Gram's smallest eigenvalues);
-# SPRING momentum 0.9 is slower than 0.5 within 200 iterations.
+# SPRING momentum 0.9 is slower than 0.5 within 200 iterations (earlier results: damped grid with
+# momentum and sample space, benchmarks/results/engd-poisson.md at d2b05b5). With the cut-off
+# (explored on seeds 100/101 only): 1e-14 on K^T K's eigenvalues with mass 1e-12 settles at
+# 6e-8..1.1e-7 on both; mass 1e-8 with the cut-off, mass schedules from 1e-8 down to 1e-12..1e-20
+# (switch at 60-100 iterations or exponential decay) and cut-offs 1e-16..1e-18 with a pure
+# pseudo-inverse (mass 1e-20) either stall at the start (u ~ 0, L2 ~ 0.5) or freeze at 1e-5..1e-3
+# once the line search finds no decrease along the undamped small directions.
 RIEMOD_GRID = [
+    dict(mass=1e-12, momentum=None, cutoff=1e-14),
     dict(mass=1e-8, momentum=None),
-    dict(mass=1e-8, momentum=0.5),
-    dict(mass=1e-8, momentum=None, space="sample"),
-    dict(mass=1e-8, momentum=0.5, space="sample"),
-    dict(mass=1e-9, momentum=None),
-    dict(mass=1e-10, momentum=None),
-    dict(mass=1e-10, momentum=0.5),
+    dict(mass=1e-20, momentum=None, cutoff=1e-16),
+    dict(mass=1e-12, momentum=None, cutoff=1e-13),
 ]
 
 
@@ -107,7 +112,7 @@ def authors_step(prob: _pinn.Problem):
 def riemod_transform(config: dict):
   """riemod's ENGD: Gauss-Newton step (unchecked, as the authors' step) + the 31-point search."""
   geometry = riemod.Geometry(mass=config["mass"], structure="full",
-                             space=config.get("space", "auto"))
+                             space=config.get("space", "auto"), cutoff=config.get("cutoff"))
   return optax.chain(
       riemod.natural_gradient(1.0, geometry=geometry, momentum=config.get("momentum"),
                               on_nonfinite="ignore"),

@@ -15,11 +15,12 @@ and ``riemod.natural_gradient`` with a tiny mass is ENGD's step. The grid line s
 ``riemod.scale_by_grid_linesearch`` picks the best of ``2 * 0.5**k, k = 0..30`` by the loss: the
 paper's 31 step sizes, doubled because riemod's metric is twice the paper's.
 
-Measured (seed 0, 200 iterations, mass 1e-8, CPU float64): see ``benchmarks/results/engd-poisson.md``
+Measured (200 iterations, CPU float64): see ``benchmarks/results/engd-poisson.md``
 for the three seeds beside the authors' method; this script prints the error every 20 iterations
 and writes ``history.json`` and ``error.png`` to ``--out`` (default: a new temporary folder).
 
-Run: python examples/pinn_engd_poisson.py [--steps 200] [--seed 0] [--mass 1e-8] [--momentum M]
+Run: python examples/pinn_engd_poisson.py [--steps 200] [--seed 0] [--mass 1e-8] [--cutoff C]
+[--momentum M]
 """
 
 from __future__ import annotations
@@ -39,23 +40,36 @@ import optax  # noqa: E402
 import riemod  # noqa: E402  (after enabling float64)
 from riemod.cli import _pinn  # noqa: E402
 
+# Defaults: the damped step (mass 1e-8), which leaves the u ~ 0 plateau from every init tried.
+# The benchmark's tuned setting (seeds 100/101) is --mass 1e-12 --cutoff 1e-14: lower errors where
+# it converges, but it stays on that plateau from seed 0 (benchmarks/results/engd-poisson.md).
+MASS, CUTOFF = 1e-8, None
 
-def optimizer(mass: float = 1e-8, momentum: float | None = None) -> optax.GradientTransformation:
-  """ENGD as an optax chain: riemod's Gauss-Newton step, then the paper's grid line search."""
-  # max_error=None: at mass 1e-8 the solve's precision estimate can pass riemod's default 1e-2
+
+def optimizer(mass: float = MASS, momentum: float | None = None, cutoff: float | None = CUTOFF
+              ) -> optax.GradientTransformation:
+  """ENGD as an optax chain: riemod's Gauss-Newton step, then the paper's grid line search.
+
+  ``cutoff``: the truncated pseudo-inverse (``riemod.Geometry(cutoff=)``): directions whose
+  eigenvalue of ``K^T K`` is below ``cutoff`` times the largest are dropped (as ENGD's least-squares
+  solve does), the rest solved with the (tiny) mass; ``None``: every direction damped by the mass.
+  """
+  # max_error=None: at a tiny mass the solve's precision estimate can pass riemod's default 1e-2
   # (a refused step); the line search behind it tolerates an inexact direction. Non-finite steps
   # still raise.
+  geometry = riemod.Geometry(mass=mass, structure="full", cutoff=cutoff)
   return optax.chain(
-      riemod.natural_gradient(1.0, mass=mass, momentum=momentum, max_error=None),
+      riemod.natural_gradient(1.0, geometry=geometry, momentum=momentum, max_error=None),
       riemod.scale_by_grid_linesearch(max_step=2.0, factor=0.5, num=31))
 
 
-def train(steps: int = 200, seed: int = 0, mass: float = 1e-8, momentum: float | None = None,
-          every: int = 20, progress: bool = True) -> tuple[list, list[dict]]:
+def train(steps: int = 200, seed: int = 0, mass: float = MASS, momentum: float | None = None,
+          every: int = 20, progress: bool = True, cutoff: float | None = CUTOFF
+          ) -> tuple[list, list[dict]]:
   """Trains from the paper's init for ``seed``; returns the parameters and the error history."""
   prob = _pinn.problem()
   params = _pinn.init_params(seed)
-  tx = optimizer(mass, momentum)
+  tx = optimizer(mass, momentum, cutoff)
   state = tx.init(params)
   step = _pinn.riemod_step(tx, prob)  # jitted: value_grad_and_curvature -> tx.update -> apply
   error = jax.jit(lambda p: _pinn.l2_error(p, prob))
@@ -113,14 +127,16 @@ def main(argv=None) -> list[dict]:
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--steps", type=int, default=200, help="iterations")
   parser.add_argument("--seed", type=int, default=0, help="init seed (jax.random.key)")
-  parser.add_argument("--mass", type=float, default=1e-8, help="riemod's damping")
+  parser.add_argument("--mass", type=float, default=MASS, help="riemod's damping")
+  parser.add_argument("--cutoff", type=float, default=CUTOFF,
+                      help="relative eigenvalue cut-off of the pseudo-inverse (0: none)")
   parser.add_argument("--momentum", type=float, default=None, help="SPRING momentum (off)")
   parser.add_argument("--out", type=pathlib.Path, default=None,
                       help="output folder (default: a new temporary folder)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
   _, history = train(args.steps, args.seed, args.mass, args.momentum,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, cutoff=args.cutoff or None)
   for h in history:
     print(f"iteration {h['iteration']:4d}  loss {h['loss']:.3e}  L2 error {h['l2']:.3e}  "
           f"({h['seconds']:.2f} s)")
