@@ -21,7 +21,18 @@ LEVELS = [1.0, 0.5, 0.3, 0.2]
 # Adam's second moment, rank one per dense kernel) lifts the constant-mass runs' ~0.5 to ~0.33 on
 # seed 100 (Adam 0.42); 8 sketch rows on 64 samples (d = 512) 0.28, and with SPRING momentum
 # 0.95-0.98 0.24-0.26 (about 4x the d = 128 step time). Exact rows (identity metric on 8 samples, d = 512) 0.30; clip off 0.25; lr 0.5 0.27.
+# Kronecker mass (riemod.masses.kronecker: K-FAC's moving-average factors as the mass, this batch's
+# one sketch row per sample on 32 samples (d = 32) on top): on seed 100 (300 steps, loaded machine)
+# lr 0.3 / mass 1 / damping 0.03 / momentum 0.5 reached loss 0.5 at step 100 and 0.347 at step 300;
+# damping 0.1: 143 steps, 0.393; no momentum: 129 steps, 0.391; lr 1.0: 2.2 (too large); mass 0.3:
+# 2.4; momentum 0.9 at lr 0.5 diverged (benchmarks/results/digits-autoencoder_kronecker.md).
 RIEMOD_GRID = [
+    dict(structure="layerwise", output_metric="gaussian_sketch:1", curvature_batch=32,
+         learning_rate=0.3, mass=1.0, mass_policy="kronecker:0.95:0.03", momentum=0.5, clip=10.0,
+         on_nonfinite="ignore"),
+    dict(structure="layerwise", output_metric="gaussian_sketch:1", curvature_batch=32,
+         learning_rate=0.3, mass=1.0, mass_policy="kronecker:0.95:0.03", clip=10.0,
+         on_nonfinite="ignore"),
     dict(structure="layerwise", output_metric="gaussian_sketch:8", curvature_batch=64,
          learning_rate=0.3, mass=300.0, mass_policy="adaptive:0.99", momentum=0.97, clip=10.0,
          on_nonfinite="ignore"),
