@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from riemod import _tape
+from riemod.curvature import _mesh
 from riemod.curvature.factors import RowsFactor
 from riemod.curvature.types import Curvature, ModuleCurvature, leaf_paths
 from riemod.metrics import OutputMetric, check_scale, from_loss
@@ -129,6 +130,8 @@ def _tapped_pass(frontend: Frontend, params: Any, x: Any, structured: dict[tuple
   taps = {path: [jnp.zeros(s.shape, s.dtype) for s in calls]
           for path, calls in found["shapes"].items()
           if path in structured and structured[path].structure is not None}
+  # Inside shard_map, invariant taps would sum every device's cotangents into each device's.
+  taps = _mesh.vary_like(taps, x, params)
 
   def forward(p, t):
     tape = _tape.Tape(owners={}, taps=t)
@@ -171,6 +174,7 @@ def value_grad_and_curvature(
     key: jax.Array | None = None,
     declarations: Mapping[str, Any] | None = None,
     curvature_batch: int | None = None,
+    axis_name: Any = None,
     check_metric: bool = True,
 ) -> tuple[jax.Array, Any, Curvature]:
   """Loss, gradient and curvature of ``loss_fn(model(x))`` in one forward and backward pass.
@@ -194,6 +198,14 @@ def value_grad_and_curvature(
     curvature_batch: compute the factor rows on the first ``m`` samples only (rows scaled by
       ``1/sqrt(m)``) while the loss and gradient use the whole batch. With the exact softmax
       Fisher, ``m = 16..32`` keeps the capacitance small (``d = k m``) at full gradient accuracy.
+      With ``axis_name``, ``m`` samples per device.
+    axis_name: inside ``jax.shard_map`` with the batch split over a mesh axis, that axis's name
+      (or a tuple of names): the result is then the curvature of the whole global batch, the
+      same on every device (factor rows gathered over the axis and scaled by the global batch
+      size, loss and gradients averaged over it), equal to one device's result on the whole
+      batch. The parameters must be replicated over the axis. ``None`` (default): one device,
+      or ``jax.jit`` with sharded arrays. Without it, a call inside ``shard_map`` on a split
+      batch is refused (see docs/multidevice.md).
     check_metric: when the output metric claims to be the loss's exact Gauss-Newton factor
       (``identity()``, ``softmax_fisher()``), compare its scale with the loss's Hessian along two
       probe directions and warn once (:class:`riemod.metrics.MetricScaleWarning`) when they differ
@@ -222,6 +234,11 @@ def value_grad_and_curvature(
   frontend = make_frontend(model, params, declarations)
   params = frontend.params
   batch = _check_inputs(x, params)
+  axes = _mesh.resolve(axis_name, x, params)
+  devices = _mesh.size(axes)
+  # Per-device gradients (summed explicitly below), not JAX's implicit sum over the devices.
+  params = _mesh.vary(params, axes)
+  key = _mesh.fold_key(key, axes)
   leaves = jax.tree.leaves(params)
   structured = {g.path: g for g in frontend.groups
                 if g.declaration.kind == "riemannian"
@@ -248,20 +265,27 @@ def value_grad_and_curvature(
     x_curv = jax.tree.map(lambda a: a[:curvature_batch], x)
     outputs_curv, vjp, inputs, taps = _tapped_pass(frontend, params, x_curv, structured)
     num_curv = curvature_batch
+  loss, grads = _mesh.mean((loss, grads), axes)
 
-  root = jnp.sqrt(jnp.asarray(num_curv, outputs_curv.dtype))
+  # With axis_name: B (or m) samples per device, rows scaled by the global count.
+  root = jnp.sqrt(jnp.asarray(num_curv * devices, outputs_curv.dtype))
   output_metric = output_metric.bind(loss_fn, outputs, num_curv)  # from_loss(): at this loss
   unscaled_rows = output_metric(outputs_curv, key)
   if check_metric:
     check_scale(output_metric, loss_fn, outputs, unscaled_rows)
   factor_rows = unscaled_rows / root
-  rows = jnp.moveaxis(factor_rows, 1, 0)  # (k, B, *out)
-  num_rows = rows.shape[0] * num_curv
+  rows = _mesh.vary_like(jnp.moveaxis(factor_rows, 1, 0), outputs_curv)  # (k, B, *out)
+  num_rows = rows.shape[0] * num_curv * devices
   tap_cotangents = jax.vmap(lambda r: vjp(r)[1])(rows) if taps else {}
 
   generic = [g for g in frontend.groups
              if g.declaration.kind == "riemannian" and g.path not in taps]
   generic_rows = _generic_rows(frontend, params, x_curv, rows, generic) if generic else {}
+  # Every device's rows, in the order of the global batch (samples are axis 0 of the layer
+  # inputs, axis 1 of the (k, B, ...) cotangents and rows).
+  inputs = _mesh.gather(inputs, axes, axis=0)
+  tap_cotangents = _mesh.gather(tap_cotangents, axes, axis=1)
+  generic_rows = _mesh.gather(generic_rows, axes, axis=1)
 
   modules = []
   for group in frontend.groups:
@@ -281,7 +305,10 @@ def value_grad_and_curvature(
   if output_metric.coordinates is not None:
     # K^T e = sum_s J_s^T L_s^T e_s / sqrt(m) must equal the curvature samples' gradient
     # sum_s J_s^T c_s, so e_s = sqrt(m) * (coordinates of c_s in the unscaled rows L_s).
-    per_sample = output_metric.coordinates(outputs_curv, loss_cotangent[:num_curv])  # (m, k)
+    # With axis_name the global loss is the mean of the devices' losses: cotangent / devices.
+    per_sample = output_metric.coordinates(
+        outputs_curv, _mesh.scaled(loss_cotangent[:num_curv], devices))  # (m, k)
+    per_sample = _mesh.gather(per_sample, axes, axis=0)
     coordinates = (root * jnp.moveaxis(per_sample, 1, 0)).reshape(-1)
   curvature = Curvature(tuple(modules), coordinates, tuple(tuple(np.shape(l)) for l in leaves),
                         num_rows, output_metric.name, leaf_paths=leaf_paths(params))

@@ -1,0 +1,168 @@
+"""The curvature of the global batch inside ``jax.shard_map``: mapped axes, checks, gathers.
+
+Inside ``shard_map`` every device sees its shard of the batch. The metric is a mean over the whole
+batch, so its factor rows are the rows of every shard stacked, each scaled by ``1 / sqrt(B)`` with
+the global ``B``; the loss and gradient are means over shards. Everything here is a no-op when no
+axis is named (one device, or ``jax.jit`` with sharded arrays, where XLA inserts the collectives).
+
+JAX types every value inside ``shard_map`` (with ``check_vma=True``, the default) by the mesh axes it
+varies over. Differentiating a varying output with respect to an invariant value (a replicated
+parameter, or the zero taps riemod adds to layer outputs) sums the cotangent over the devices. That
+is what a gradient of replicated parameters needs, but it would sum the factor rows of all devices
+into each device's rows. So the taps (and, with ``axis_name``, the parameters) are made varying
+first: every cotangent stays per device, and the sums riemod wants are taken explicitly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable
+
+import jax
+import jax.numpy as jnp
+
+
+def _varying(leaf: Any) -> frozenset:
+  """The mapped axes ``leaf`` varies over (empty outside ``shard_map`` or with ``check_vma=False``)."""
+  try:
+    aval = jax.typeof(leaf)
+  except TypeError:
+    return frozenset()
+  vma = getattr(aval, "vma", None)  # jax < 0.10
+  if vma is None:
+    vma = getattr(getattr(aval, "mat", None), "varying", None)
+  return frozenset(vma or ())
+
+
+def varying_axes(tree: Any) -> frozenset:
+  """The union of the mapped axes the leaves of ``tree`` vary over."""
+  out = frozenset()
+  for leaf in jax.tree.leaves(tree):
+    out |= _varying(leaf)
+  return out
+
+
+def _check_vma() -> bool:
+  """Whether the enclosing ``shard_map`` types values by the axes they vary over."""
+  try:
+    from jax._src import config
+    return bool(config._check_vma.value)
+  except (ImportError, AttributeError):
+    return True
+
+
+def _manual_axes() -> tuple:
+  """The mesh axes of an enclosing ``shard_map`` (empty outside one)."""
+  try:
+    return tuple(jax.sharding.get_abstract_mesh().manual_axes)
+  except (AttributeError, TypeError):
+    return ()
+
+
+def _bound_axes() -> tuple:
+  try:
+    from jax._src import core
+    return tuple(core.get_axis_env().axis_sizes)
+  except (ImportError, AttributeError):
+    return _manual_axes()
+
+
+def resolve(axis_name: Hashable | tuple | None, x: Any, params: Any) -> tuple:
+  """Checks ``axis_name`` against where the call runs; returns the axes to gather over (or ``()``).
+
+  Raises:
+    ValueError: ``axis_name`` names no mapped axis here, ``x`` is not split over it or the
+      parameters vary over it; or, without ``axis_name``, ``x`` is split over a mapped axis the
+      parameters are replicated over (each device's rows would be summed over the devices).
+  """
+  if axis_name is None:
+    params_axes = varying_axes(params)
+    split = sorted(map(str, varying_axes(x) - params_axes))
+    if split:
+      name = split[0] if len(split) == 1 else tuple(split)
+      raise ValueError(
+          f"x is split over the mapped axis {name!r} (inside jax.shard_map) and the parameters "
+          f"are replicated over it, but value_grad_and_curvature has no axis_name: it would "
+          f"return each device's factor rows summed over all devices. Pass axis_name={name!r} "
+          "to get the curvature of the whole batch (rows gathered, loss and gradients "
+          "averaged) on every device.")
+    manual = _manual_axes()
+    if manual and not _check_vma():
+      name = manual[0] if len(manual) == 1 else tuple(manual)
+      raise ValueError(
+          f"value_grad_and_curvature runs inside jax.shard_map(..., check_vma=False) over mesh "
+          f"axes {name!r}, where it cannot see whether x is split over them. Pass "
+          f"axis_name={name!r} (the batch axis) to get the curvature of the whole batch, or "
+          "leave check_vma=True (the default) when every device trains its own model.")
+    return ()
+  axes = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  bound = _bound_axes()
+  missing = [a for a in axes if a not in bound]
+  if missing:
+    raise ValueError(
+        f"axis_name={axis_name!r}: {missing[0]!r} is not a mapped axis here (bound axes: "
+        f"{list(bound)}). Call value_grad_and_curvature inside jax.shard_map over a mesh with "
+        "that axis and the batch split over it (in_specs P(axis) for x); on one device or under "
+        "jax.jit with sharded arrays, leave axis_name=None.")
+  if _check_vma():
+    unsplit = [a for a in axes if a not in varying_axes(x)]
+    if unsplit:
+      raise ValueError(
+          f"axis_name={axis_name!r}: x is not split over {unsplit[0]!r} (it is replicated "
+          "there), so gathering it would repeat every sample. Split the batch over the axis "
+          "(shard_map in_specs P(axis) for x), or leave axis_name=None.")
+    shared = [a for a in axes if a in varying_axes(params)]
+    if shared:
+      raise ValueError(
+          f"axis_name={axis_name!r}: the parameters vary over {shared[0]!r}, but a batch split "
+          "over an axis needs the same parameters on every device: replicate them (shard_map "
+          "in_specs P() for the parameters and the optimizer state).")
+  return axes
+
+
+def size(axes: tuple) -> int:
+  """The number of devices along ``axes`` (1 for none)."""
+  return jax.lax.axis_size(axes) if axes else 1
+
+
+def vary(tree: Any, axes: frozenset | tuple) -> Any:
+  """``tree`` made varying over ``axes`` (where it is not already), so cotangents stay per device."""
+  if not axes or not _check_vma():
+    return tree
+
+  def one(leaf):
+    missing = tuple(a for a in axes if a not in _varying(leaf))
+    return jax.lax.pcast(leaf, missing, to="varying") if missing else leaf
+
+  return jax.tree.map(one, tree)
+
+
+def vary_like(tree: Any, *like: Any) -> Any:
+  """``tree`` made varying over every axis that the leaves of ``like`` vary over."""
+  axes = frozenset()
+  for other in like:
+    axes |= varying_axes(other)
+  return vary(tree, tuple(sorted(axes, key=str)))
+
+
+def mean(tree: Any, axes: tuple) -> Any:
+  """The mean over the devices along ``axes``, the same on every device."""
+  return jax.lax.pmean(tree, axes) if axes else tree
+
+
+def gather(tree: Any, axes: tuple, axis: int) -> Any:
+  """Every device's ``tree`` concatenated along ``axis`` (device order), the same on every device."""
+  if not axes:
+    return tree
+  return jax.tree.map(
+      lambda a: jax.lax.all_gather(a, axes, axis=axis, tiled=True, to="invarying"), tree)
+
+
+def fold_key(key: jax.Array | None, axes: tuple) -> jax.Array | None:
+  """A different PRNG key on every device, so random rows are drawn independently per shard."""
+  if key is None or not axes:
+    return key
+  return jax.random.fold_in(key, jax.lax.axis_index(axes))
+
+
+def scaled(array: jax.Array, factor: int) -> jax.Array:
+  return array if factor == 1 else array / jnp.asarray(factor, array.dtype)
