@@ -1,13 +1,15 @@
 """Law counts at the authors' scale and beyond: time and peak memory per architecture and flow.
 
 Every 2-4 layer linear or ReLU network below has at most 200 parameters; each is counted with
-``riemod.conservation.count_laws`` (3 random points, exact polynomial brackets) under gradient,
-momentum and mirror (NMF) flows, in a fresh process so that the peak resident memory (``ru_maxrss``,
-JAX and NumPy included) is that count's own. The count is printed beside the closed form of
-``riemod.cli.laws.closed_form``. Also times ``riemod laws sweep`` for 50 random linear and 50 random
-ReLU networks (gradient flow), the authors' study (34 min and 1 h 53 min in SageMath).
+``riemod.conservation.count_laws`` (3 random points; the method it picks: the orbit method for momentum
+with few generators, exact polynomial brackets otherwise) under gradient, momentum and mirror (NMF)
+flows, in a fresh process so that the peak resident memory (``ru_maxrss``, JAX and NumPy included) is
+that count's own. The count is printed beside the closed form of ``riemod.cli.laws.closed_form``. Also
+times ``riemod laws sweep`` for 50 random linear and 50 random ReLU networks (gradient flow), the
+authors' study (34 min and 1 h 53 min in SageMath).
 
-Run: ``OPENBLAS_NUM_THREADS=1 python -m benchmarks.bench_law_counts`` (``--quick`` for a subset).
+Run: ``OPENBLAS_NUM_THREADS=1 python -m benchmarks.bench_law_counts`` (``--quick`` for a subset;
+``--only momentum:1,3,3,3,1 ...`` re-counts those rows into the existing results).
 Writes ``benchmarks/results/law_counts.json`` and ``law_counts.md``.
 """
 
@@ -25,16 +27,15 @@ ARCHITECTURES = [
     ("linear", (1, 7, 2), False), ("linear", (1, 2, 2, 1), False), ("linear", (2, 3, 3, 2), False),
     ("linear", (8, 10, 8), False), ("linear", (10, 10, 10), False), ("linear", (6, 8, 8, 6), False),
     ("linear", (5, 6, 6, 6, 5), False), ("linear", (7, 7, 7, 7, 7), False),
-    # Few inputs and outputs, 3-4 layers: under momentum the bracket search needs many rounds of large
-    # polynomials (outside the 30 s target; see docs/conservation.md).
+    # Few inputs and outputs, 3-4 layers: many bracket rounds of large polynomials. Momentum is counted
+    # by the orbit method; gradient and mirror flows of 2-6-6-6-2 stay outside the target
+    # (docs/conservation.md).
     ("linear", (1, 10, 10, 1), False), ("linear", (1, 3, 3, 3, 1), False), ("linear", (2, 6, 6, 6, 2), False),
     ("relu", (3, 4, 2), True), ("relu", (8, 10, 8), False), ("relu", (10, 10, 10), False),
     ("relu", (6, 10, 8, 3), True), ("relu", (6, 8, 8, 6), True), ("relu", (3, 8, 8, 8, 2), True),
     ("relu", (7, 7, 7, 7, 7), False),
 ]
 QUICK = [0, 1, 3, 11, 14]
-# The few-inputs-and-outputs rows above: measured, but known to be outside the target.
-OUTSIDE = {(1, 10, 10, 1), (1, 3, 3, 3, 1), (2, 6, 6, 6, 2)}
 FLOWS = ("gradient", "momentum", "mirror")
 CHILD = """
 import json, os, resource, sys, time
@@ -110,9 +111,11 @@ def _stopped_networks(out: str) -> dict:
 def _table(rows) -> str:
   from benchmarks.harness import markdown_table  # pylint: disable=g-import-not-at-top
   return markdown_table(
-      ["network", "bias", "flow", "D", "laws", "closed form", "rank per round (point 1)", "wall s", "CPU s",
+      ["network", "bias", "flow", "method", "D", "laws", "closed form", "rank per round (point 1)", "wall s",
+       "CPU s",
        "peak RSS (MB)", "gap kept / dropped", "load before / after"],
       [[f"{r['arch']} {'-'.join(map(str, r['dims']))}", "yes" if r["bias"] else "no", r["flow"],
+        r.get("method") or "polynomial",
         r.get("parameters") or "-", r["count"] if r.get("count") is not None else _failure(r),
         "-" if r.get("closed_form") is None else r["closed_form"],
         str(r["rank_history"][0]) if r.get("rank_history") else "-",
@@ -135,31 +138,31 @@ def _failure(row) -> str:
 
 def _markdown(payload) -> str:
   rows, sweeps, machine = payload["rows"], payload["sweeps"], payload["machine"]
-  core = [r for r in rows if tuple(r["dims"]) not in OUTSIDE]
-  done = [r for r in core if r.get("count") is not None]
+  done = [r for r in rows if r.get("count") is not None]
+  within = [r for r in done if r["count_seconds"] <= 30 and r["peak_rss_mb"] <= 1024]
   agree = [r for r in rows if r.get("count") is not None and r.get("closed_form") is not None]
-  outside = [r for r in rows if tuple(r["dims"]) in OUTSIDE]
+  outside = [r for r in rows if r not in within]
   lines = ["# Law counts: time and peak memory", "",
            f"Machine: {machine['cpu_model']}, {machine['cpu_count']} CPUs, shared with other engineers' jobs "
            "(1-minute load average before and after each count in the last column: above 2 the two cores "
            "are oversubscribed and the wall time is inflated; the CPU time is the less load-sensitive "
            f"figure). OPENBLAS_NUM_THREADS={machine['blas_env'].get('OPENBLAS_NUM_THREADS')}. One cold "
-           "`count_laws` per row in a fresh process (3 random points, exact polynomial brackets; wall and CPU "
-           "time of the count, JAX's compilation of the point sampler included); peak RSS is the whole "
-           "process, ~250 MB of it Python with JAX before counting.", "",
-           f"Targets (issue 17: at most 200 parameters, 2-4 layers, <= 30 s and <= 1 GB): of the "
-           f"{len(core)} counts of the main architectures, {len(done)} finished; slowest "
-           f"{max(r['count_seconds'] for r in done):.1f} s wall / {max(r['cpu_seconds'] for r in done):.1f} s CPU, "
-           f"largest peak RSS {max(r['peak_rss_mb'] for r in done):.0f} MB. "
+           "`count_laws` per row in a fresh process (3 random points; method: `orbit` = pushforwards along "
+           "the generators' closed-form flows, `polynomial` = exact brackets; wall and CPU time of the count, "
+           "JAX's compilation included); peak RSS is the whole process, ~250 MB of it Python with JAX before "
+           "counting. Gap: smallest kept / largest dropped scaled singular value (orbit: of the last round, "
+           "which keeps nothing).", "",
+           f"Targets (issue 17: at most 200 parameters, 2-4 layers, <= 30 s and <= 1 GB): {len(within)} of "
+           f"{len(rows)} counts within; among them the slowest "
+           f"{max(r['count_seconds'] for r in within):.1f} s wall / {max(r['cpu_seconds'] for r in within):.1f} s "
+           f"CPU, largest peak RSS {max(r['peak_rss_mb'] for r in within):.0f} MB. "
            f"{sum(r['count'] == r['closed_form'] for r in agree)} of {len(agree)} counts with a closed form "
            "agree with it" + (f" ({payload['closed_forms_note']})" if payload.get("closed_forms_note") else "")
-           + ". Outside the target: the 3-4 layer linear networks with few inputs and outputs "
-           f"({', '.join(sorted({'-'.join(map(str, r['dims'])) for r in outside}))}): "
-           + "; ".join(f"{'-'.join(map(str, r['dims']))} {r['flow']} "
-                       + (f"{r['count_seconds']:.0f} s, {r['peak_rss_mb']:.0f} MB" if r.get("count") is not None
-                          else _failure(r))
-                       for r in outside if r.get("count") is None or r["count_seconds"] > 30
-                       or r["peak_rss_mb"] > 1024) + ".", "", _table(rows), ""]
+           + ". Outside the target: "
+           + ("; ".join(f"{r['arch']} {'-'.join(map(str, r['dims']))} {r['flow']} "
+                        + (f"{r['count_seconds']:.0f} s, {r['peak_rss_mb']:.0f} MB" if r.get("count") is not None
+                           else _failure(r)) for r in outside) or "none")
+           + "." + (f" {payload['rerun_note']}" if payload.get("rerun_note") else ""), "", _table(rows), ""]
   for arch, summary in sweeps.items():
     if "agree" not in summary:
       lines.append(f"- `riemod laws sweep --arch {arch} --nets 50` failed: {summary.get('error')}.")
@@ -186,6 +189,10 @@ def main():
                       help="rewrite law_counts.md from the existing law_counts.json")
   parser.add_argument("--sweep-only", action="store_true",
                       help="time the sweeps only, keeping the rows of the existing law_counts.json")
+  parser.add_argument("--only", nargs="+", default=None, metavar="FLOW:DIMS",
+                      help="re-count these rows (e.g. momentum:1,3,3,3,1) into the existing law_counts.json "
+                           "and keep the others; implies --no-sweep unless --sweep is given")
+  parser.add_argument("--sweep", action="store_true", help="with --only: also time the sweeps")
   args = parser.parse_args()
   from benchmarks.harness import machine_info  # pylint: disable=g-import-not-at-top
   results = pathlib.Path(__file__).resolve().parent / "results"
@@ -194,6 +201,30 @@ def main():
     return
   cases = [ARCHITECTURES[i] for i in QUICK] if args.quick else ARCHITECTURES
   rows = []
+  if args.only:
+    previous = json.loads((results / "law_counts.json").read_text())
+    rows, sweeps = previous["rows"], previous.get("sweeps", {})
+    for spec in args.only:
+      flow, dims = spec.split(":")
+      dims = [int(d) for d in dims.split(",")]
+      index = next(i for i, r in enumerate(rows) if r["dims"] == dims and r["flow"] == flow)
+      row = count_in_child(rows[index]["arch"], tuple(dims), rows[index]["bias"], flow, args.timeout)
+      row["load_after"] = os.getloadavg()[0]
+      rows[index] = row
+      print(json.dumps({k: row.get(k) for k in ("dims", "flow", "method", "count", "closed_form",
+                                                  "count_seconds", "peak_rss_mb", "load_before")}), flush=True)
+    if args.sweep:
+      for arch in ("linear", "relu"):
+        sweeps[arch] = sweep_seconds(arch, f"/tmp/riemod_law_sweep_{arch}")
+        print(arch, sweeps[arch], flush=True)
+    payload = {"machine": machine_info(), "rows": rows, "sweeps": sweeps,
+               "closed_forms_note": previous.get("closed_forms_note"),
+               "rerun_note": f"Rows re-counted {time.strftime('%Y-%m-%d')}: " + ", ".join(args.only)
+                             + (" and both sweeps" if args.sweep else "")
+                             + "; the others are from the earlier full run (same code path)."}
+    (results / "law_counts.json").write_text(json.dumps(payload, indent=1, default=float))
+    (results / "law_counts.md").write_text(_markdown(payload))
+    return
   if args.sweep_only:
     rows = json.loads((results / "law_counts.json").read_text())["rows"]
   else:

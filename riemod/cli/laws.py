@@ -338,7 +338,8 @@ def run(args) -> int:
   print(f"parameters D = {payload['parameters']}, dim Lie(W) = {payload['lie_dimension']}, "
         f"laws = {payload['count']}{'  (ambiguous rank!)' if payload['ambiguous'] else ''}"
         + ("" if payload["closed_form"] is None else f"  (closed form: {payload['closed_form']})"))
-  print(f"rank per bracket round: {payload['rank_history'][0]}  ({args.points} points agree: "
+  print(f"rank per {'pushforward' if payload.get('method') == 'orbit' else 'bracket'} round "
+        f"({payload.get('method')}): {payload['rank_history'][0]}  ({args.points} points agree: "
         f"{len({h[-1] for h in payload['rank_history']}) == 1})")
   print(f"rank gap: smallest kept singular value {min(payload['smallest_kept']):.1e}, largest dropped "
         f"{max(payload['largest_dropped']):.1e}")

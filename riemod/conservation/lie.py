@@ -72,6 +72,7 @@ class LawCount:
     seconds: wall-clock time.
     description: what was counted.
     parameters: ``D``, the number of network parameters (``dimension`` is ``2D + 1`` in phase space).
+    method: how the rank was measured: ``"orbit"``, ``"polynomial"`` (exact brackets) or ``"jvp"``.
   """
 
   count: int
@@ -86,10 +87,11 @@ class LawCount:
   seconds: float
   description: str
   parameters: int = 0
+  method: str = ""
 
   def as_dict(self) -> dict:
     return {
-        "count": self.count, "parameters": self.parameters, "dimension": self.dimension,
+        "count": self.count, "parameters": self.parameters, "dimension": self.dimension, "method": self.method,
         "lie_dimension": self.lie_dimension,
         "generator_rank": self.generator_rank, "rank_history": self.rank_history,
         "ambiguous": self.ambiguous, "seconds": self.seconds, "description": self.description,
@@ -613,6 +615,8 @@ def count_laws(phi, theta_or_shapes=None, *, flow: str = "gradient", metric=None
     warnings.warn(f"max_rounds={max_rounds} stopped the bracket search before it converged; the count "
                   "is an upper bound.", AmbiguousRankWarning, stacklevel=2)
   lie_dimension = max(ranks)
+  if method == "auto":
+    method = ("orbit" if _prefer_orbit(family) else "polynomial" if family.polynomial is not None else "jvp")
   return LawCount(count=family.dimension - lie_dimension, dimension=family.dimension,
                   lie_dimension=lie_dimension,
                   generator_rank=max(result["generator_rank"] for result in results),
@@ -622,4 +626,5 @@ def count_laws(phi, theta_or_shapes=None, *, flow: str = "gradient", metric=None
                   ambiguous=ambiguous, seconds=time.perf_counter() - started,
                   description=family.description,
                   parameters=(family.reparametrization.num_parameters if family.reparametrization is not None
-                              else family.dimension))
+                              else family.dimension),
+                  method=method)
