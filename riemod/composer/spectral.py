@@ -27,12 +27,17 @@ float64 keep round-off directions (``lstsq``'s default ``rcond`` on ``K^T K`` is
 **Randomized Nystrom** (``Geometry(space="nystrom", rank=r, oversampling=p)``). For batches whose
 ``d x d`` kernel is too large to factor, ``Q`` is replaced by a rank-``r`` sketch
 ``Q^ = U diag(lam) U^T`` built from ``r + p`` products ``Q omega`` with Gaussian test vectors (only
-``K`` and ``K^T`` products: ``Q`` is never formed). The capacitance ``C = I + Q`` is then inverted
-in closed form, ``C^-1 ~ I - U diag(lam / (1 + lam)) U^T``, and everything else is the sample-space
-step (range-aware push-through, Woodbury remainder, SPRING momentum). Cost ``O((r + p) d n)`` for
-the sketch and ``O(d (r + p)^2)`` for its factorisation. Since ``0 <= Q^ <= Q`` (in the Loewner
-order), ``|C^-1 - (I + Q^)^-1| <= |Q - Q^|``: the step's error is bounded by the sketch's, which is
-near the ``(r+1)``-th eigenvalue of ``Q`` for a kernel whose spectrum decays. The block's
+``K`` and ``K^T`` products: ``Q`` is never formed). Directions outside the sketch are given its
+smallest eigenvalue ``lam_r`` instead of 0: ``Q~ = Q^ + lam_r (I - U U^T)``. With a tiny mass the
+kernel's tail is far above 1, and treating it as 0 would step ``1 / mass`` times the gradient
+there (measured: a rank-10 sketch of a 40-row 5-D PINN kernel at mass 1e-6 blew the loss up to
+``~1e13``); ``lam_r`` damps those directions instead. The capacitance is then inverted in closed
+form, ``C^-1 ~ U diag(1 / (1 + lam)) U^T + (I - U U^T) / (1 + lam_r)``, and everything else is the
+sample-space step (range-aware push-through, Woodbury remainder, SPRING momentum). Cost ``O((r + p) d n)`` for
+the sketch and ``O(d (r + p)^2)`` for its factorisation. Since ``C^-1 - C~^-1 =
+C~^-1 (Q~ - Q) C^-1`` and both inverses have norm ``<= 1``, the capacitance error is at most
+``|Q - Q~| <= |Q - Q^| + lam_r``: small where the kernel's spectrum has decayed below 1 by rank
+``r``. The block's
 ``residual`` reports ``|(I + Q) t - b| / |b|`` of its capacitance solves against the exact kernel
 (one more ``K`` and ``K^T`` product), so the sketch's error is measured on every step. With
 ``r + p >= d`` the sketch is exact (up to round-off).
@@ -210,9 +215,11 @@ class NystromBlock(BlockFactorization):
     return jnp.zeros((), self.eigenvalues.dtype)
 
   def _apply_inverse(self, rhs: jax.Array) -> jax.Array:
-    """``(I + U diag(lam) U^T)^{-1} rhs`` for rows ``rhs``."""
-    lam = self.eigenvalues
-    return rhs - ((rhs @ self.basis) * (lam / (1 + lam))) @ self.basis.T
+    """``(I + Q~)^{-1} rhs`` for rows ``rhs``, ``Q~ = U diag(lam) U^T + lam_r (I - U U^T)``."""
+    lam, tail = self.eigenvalues, self.eigenvalues[-1]
+    coefficients = rhs @ self.basis
+    inside = (coefficients / (1 + lam)) @ self.basis.T
+    return inside + (rhs - coefficients @ self.basis.T) / (1 + tail)
 
   def _cho_solve(self, rhs: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Capacitance solves with the sketch; the residual is taken against the exact operator
