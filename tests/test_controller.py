@@ -166,6 +166,29 @@ def test_estimates_every_k_steps_and_jit_equals_eager():
     assert int(run(step, 7)[1].estimates) == 5     # steps 0, 1, 2, 3, 6
 
 
+def test_a_rising_loss_is_estimated_at_once():
+  f, x, loss_fn, params = _least_squares()
+  tx = certified_layerwise_natural_gradient(MASS, every=100, warmup=0, num_steps=3)
+  loss, g, curv = riemod.value_grad_and_curvature(f, x, loss_fn, riemod.metrics.identity(),
+                                                  params=params)
+  step = jax.jit(lambda state, value: tx.update(
+      g, state, params, curvature=curv, value=value, apply_fn=lambda p: f(p, x),
+      loss_fn=loss_fn)[1])
+  state = tx.init(params)
+  counts = []
+  for value in (1.0, 1.2, 1.7, 2.0, 3.5):       # rises by 1.2x, 1.42x, 1.18x, 1.75x
+    state = step(state, jnp.asarray(value))
+    counts.append(int(state.estimates))
+  assert counts == [1, 1, 1, 1, 2]               # the first step, then the rise past 1.5x
+  no_recheck = certified_layerwise_natural_gradient(MASS, every=100, warmup=0,
+                                                    recheck_rise=None)
+  state = no_recheck.init(params)
+  for value in (1.0, 3.5):
+    state = no_recheck.update(g, state, params, curvature=curv, value=jnp.asarray(value),
+                              apply_fn=lambda p: f(p, x), loss_fn=loss_fn)[1]
+  assert int(state.estimates) == 1
+
+
 def test_diverging_learning_rate_is_brought_back():
   with jax.enable_x64(True):
     f, x, loss_fn, params = _least_squares()

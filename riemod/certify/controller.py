@@ -65,6 +65,7 @@ class ControllerState(NamedTuple):
     vector: the Ritz vector of the latest estimate (shaped like the parameters; the warm start
       of the next).
     inner_state: the wrapped transform's state.
+    last_value: the loss ``value=`` of the previous update (``NaN`` when not given).
   """
 
   count: jax.Array
@@ -73,6 +74,7 @@ class ControllerState(NamedTuple):
   estimates: jax.Array
   vector: Any
   inner_state: Any
+  last_value: jax.Array
 
 
 def _schedule_value(learning_rate, count):
@@ -86,6 +88,7 @@ def controlled(
     fraction: float = 0.5,
     every: int = 10,
     warmup: int | None = None,
+    recheck_rise: float | None = 1.5,
     num_steps: int = 5,
     hessian: str = "gauss_newton",
     learning_rate: optax.ScalarOrSchedule | None = None,
@@ -112,6 +115,9 @@ def controlled(
     fraction: the learning rate as a fraction of the edge ``2 / lam_max``, in ``(0, 1)``.
     every: steps between estimates (>= 1).
     warmup: the first steps, each with an estimate (``None``: ``every``; 0: none but the first).
+    recheck_rise: with ``value=`` (the batch loss) given, a step whose loss exceeds this multiple
+      of the previous step's is estimated at once, off schedule: a step past the edge shows as a
+      rising loss, and the curvature may have grown since the last estimate (``None``: off).
     num_steps: Lanczos steps per estimate (>= 1; warm-started, so a few suffice).
     hessian: ``"gauss_newton"`` (default, see the module docs) or ``"full"``.
     learning_rate: ``None`` (default: no learning rate, the certified one) or a number/schedule
@@ -151,6 +157,8 @@ def controlled(
   warmup = every if warmup is None else warmup
   if not isinstance(warmup, int) or warmup < 0:
     raise ValueError(f"warmup={warmup!r}: the first steps with an estimate each, an int >= 0.")
+  if recheck_rise is not None and not recheck_rise > 1:
+    raise ValueError(f"recheck_rise={recheck_rise!r}: a loss ratio > 1 (e.g. 1.5) or None.")
   if not isinstance(num_steps, int) or num_steps < 1:
     raise ValueError(f"num_steps={num_steps!r}: Lanczos steps per estimate, an int >= 1 (e.g. 5).")
   if hessian not in HESSIANS:
@@ -167,7 +175,8 @@ def controlled(
     dtype = jnp.result_type(float)
     vector = gaussian_like(jax.random.key(seed), params)
     return ControllerState(jnp.zeros((), jnp.int32), jnp.zeros((), dtype),
-                           jnp.full((), jnp.nan, dtype), jnp.zeros((), jnp.int32), vector, state)
+                           jnp.full((), jnp.nan, dtype), jnp.zeros((), jnp.int32), vector, state,
+                           jnp.full((), jnp.nan, dtype))
 
   def estimate(params, curvature, inner_state, vector, apply_fn, loss_fn, dtype):
     flat, unravel = ravel_pytree(params)
@@ -200,6 +209,13 @@ def controlled(
     dtype = state.lam_max.dtype
     # Estimate on schedule, and at every step until a first valid estimate exists.
     due = (state.count % every == 0) | (state.count < warmup) | ~jnp.isfinite(state.lam_max)
+    value = extra_args.get("value")
+    last_value = state.last_value
+    if value is not None:
+      value = jnp.asarray(value, dtype)
+      if recheck_rise is not None:  # NaN comparisons are False: no previous value, no recheck
+        due = due | (value > recheck_rise * last_value)
+      last_value = value
     lam, vector = jax.lax.cond(
         due, lambda: estimate(params, curvature, inner_state, state.vector, apply_fn, loss_fn,
                               dtype),
@@ -216,13 +232,15 @@ def controlled(
     lr = lr.astype(dtype)
     step = jax.tree.map(lambda s: (lr * s).astype(s.dtype), step)
     return step, ControllerState(state.count + 1, lr, lam,
-                                 state.estimates + due.astype(jnp.int32), vector, inner_state)
+                                 state.estimates + due.astype(jnp.int32), vector, inner_state,
+                                 last_value)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _certified(structure, builder, mass, geometry, fraction, every, warmup, num_steps, hessian,
-               learning_rate, max_learning_rate, momentum, on_nonfinite, max_error):
+def _certified(structure, builder, mass, geometry, fraction, every, warmup, recheck_rise,
+               num_steps, hessian, learning_rate, max_learning_rate, momentum, on_nonfinite,
+               max_error):
   if geometry is None:
     geometry = Geometry(mass=1e-2 if mass is None else mass, structure=structure)
   elif mass is not None:
@@ -230,15 +248,15 @@ def _certified(structure, builder, mass, geometry, fraction, every, warmup, num_
   inner = builder(1.0, geometry=geometry, momentum=momentum, on_nonfinite=on_nonfinite,
                   max_error=max_error)
   return controlled(inner, geometry, fraction=fraction, every=every, warmup=warmup,
-                    num_steps=num_steps,
+                    recheck_rise=recheck_rise, num_steps=num_steps,
                     hessian=hessian, learning_rate=learning_rate,
                     max_learning_rate=max_learning_rate)
 
 
 def certified_layerwise_natural_gradient(
     mass: optax.ScalarOrSchedule | None = None, *, geometry: Geometry | None = None,
-    fraction: float = 0.5, every: int = 10, warmup: int | None = None, num_steps: int = 5,
-    hessian: str = "gauss_newton",
+    fraction: float = 0.5, every: int = 10, warmup: int | None = None,
+    recheck_rise: float | None = 1.5, num_steps: int = 5, hessian: str = "gauss_newton",
     learning_rate: optax.ScalarOrSchedule | None = None, max_learning_rate: float | None = None,
     momentum: float | None = None, on_nonfinite: str = "error",
     max_error: float | None = 1e-2) -> optax.GradientTransformationExtraArgs:
@@ -258,14 +276,14 @@ def certified_layerwise_natural_gradient(
     0.0
   """
   return _certified("layerwise", layerwise_natural_gradient, mass, geometry, fraction, every,
-                    warmup, num_steps, hessian, learning_rate, max_learning_rate, momentum,
-                    on_nonfinite, max_error)
+                    warmup, recheck_rise, num_steps, hessian, learning_rate, max_learning_rate,
+                    momentum, on_nonfinite, max_error)
 
 
 def certified_natural_gradient(
     mass: optax.ScalarOrSchedule | None = None, *, geometry: Geometry | None = None,
-    fraction: float = 0.5, every: int = 10, warmup: int | None = None, num_steps: int = 5,
-    hessian: str = "gauss_newton",
+    fraction: float = 0.5, every: int = 10, warmup: int | None = None,
+    recheck_rise: float | None = 1.5, num_steps: int = 5, hessian: str = "gauss_newton",
     learning_rate: optax.ScalarOrSchedule | None = None, max_learning_rate: float | None = None,
     momentum: float | None = None, on_nonfinite: str = "error",
     max_error: float | None = 1e-2) -> optax.GradientTransformationExtraArgs:
@@ -278,5 +296,6 @@ def certified_natural_gradient(
     >>> tx = certified_natural_gradient(1e-3, fraction=0.4, every=20)
     >>> state = tx.init({"w": jnp.zeros((3, 2))})
   """
-  return _certified("full", natural_gradient, mass, geometry, fraction, every, warmup, num_steps,
-                    hessian, learning_rate, max_learning_rate, momentum, on_nonfinite, max_error)
+  return _certified("full", natural_gradient, mass, geometry, fraction, every, warmup,
+                    recheck_rise, num_steps, hessian, learning_rate, max_learning_rate, momentum,
+                    on_nonfinite, max_error)
