@@ -16,6 +16,10 @@ batch loss):
 
 * ``riemod``: ``riemod.natural_gradient(1.0, mass=mu, space="sample")``: the Woodbury solve with
   the ``d x d`` kernel ``J J^T / N``; ``O(d^2 n + d^3)``.
+* ``riemod-nystrom``: the same step with the kernel replaced by a randomized rank-``r`` Nystrom
+  sketch (``riemod.Geometry(space="nystrom", rank=r, oversampling=10)``, fresh test vectors every
+  step): ``O((r + 10) d n)`` products and no ``d x d`` factorisation; its relative capacitance
+  residual against the exact kernel is recorded per step.
 * ``dense-gn``: ``(J^T J / N + mu I) s = J^T r / N`` with ``J`` from per-point ``jax.grad``
   (vmapped) and an ``n x n`` Cholesky; ``O(n^2 d + n^3)``. With the same ``mu`` it is the same step
   as riemod's (the Woodbury identity), so the two reach equal accuracy step for step; the task
@@ -63,6 +67,7 @@ NUM_TEST = 20_000
 EVAL_EVERY = 10
 LINE_SEARCH = dict(max_step=1.0, factor=0.5, num=12)
 RIEMOD = dict(mass=1e-6, momentum=None)
+NYSTROM = dict(rank=300, oversampling=10)  # rank: --nystrom-rank
 ADAM = dict(learning_rate=1e-3)
 DENSE_CHECK_STEPS = 3  # dense steps run in lockstep with riemod (agreement and step time)
 
@@ -136,27 +141,36 @@ def line_search(loss_of, params, direction):
 
 
 # --------------------------------------------------------------------------- steps
-def make_steps(n_int: int, n_bd: int, seed: int):
+def make_steps(n_int: int, n_bd: int, seed: int, nystrom_rank: int = NYSTROM["rank"]):
   """Jitted steps ``(params, state, i) -> (params, state, loss)`` per method (batch from ``i``)."""
   data_key = jax.random.key(10_000 + seed)
   batch_of = lambda i: sample_batch(jax.random.fold_in(data_key, i), n_int, n_bd)
-  riemod_tx = optax.chain(
-      riemod.natural_gradient(
-          1.0, geometry=riemod.Geometry(mass=RIEMOD["mass"], structure="full", space="sample"),
-          momentum=RIEMOD["momentum"], on_nonfinite="ignore"),
-      riemod.scale_by_grid_linesearch(**LINE_SEARCH))
   adam_tx = optax.adam(ADAM["learning_rate"])
   metric = riemod.metrics.identity()
 
-  @jax.jit
-  def riemod_step(params, state, i):
-    batch = batch_of(i)
-    loss_of = lambda p: half_mean_square(residuals(p, batch))
-    value, grads, curvature = riemod.value_grad_and_curvature(
-        residuals, batch, half_mean_square, metric, params=params)
-    updates, state = riemod_tx.update(grads, state, params, curvature=curvature, value=value,
-                                      value_fn=loss_of)
-    return optax.apply_updates(params, updates), state, value
+  def curvature_step(geometry):
+    tx = optax.chain(
+        riemod.natural_gradient(1.0, geometry=geometry, momentum=RIEMOD["momentum"],
+                                on_nonfinite="ignore"),
+        riemod.scale_by_grid_linesearch(**LINE_SEARCH))
+
+    @jax.jit
+    def step(params, state, i):
+      batch = batch_of(i)
+      loss_of = lambda p: half_mean_square(residuals(p, batch))
+      value, grads, curvature = riemod.value_grad_and_curvature(
+          residuals, batch, half_mean_square, metric, params=params)
+      updates, state = tx.update(grads, state, params, curvature=curvature, value=value,
+                                 value_fn=loss_of)
+      return optax.apply_updates(params, updates), state, value
+
+    return step, tx
+
+  riemod_step, riemod_tx = curvature_step(
+      riemod.Geometry(mass=RIEMOD["mass"], structure="full", space="sample"))
+  nystrom_step, nystrom_tx = curvature_step(riemod.Geometry(
+      mass=RIEMOD["mass"], structure="full", space="nystrom", rank=nystrom_rank,
+      oversampling=NYSTROM["oversampling"], seed=seed))
 
   @jax.jit
   def dense_step(params, state, i):
@@ -182,8 +196,8 @@ def make_steps(n_int: int, n_bd: int, seed: int):
     updates, state = adam_tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state, value
 
-  return {"riemod": (riemod_step, riemod_tx), "dense-gn": (dense_step, None),
-          "adam": (adam_step, adam_tx)}
+  return {"riemod": (riemod_step, riemod_tx), "riemod-nystrom": (nystrom_step, nystrom_tx),
+          "dense-gn": (dense_step, None), "adam": (adam_step, adam_tx)}
 
 
 def flops(d: int, n: int) -> dict:
@@ -198,10 +212,10 @@ def _log(msg):
 
 
 def run(out: Path, n_int: int, n_bd: int, budget_s: float, max_steps: int, seed: int = 0,
-        quick: bool = False) -> dict:
+        quick: bool = False, nystrom_rank: int = NYSTROM["rank"]) -> dict:
   started = time.perf_counter()
   machine = harness.machine_info()
-  steps = make_steps(n_int, n_bd, seed)
+  steps = make_steps(n_int, n_bd, seed, nystrom_rank)
   params0 = init_params(seed)
   n = sum(x.size for x in jax.tree.leaves(params0))
   d = n_int + n_bd
@@ -242,29 +256,31 @@ def run(out: Path, n_int: int, n_bd: int, budget_s: float, max_steps: int, seed:
   _log("interleaved: " + ", ".join(f"{k} {v['median_seconds']:.3f} s (x{v['ratio']:.1f})"
                                    for k, v in timing.items()))
 
-  # 3. Curves: riemod until the budget (or max_steps), Adam for at least riemod's step time.
+  # 3. Curves: riemod (exact, then Nystrom) until the budget (or max_steps), Adam for at least
+  # riemod's step time.
   runs = {}
-  for name in ("riemod", "adam"):
+  for name in ("riemod", "riemod-nystrom", "adam"):
     step = steps[name][0]
     params, state = states[name]
     curve = {"step": [0], "seconds": [0.0], "rel_l2": [float(rel_l2(params))], "loss": [math.nan]}
     times, i = [], 0
-    limit = budget_s if name == "riemod" else max(budget_s, runs["riemod"]["total_step_seconds"])
-    limit_steps = max_steps if name == "riemod" else 10**9
+    curvature_method = name.startswith("riemod")
+    limit = budget_s if curvature_method else max(budget_s, runs["riemod"]["total_step_seconds"])
+    limit_steps = max_steps if curvature_method else 10**9
     while i < limit_steps and sum(times) < limit:
       t = time.perf_counter()
       params, state, value = step(params, state, i)
       jax.block_until_ready((params, value))
       times.append(time.perf_counter() - t)
       i += 1
-      every = EVAL_EVERY if name == "riemod" else EVAL_EVERY * 20
+      every = EVAL_EVERY if curvature_method else EVAL_EVERY * 20
       if i % every == 0:
         curve["step"].append(i)
         curve["seconds"].append(sum(times))
         curve["rel_l2"].append(float(rel_l2(params)))
         curve["loss"].append(float(value))
-        if name == "riemod" and i % (5 * every) == 0:
-          _log(f"riemod step {i}: rel L2 {curve['rel_l2'][-1]:.3g} ({sum(times):.0f} s)")
+        if curvature_method and i % (5 * every) == 0:
+          _log(f"{name} step {i}: rel L2 {curve['rel_l2'][-1]:.3g} ({sum(times):.0f} s)")
         if not math.isfinite(curve["rel_l2"][-1]):
           break
     if curve["step"][-1] != i:
@@ -305,9 +321,10 @@ def run(out: Path, n_int: int, n_bd: int, budget_s: float, max_steps: int, seed:
   payload = {
       "task": NAME, "dim": DIM, "sizes": SIZES, "parameters": n, "interior_points": n_int,
       "boundary_points": n_bd, "rows_d": d, "mass": RIEMOD["mass"], "line_search": LINE_SEARCH,
+      "nystrom": NYSTROM | {"rank": nystrom_rank},
       "adam": ADAM, "seed": seed, "budget_s": budget_s, "max_steps": max_steps, "quick": quick,
       "flops": flops(d, n), "interleaved": timing, "compile_seconds": compile_s,
-      "runs": [runs["riemod"], runs["adam"]], "dense": dense,
+      "runs": [runs["riemod"], runs["riemod-nystrom"], runs["adam"]], "dense": dense,
       "step_ratio_dense_to_riemod": timing["dense-gn"]["ratio"],
       "time_to_target": {"level": TARGET_LEVEL, "riemod_curve_s": riemod_hit,
                          "riemod_interleaved_s": riemod_hit_interleaved,
@@ -344,7 +361,9 @@ def write(out: Path, payload: dict) -> None:
       f"{payload['parameters']} parameters), float64, seed {payload['seed']}; per step a fresh batch "
       f"of {payload['interior_points']} interior + {payload['boundary_points']} boundary points "
       f"(d = {payload['rows_d']} rows); mass {payload['mass']:g}, line search "
-      f"`{payload['line_search']}`; riemod run for {payload['budget_s']:g} s of step time (at most "
+      f"`{payload['line_search']}`; riemod-nystrom: the kernel sketched at rank "
+      f"{payload['nystrom']['rank']} + {payload['nystrom']['oversampling']} test vectors; riemod "
+      f"(each variant) run for {payload['budget_s']:g} s of step time (at most "
       f"{payload['max_steps']} steps), Adam (`{payload['adam']}`) for at least as long. "
       "Seconds are step time only (compilation and evaluation excluded).", "",
       harness.markdown_table(header, rows), "",
@@ -388,7 +407,7 @@ def plot(path: Path, payload: dict) -> None:
     axes[1].semilogy(c["seconds"], c["rel_l2"], color=f"C{k}", label=r["optimizer"])
   riemod_curve = payload["runs"][0]["curve"]
   dense_s = payload["dense"]["median_step_seconds"]
-  axes[1].semilogy([s * dense_s for s in riemod_curve["step"]], riemod_curve["rel_l2"], color="C2",
+  axes[1].semilogy([s * dense_s for s in riemod_curve["step"]], riemod_curve["rel_l2"], color="C3",
                    ls="--", label="dense-gn (riemod's iterates x its step time)")
   for ax, x in zip(axes, ("step", "seconds (step time only)")):
     ax.axhline(TARGET_LEVEL, color="gray", lw=0.8, ls=":")
@@ -414,6 +433,8 @@ def main(argv=None):
   parser.add_argument("--max-steps", type=int, default=2000,
                       help="riemod's step cap (default: %(default)s)")
   parser.add_argument("--seed", type=int, default=0, help="init and batch seed (default: %(default)s)")
+  parser.add_argument("--nystrom-rank", type=int, default=NYSTROM["rank"],
+                      help="rank of riemod-nystrom's kernel sketch (default: %(default)s)")
   parser.add_argument("--quick", action="store_true",
                       help="a smoke run: 200 + 50 points, 20 s budget")
   parser.add_argument("--out", type=Path, default=harness.DEFAULT_RESULTS,
@@ -421,8 +442,9 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.quick:
     args.interior, args.boundary, args.budget, args.max_steps = 200, 50, 20.0, 200
+    args.nystrom_rank = min(args.nystrom_rank, 60)
   payload = run(args.out, args.interior, args.boundary, args.budget, args.max_steps, args.seed,
-                args.quick)
+                args.quick, args.nystrom_rank)
   print(json.dumps({k: payload[k] for k in ("step_ratio_dense_to_riemod", "time_to_target")}))
 
 
