@@ -1,7 +1,10 @@
 """``riemod demo``: where riemod stands against optax Adam, in two panels, then a certificate.
 
 1. **Digits**: the MLP 64-128-128-10 on scikit-learn's digits, riemod (layerwise natural gradient,
-   sampled Fisher) beside Adam, same initialisation and batches, steps interleaved.
+   sampled Fisher, no learning rate: the certified step-size controller sets it to half the edge
+   of stability ``2 / lam_max(G^{-1} H_GN)``, re-measured every 10 steps) beside Adam, same
+   initialisation and batches, steps interleaved; the demo prints the certified step size the run
+   ended with.
 2. **PINN**: the energy natural gradient paper's Poisson problem (2-32-1 tanh, 784 + 116 collocation
    points, float64; :mod:`riemod.cli._pinn`), riemod's Gauss-Newton step with the paper's grid line
    search beside Adam on the same budget: Adam runs ``PINN_ADAM_STEPS_PER_STEP`` of its (much
@@ -27,8 +30,9 @@ import numpy as np
 
 # The demo's riemod settings (one place to change them): a one-probe sampled softmax Fisher
 # (d = B rows per module, so each step factors three 128 x 128 capacitances) with SPRING momentum.
-DEMO_RIEMOD = dict(learning_rate=0.1, mass=0.1, momentum=0.8, curvature_batch=None,
-                   metric=("sampled_softmax_fisher", 1))
+# No learning rate: riemod.certify's controller keeps it at `fraction` of the edge of stability.
+DEMO_RIEMOD = dict(mass=0.1, momentum=0.8, curvature_batch=None,
+                   metric=("sampled_softmax_fisher", 1), controller=dict(fraction=0.5, every=10))
 DEMO_ADAM = dict(learning_rate=1e-2)
 LOSS_THRESHOLD = 0.05
 # The PINN panel (benchmarks/task_engd_poisson.py runs the same riemod setting beside the paper's
@@ -101,7 +105,9 @@ def _trainer(model, tx, use_curvature: bool, settings: dict[str, Any]) -> tuple[
       loss, grads, curvature = riemod.value_grad_and_curvature(
           net, x, cross_entropy(y), metric, key=key,
           curvature_batch=settings.get("curvature_batch"))
-      updates, state = tx.update(grads, state, params, curvature=curvature, value=loss)
+      updates, state = tx.update(grads, state, params, curvature=curvature, value=loss,
+                                 apply_fn=lambda p: nnx.merge(graphdef, p, rest)(x),
+                                 loss_fn=cross_entropy(y))
     else:
       loss, grads = jax.value_and_grad(
           lambda p: cross_entropy(y)(nnx.merge(graphdef, p, rest)(x)))(params)
@@ -142,9 +148,9 @@ def _run_digits(args, results: dict, saved: list, out: pathlib.Path):
   x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
   x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
   runs = {
-      "riemod": (riemod.layerwise_natural_gradient(
-          DEMO_RIEMOD["learning_rate"], mass=DEMO_RIEMOD["mass"],
-          momentum=DEMO_RIEMOD["momentum"]), True),
+      "riemod": (riemod.certify.certified_layerwise_natural_gradient(
+          DEMO_RIEMOD["mass"], momentum=DEMO_RIEMOD["momentum"], **DEMO_RIEMOD["controller"]),
+                 True),
       "adam": (optax.adam(DEMO_ADAM["learning_rate"]), False),
   }
   trainers = {}
@@ -203,8 +209,14 @@ def _run_digits(args, results: dict, saved: list, out: pathlib.Path):
         f"{args.batch}, {args.steps} steps each, same batches (float32):")
   print(_table(rows))
   print(TIMES_NOTE)
+  certified = _certified_step(trainers["riemod"]["state"])
+  print(f"riemod's certified step size at the end: lr = {certified['learning_rate']:.4g} "
+        f"= {DEMO_RIEMOD['controller']['fraction']} x 2/lam_max, lam_max(G^-1 H_GN) = "
+        f"{certified['lam_max']:.4g} ({certified['estimates']} estimates in {args.steps} steps; "
+        "no learning rate was given)")
   results.update(settings=dict(riemod=DEMO_RIEMOD, adam=DEMO_ADAM, steps=args.steps,
                                batch=args.batch, seed=args.seed), results=rows,
+                 certified_step=certified,
                  curves={n: t["curve"] for n, t in trainers.items()})
   plot = _plot(trainers, out / "loss_vs_time.png")
   if plot:
@@ -380,6 +392,15 @@ def _plot(trainers: dict, path: pathlib.Path) -> pathlib.Path | None:
   return path
 
 
+def _certified_step(state) -> dict:
+  """The controller's last learning rate, its ``lam_max`` estimate and the estimates taken."""
+  import riemod
+
+  c = riemod.find_state(state, riemod.certify.ControllerState)
+  return dict(learning_rate=float(c.learning_rate), lam_max=float(c.lam_max),
+              estimates=int(c.estimates))
+
+
 def _print_certificate(trainer: dict, x, y, dataset_size: int) -> None:
   from flax import nnx
 
@@ -394,7 +415,8 @@ def _print_certificate(trainer: dict, x, y, dataset_size: int) -> None:
   bar = _progress(1, "certificate: spectra of the trained digits model (compiles first)",
                   unit="report")
   report = certify(model, x, cross_entropy(y), riemod.metrics.softmax_fisher(),
-                   learning_rate=DEMO_RIEMOD["learning_rate"], opt_state=trainer["state"],
+                   learning_rate=_certified_step(trainer["state"])["learning_rate"],
+                   opt_state=trainer["state"],
                    geometry=riemod.Geometry(mass=DEMO_RIEMOD["mass"], structure="layerwise"),
                    dataset_size=dataset_size)
   bar.update(1)
