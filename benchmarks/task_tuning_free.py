@@ -1,0 +1,469 @@
+"""tuning-free: riemod's default settings with the certified step-size controller, no learning rate.
+
+For each task, on the reported seeds 0, 1, 2 (same data, initialisation and batch order as the task
+files):
+
+* ``riemod-tuned``: the task's tuned riemod (its chosen configuration in
+  ``benchmarks/results/<task>.json`` when this riemod still accepts it, else the task file's
+  headline ``RIEMOD_GRID[0]``; the PINN: its line-searched ENGD setting).
+* ``riemod-certified``: :func:`riemod.certify.certified_layerwise_natural_gradient` (the PINN:
+  :func:`riemod.certify.certified_natural_gradient`) with riemod's defaults for everything a user
+  would otherwise tune: no learning rate (the controller's ``fraction * 2 / lam_max(G^{-1} H_GN)``,
+  defaults ``fraction=0.5, every=10, num_steps=5``), ``riemod.Geometry()`` (mass 1e-2, constant),
+  no momentum, no clipping, no line search, ``on_nonfinite``/``max_error`` defaults. Kept from the
+  task: the output metric and curvature batch (they set what the curvature costs, not the step).
+* ``riemod-certified-adaptive`` (with ``--adaptive``): the same with ``riemod.masses.adaptive()``.
+
+Measured: stable seeds (not diverged, not climbed back; a run that raises counts as unstable),
+steps and seconds (step time only, the harness's protocol) to the task's threshold, the final
+metric, the last certified learning rate, and the controller's overhead: interleaved bursts of
+``every`` consecutive steps (so each holds exactly one estimate) of the certified step against
+the same step with a fixed learning rate, from the trained state; the ratio of burst totals minus 1.
+
+kfac-jax's adaptive mode (learning rate, momentum and damping adapted by kfac-jax) is shown from
+``benchmarks/results/kfac_<task>.json`` (``benchmarks/kfac/run_kfac.py``, its own environment),
+with the date and load of that run; this script does not re-run it.
+
+Targets (issue 16): ``riemod-certified`` stable on 3/3 seeds and its median time to threshold
+within 1.5x of ``riemod-tuned``'s.
+
+Run: ``python -m benchmarks.task_tuning_free [--tasks ...] [--quick] [--out DIR]``; the PINN runs in
+its own process (it needs float64 everywhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import riemod
+from benchmarks import harness, problems, riemod_config
+
+NAME = "tuning_free"
+TASKS = ("digits-mlp", "digits-autoencoder", "engd-poisson")
+SEEDS = (0, 1, 2)
+CONTROLLER = dict(fraction=0.5, every=10, num_steps=5)
+# The threshold each task's time is measured to: the task's own (digits-mlp), the issue 6 target
+# level (autoencoder), and an L2 level the tuned ENGD setting reaches on 3/3 seeds (PINN).
+THRESHOLD = {"digits-mlp": ("train_loss", 0.05), "digits-autoencoder": ("train_loss", 0.5),
+             "engd-poisson": ("l2", 1e-5)}
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _log(msg: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def tuned_config(task: str, module) -> dict:
+  """The task's tuned riemod configuration (see the module docs)."""
+  path = RESULTS / f"{task}.json"
+  if path.exists():
+    chosen = json.loads(path.read_text()).get("chosen", {}).get("riemod", {}).get("hyperparameters")
+    if chosen and riemod_config.supported(chosen)[0]:
+      return chosen
+  return dict(module.RIEMOD_GRID[0])
+
+
+# --------------------------------------------------------------------------- digits tasks
+def _digits_task(task: str, quick: bool):
+  from benchmarks import task_digits_autoencoder, task_digits_mlp
+
+  module = task_digits_mlp if task == "digits-mlp" else task_digits_autoencoder
+  spec = module.spec(quick)
+  return module, spec, spec.make_trainer.__self__  # the MLPTask behind the trainer factory
+
+
+def certified_trainer(mlp_task, name: str, hyper: dict, seed: int, *, fixed_lr=None):
+  """A harness trainer of the certified step on a digits task (``fixed_lr``: the same inner step
+  at a fixed learning rate, no controller, for the overhead timing)."""
+  from flax import nnx
+
+  from benchmarks import mlp
+
+  key = ("certified", json.dumps(hyper, sort_keys=True), fixed_lr)
+  cache = mlp_task._cache
+  if key not in cache:
+    policy = riemod_config.mass_policy(hyper.get("mass_policy") or "constant")
+    geometry = riemod.Geometry(mass_policy=policy)
+    if fixed_lr is None:
+      tx = riemod.certify.certified_layerwise_natural_gradient(geometry=geometry, **CONTROLLER)
+    else:
+      tx = riemod.layerwise_natural_gradient(fixed_lr, geometry=geometry)
+    metric = riemod_config.output_metric(hyper["output_metric"])
+    vgc = {"curvature_batch": hyper["curvature_batch"]} if hyper.get("curvature_batch") else {}
+    graphdef = mlp_task.graphdef
+
+    def step(params, opt_state, idx, i, seed):
+      x, t = mlp_task.batch(idx)
+      loss_fn = lambda out: mlp_task.loss(out, t)
+      model = nnx.merge(graphdef, params)
+      loss, grads, curvature = riemod.value_grad_and_curvature(
+          model, x, loss_fn, metric, key=jax.random.fold_in(jax.random.key(seed), i), **vgc)
+      updates, opt_state = tx.update(grads, opt_state, params, curvature=curvature, value=loss,
+                                     apply_fn=lambda p: nnx.merge(graphdef, p)(x), loss_fn=loss_fn)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    cache[key] = (tx, jax.jit(step))
+  tx, step = cache[key]
+  table = problems.batch_table(seed, mlp_task.x_train.shape[0], mlp_task.batch_size,
+                               mlp_task.num_steps)
+  _, params0 = nnx.split(mlp.build_model(mlp_task.sizes, mlp_task.activations, seed))
+  seed_arr = jnp.asarray(seed, jnp.uint32)
+
+  def one_step(state, i):
+    params, opt_state, loss = step(state[0], state[1], table[i % len(table)],
+                                   jnp.asarray(i, jnp.int32), seed_arr)
+    return (params, opt_state), loss
+
+  def evaluate(state):
+    return {k: float(v) for k, v in mlp_task._eval(state[0]).items()}
+
+  return harness.Trainer(name, hyper, lambda: (params0, tx.init(params0)), one_step, evaluate)
+
+
+def _reason(error: Exception) -> str:
+  """The line that says why (under jit a refused step arrives wrapped in a runtime error)."""
+  lines = str(error).strip().splitlines()
+  named = [line.strip() for line in lines if "StepRefusedError:" in line]
+  return (named[-1] if named else f"{type(error).__name__}: {lines[0] if lines else ''}")[:400]
+
+
+def _controller_summary(state) -> dict:
+  c = riemod.find_state(state, riemod.certify.ControllerState)
+  if c is None:
+    return {}
+  return {"learning_rate": float(c.learning_rate), "lam_max": float(c.lam_max),
+          "estimates": int(c.estimates), "count": int(c.count)}
+
+
+def _train(trainer, num_steps, thresholds, time_budget_s):
+  """One run; a run that raises (a refused step, a crash) is recorded as unstable."""
+  try:
+    r = harness.run_training(trainer, num_steps, thresholds=thresholds,
+                             time_budget_s=time_budget_s)
+  except Exception as error:  # noqa: BLE001 - recorded with its reason
+    reason = _reason(error)
+    _log(f"{trainer.name}: raised ({reason})")
+    return {"optimizer": trainer.name, "hyperparameters": trainer.hyper, "raised": reason,
+            "diverged": True, "thresholds": {}, "final": {}, "curve": {}, "steps_run": None,
+            "median_step_seconds": None, "total_step_seconds": None}
+  r["controller"] = _controller_summary(r["_state"][1])
+  return r
+
+
+def burst_overhead(trainers, states, every: int, rounds: int) -> dict:
+  """Interleaved bursts of ``every`` consecutive steps (one estimate each for the controller);
+  ratios of burst totals to the first trainer's, per round."""
+  totals = {t.name: [] for t in trainers}
+  states = list(states)
+  step_index = 10_000  # far from the warm-up; the count in the state decides the estimates
+  for r in range(rounds):
+    order = list(range(len(trainers)))
+    order = order[r % len(order):] + order[:r % len(order)]
+    for j in order:
+      t, total = trainers[j], 0.0
+      for i in range(every):
+        start = time.perf_counter()
+        states[j], loss = t.step(states[j], step_index + i)
+        jax.block_until_ready((states[j], loss))
+        total += time.perf_counter() - start
+      totals[t.name].append(total)
+    step_index += every
+  base = trainers[0].name
+  out = {}
+  for name, ts in totals.items():
+    ratios = [a / b for a, b in zip(ts, totals[base])]
+    out[name] = {"median_burst_seconds": statistics.median(ts),
+                 "ratio": statistics.median(ratios), "ratio_spread": [min(ratios), max(ratios)]}
+  return {"reference": base, "burst_steps": every, "rounds": rounds, "optimizers": out}
+
+
+def run_digits(task: str, quick: bool, seeds, adaptive: bool = False) -> dict:
+  module, spec, mlp_task = _digits_task(task, quick)
+  tuned = tuned_config(task, module)
+  metric_keys = {k: tuned.get(k) for k in ("output_metric", "curvature_batch")}
+  thresholds = {THRESHOLD[task][0]: [THRESHOLD[task][1]]}
+  machine = harness.machine_info()
+  runs = []
+  for seed in seeds:
+    trainers = [mlp_task.trainer("riemod", tuned, seed),
+                certified_trainer(mlp_task, "riemod-certified", dict(metric_keys), seed)]
+    if adaptive:
+      trainers.append(certified_trainer(mlp_task, "riemod-certified-adaptive",
+                                        dict(metric_keys, mass_policy="adaptive"), seed))
+    trainers[0].name = "riemod-tuned"
+    for t in trainers:
+      r = _train(t, spec.num_steps, thresholds, spec.time_budget_s)
+      r["seed"] = seed
+      hit = r["thresholds"].get(_key(task), {})
+      _log(f"{task} {t.name} seed {seed}: final {r['final'].get(THRESHOLD[task][0])}, "
+           f"to threshold {hit.get('steps')} steps / {hit.get('seconds')} s, "
+           f"controller {r.get('controller')}")
+      runs.append(r)
+  # Controller overhead: seed 0's trained certified states against a fixed-lr twin.
+  overhead = {}
+  for name in ("riemod-certified", "riemod-certified-adaptive"):
+    run = next((r for r in runs if r["optimizer"] == name and r["seed"] == seeds[0]
+                and "_state" in r), None)
+    if run is None or not run.get("controller"):
+      continue
+    hyper = run["hyperparameters"]
+    lr = run["controller"]["learning_rate"]
+    twin = certified_trainer(mlp_task, name + " (fixed lr)", hyper, seeds[0], fixed_lr=lr)
+    state = run["_state"]
+    twin_state = (state[0], twin.init()[1])
+    jax.block_until_ready(twin.step(twin_state, 0))  # compile
+    mine = certified_trainer(mlp_task, name, hyper, seeds[0])
+    overhead[name] = burst_overhead([twin, mine], [twin_state, state], CONTROLLER["every"],
+                                    3 if quick else 7)
+    _log(f"{task} {name}: burst ratio {overhead[name]['optimizers'][name]['ratio']:.3f}")
+  for r in runs:
+    r.pop("_state", None)
+  return {"task": task, "threshold": THRESHOLD[task], "num_steps": spec.num_steps,
+          "tuned": tuned, "controller": CONTROLLER, "runs": runs, "overhead": overhead,
+          "kfac": kfac_runs(task), "machine": machine, "loadavg_end": list(os.getloadavg())}
+
+
+def _key(task: str) -> str:
+  metric, level = THRESHOLD[task]
+  return f"{metric}<{level:g}" if task != "engd-poisson" else f"{metric}<={level:g}"
+
+
+def kfac_runs(task: str) -> dict | None:
+  """kfac-jax's adaptive-mode runs on this task from its own environment, if recorded."""
+  path = RESULTS / f"kfac_{task}.json"
+  if not path.exists():
+    return None
+  payload = json.loads(path.read_text())
+  runs = [r for r in payload.get("runs", []) if r["optimizer"].startswith("kfac")
+          and r.get("seed") in SEEDS]
+  level = THRESHOLD[task]
+  rows = []
+  for r in runs:
+    curve = r.get("curve", {})
+    hit = next((j for j, v in enumerate(curve.get(level[0], []))
+                if v is not None and float(v) < level[1]), None)
+    rows.append({"seed": r.get("seed"), "hyperparameters": r.get("hyperparameters"),
+                 "stable": harness.stable(r),
+                 "steps": None if hit is None else curve["step"][hit],
+                 "seconds": None if hit is None else curve["seconds"][hit],
+                 "final": r.get("final", {}).get(level[0])})
+  machine = payload.get("machine", {})
+  return {"environment": payload.get("environment"), "time": machine.get("time"),
+          "loadavg": machine.get("loadavg"), "runs": rows}
+
+
+# --------------------------------------------------------------------------- PINN
+def run_pinn(quick: bool, seeds, adaptive: bool = False) -> dict:
+  from benchmarks import task_engd_poisson as engd
+  from riemod.cli import _pinn
+
+  assert jax.config.jax_enable_x64
+  prob, cache = _pinn.problem(), {}
+  iterations = 50 if quick else engd.ITERATIONS
+  chosen = json.loads((RESULTS / "engd-poisson.json").read_text())["chosen"]
+  tuned = dict(chosen["hyperparameters"])
+
+  def certified(name, policy):
+    geometry = riemod.Geometry(structure="full", mass_policy=policy)
+    tx = riemod.certify.certified_natural_gradient(geometry=geometry, **CONTROLLER)
+    metric = riemod.metrics.identity()
+
+    @jax.jit
+    def step(params, state):
+      value, grads, curvature = riemod.value_grad_and_curvature(
+          _pinn.residuals, prob.batch, _pinn.half_mean_square, metric, params=params)
+      updates, state = tx.update(grads, state, params, curvature=curvature, value=value,
+                                 apply_fn=lambda p: _pinn.residuals(p, prob.batch),
+                                 loss_fn=_pinn.half_mean_square)
+      return optax.apply_updates(params, updates), state, value
+
+    cache[name + "null"] = (tx, step)
+    error = cache.setdefault("error", jax.jit(lambda p: _pinn.l2_error(p, prob)))
+    loss = cache.setdefault("loss", jax.jit(lambda p: _pinn.loss(p, prob)))
+    return harness.Trainer(name, {}, lambda: None,
+                           lambda s, i: (lambda out: ((out[0], out[1]), out[2]))(step(*s)),
+                           lambda s: {"l2": float(error(s[0])), "loss": float(loss(s[0]))})
+
+  machine = harness.machine_info()
+  tuned_trainer = engd.trainer("riemod", tuned, prob, cache)
+  trainers = [tuned_trainer, certified("riemod-certified", riemod.masses.constant())]
+  if adaptive:
+    trainers.append(certified("riemod-certified-adaptive", riemod.masses.adaptive()))
+  runs = []
+  for seed in seeds:
+    for t in trainers:
+      try:
+        r = engd.lockstep([t], seed, cache, iterations)[0]
+      except Exception as error:  # noqa: BLE001 - recorded with its reason
+        reason = _reason(error)
+        _log(f"engd-poisson {t.name} seed {seed}: raised ({reason})")
+        runs.append({"optimizer": t.name, "seed": seed, "raised": reason, "diverged": True,
+                     "thresholds": {}, "final": {}, "curve": {}})
+        continue
+      r["optimizer"] = "riemod-tuned" if t is tuned_trainer else t.name
+      r["controller"] = _controller_summary(r.pop("_state")[1])
+      hit = r["thresholds"].get(_key("engd-poisson"), {})
+      _log(f"engd-poisson {r['optimizer']} seed {seed}: l2 {r['final']['l2']:.3g}, to threshold "
+           f"{hit.get('steps')} steps / {hit.get('seconds')} s, controller {r['controller']}")
+      runs.append(r)
+  return {"task": "engd-poisson", "threshold": THRESHOLD["engd-poisson"],
+          "num_steps": iterations, "tuned": dict(tuned, line_search=engd.LINE_SEARCH),
+          "controller": CONTROLLER, "runs": runs, "overhead": {}, "kfac": None,
+          "machine": machine, "loadavg_end": list(os.getloadavg())}
+
+
+# --------------------------------------------------------------------------- report
+def _median(values):
+  return harness.median_or_none(values)
+
+
+def summarise(payload: dict) -> dict:
+  """Per optimizer: stable seeds, medians, and the targets against the tuned run."""
+  key = _key(payload["task"])
+  out = {}
+  names = list(dict.fromkeys(r["optimizer"] for r in payload["runs"]))
+  for name in names:
+    rs = [r for r in payload["runs"] if r["optimizer"] == name]
+    stable = [not r.get("raised") and not r["diverged"] and not harness.regressed(r) for r in rs]
+    out[name] = {
+        "stable": f"{sum(stable)}/{len(rs)}",
+        "steps": _median([r["thresholds"].get(key, {}).get("steps") for r in rs]),
+        "seconds": _median([r["thresholds"].get(key, {}).get("seconds") for r in rs]),
+        "per_seed_seconds": [r["thresholds"].get(key, {}).get("seconds") for r in rs],
+        "final": _median([r["final"].get(payload["threshold"][0]) for r in rs]),
+        "per_seed_steps": [r["thresholds"].get(key, {}).get("steps") for r in rs],
+        "median_step_ms": _median([1e3 * r["median_step_seconds"] for r in rs
+                                   if r.get("median_step_seconds") is not None]),
+        "learning_rate": [r.get("controller", {}).get("learning_rate") for r in rs],
+        "raised": [r.get("raised") for r in rs if r.get("raised")],
+    }
+  tuned = out.get("riemod-tuned", {}).get("seconds")
+  for name, row in out.items():
+    row["time_ratio_to_tuned"] = (None if tuned is None or row["seconds"] is None
+                                  else row["seconds"] / tuned)
+  kfac = payload.get("kfac")
+  if kfac and kfac["runs"]:
+    rs = kfac["runs"]
+    out["kfac-jax (adaptive)"] = {
+        "stable": f"{sum(r['stable'] for r in rs)}/{len(rs)}",
+        "steps": _median([r["steps"] for r in rs]), "seconds": _median([r["seconds"] for r in rs]),
+        "per_seed_steps": [r["steps"] for r in rs],
+        "per_seed_seconds": [r["seconds"] for r in rs],
+        "final": _median([r["final"] for r in rs]), "median_step_ms": None,
+        "time_ratio_to_tuned": None, "learning_rate": [], "raised": [],
+        "note": f"{kfac['environment']}, run {kfac['time']}, load {kfac['loadavg']}"}
+  met = out.get("riemod-certified")
+  target = None
+  if met is not None:
+    ratio = met["time_ratio_to_tuned"]
+    target = {"stable_3_of_3": met["stable"] == f"{len(SEEDS)}/{len(SEEDS)}",
+              "within_1.5x": ratio is not None and ratio <= 1.5}
+  return {"rows": out, "target": target}
+
+
+def write_markdown(out: Path) -> None:
+  """``tuning_free.md`` from every ``tuning_free_<task>.json`` present."""
+  lines = ["# tuning-free: the certified step-size controller at riemod's defaults", "",
+           "Median over seeds 0, 1, 2. Seconds count step time only (evaluation excluded), "
+           "to the threshold named per task. `riemod-tuned`: the task's tuned riemod; "
+           "`riemod-certified`: `riemod.certify.certified_(layerwise_)natural_gradient` with "
+           "no learning rate and `riemod.Geometry()` defaults (mass 1e-2, no momentum, no clip, "
+           "no line search; the task's output metric and curvature batch); "
+           "`-adaptive`: the same with `riemod.masses.adaptive()`. Controller: "
+           f"`{CONTROLLER}`. kfac-jax rows: its adaptive mode, from "
+           "`benchmarks/results/kfac_<task>.json` (an earlier run in its own environment, not "
+           "re-run here; its step times are not comparable across loads).", ""]
+  for task in TASKS:
+    path = out / f"{NAME}_{task}.json"
+    if not path.exists():
+      continue
+    payload = json.loads(path.read_text())
+    summary = summarise(payload)
+    metric, level = payload["threshold"]
+    load = payload["machine"]["loadavg"] + payload["loadavg_end"]
+    loaded = max(load) > 3
+    lines += [f"## {task} (threshold {metric} {'<=' if task == 'engd-poisson' else '<'} {level:g}"
+              f", {payload['num_steps']} steps)", "",
+              "| optimizer | stable seeds | steps to threshold | s to threshold | time / tuned "
+              "| per seed: steps / s | "
+              f"final {metric} | median step ms | final certified lr (per seed) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, row in summary["rows"].items():
+      lrs = ", ".join(harness.fmt(v) for v in row["learning_rate"] if v is not None) or "-"
+      per_seed = ", ".join(f"{harness.fmt(a)} / {harness.fmt(b)}" for a, b in zip(
+          row.get("per_seed_steps", []), row.get("per_seed_seconds", []))) or "-"
+      lines.append("| " + " | ".join([
+          name, row["stable"], harness.fmt(row["steps"]), harness.fmt(row["seconds"]),
+          harness.fmt(row["time_ratio_to_tuned"]), per_seed, harness.fmt(row["final"]),
+          harness.fmt(row["median_step_ms"]), lrs]) + " |")
+    lines.append("")
+    for name, row in summary["rows"].items():
+      if row.get("raised"):
+        lines.append(f"- {name} raised: {row['raised'][0]}")
+      if row.get("note"):
+        lines.append(f"- {name}: {row['note']}")
+    for name, o in payload.get("overhead", {}).items():
+      entry = o["optimizers"][name]
+      counts = [r.get("controller", {}).get("estimates") for r in payload["runs"]
+                if r["optimizer"] == name]
+      lines.append(f"- controller overhead ({name}): bursts of {o['burst_steps']} steps (one "
+                   f"scheduled estimate each, plus any loss-rise rechecks) take "
+                   f"{harness.fmt(entry['ratio'])}x the same step at a fixed lr "
+                   f"(spread {harness.fmt(entry['ratio_spread'][0])}-"
+                   f"{harness.fmt(entry['ratio_spread'][1])}, {o['rounds']} interleaved rounds), "
+                   f"i.e. {harness.fmt(100 * (entry['ratio'] - 1))}% overhead. Estimates per run "
+                   f"(warm-up, schedule and rechecks): {counts} of {payload['num_steps']} steps.")
+    t = summary["target"]
+    if t is not None:
+      lines.append(f"- target: stable 3/3 {'met' if t['stable_3_of_3'] else 'NOT met'}; time to "
+                   f"threshold within 1.5x of tuned {'met' if t['within_1.5x'] else 'NOT met'}.")
+    lines.append(f"- tuned riemod: `{payload['tuned']}`")
+    lines.append(f"- load averages (start 1/5/15 min, end): {[round(v, 1) for v in load]}"
+                 + (" -- LOADED (> 3): timings are noisy" if loaded else ""))
+    lines.append("")
+  lines.append("Reproduce: `python -m benchmarks.task_tuning_free` (2-core CPU; the PINN in its "
+               "own process).")
+  (out / f"{NAME}.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+  parser.add_argument("--quick", action="store_true", help="seed 0 only, shorter runs")
+  parser.add_argument("--adaptive", action="store_true",
+                      help="also the certified step with riemod.masses.adaptive()")
+  parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+  args = parser.parse_args(argv)
+  seeds = (0,) if args.quick else SEEDS
+  for task in args.tasks:
+    if task == "engd-poisson" and not jax.config.jax_enable_x64:
+      # float64 everywhere: its own process (the digits tasks run in float32).
+      cmd = [sys.executable, "-c", "import jax; jax.config.update('jax_enable_x64', True); "
+             "from benchmarks import task_tuning_free as t; t.main()", "--tasks", task,
+             "--out", str(args.out)] + (["--quick"] if args.quick else []) + (
+                 ["--adaptive"] if args.adaptive else [])
+      subprocess.run(cmd, check=True)
+      continue
+    _log(f"{task}: start")
+    payload = run_pinn(args.quick, seeds, args.adaptive) if task == "engd-poisson" else \
+        run_digits(task, args.quick, seeds, args.adaptive)
+    payload["summary"] = summarise(payload)
+    harness.write_json(args.out / f"{NAME}_{task}.json", payload)
+    write_markdown(args.out)
+    _log(f"{task}: {payload['summary']['target']}")
+
+
+if __name__ == "__main__":
+  main()
