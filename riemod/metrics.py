@@ -50,15 +50,18 @@ class OutputMetric:
   bind_loss: Callable[..., "OutputMetric"] | None = None
 
   def bind(self, loss_fn: Callable[[jax.Array], jax.Array], outputs: jax.Array,
-           num_samples: int | None = None) -> "OutputMetric":
+           num_samples: int | None = None, check: bool = True) -> "OutputMetric":
     """This metric at ``outputs`` of ``loss_fn`` (itself unless it is derived from the loss).
 
     Args:
       loss_fn: the batch loss ``outputs -> scalar``.
       outputs: the whole batch of outputs ``(B, *out)`` the loss is evaluated at.
       num_samples: the factor rows are for the first ``m`` samples (``None``: all ``B``).
+      check: test (one more Hessian product) that the loss does not couple samples.
     """
-    return self if self.bind_loss is None else self.bind_loss(loss_fn, outputs, num_samples)
+    if self.bind_loss is None:
+      return self
+    return self.bind_loss(loss_fn, outputs, num_samples, check)
 
   def __call__(self, outputs: jax.Array, key: jax.Array | None = None) -> jax.Array:
     if self.needs_key and key is None:
@@ -337,28 +340,46 @@ _EIGENVALUE_RTOL = 16.0
 
 
 def _loss_hessian_blocks(loss_fn: Callable[[jax.Array], jax.Array], outputs: jax.Array,
-                         num_samples: int) -> jax.Array:
+                         num_samples: int, check: bool) -> jax.Array:
   """Per-sample blocks ``H_s`` ``(m, c, c)`` of the batch loss's Hessian w.r.t. the outputs.
 
   One linearisation of the loss gradient, applied to ``c`` cotangents: the one-hot on output
   coordinate ``j`` of every sample at once. Samples do not interact, so column ``j`` of every
   sample's block comes out of the same product: ``c`` products in all, not ``B c``. Reverse over
   reverse (not forward over reverse) so that losses written with ``jax.custom_vjp`` work too.
+  With ``check``, one more product along a random direction ``v`` tests that assumption: for a
+  loss that couples samples, ``(H v)_s`` is not ``H_s v_s`` (a :class:`SampleCouplingWarning`).
   """
   y = jax.lax.stop_gradient(outputs)
   shape = y.shape[1:]
   size = math.prod(shape)
   _, hvp = jax.vjp(jax.grad(loss_fn), y)
   eye = jnp.eye(size, dtype=y.dtype).reshape((size, 1) + shape)
-  columns = jax.vmap(lambda v: hvp(v)[0])(jnp.broadcast_to(eye, (size,) + y.shape))
+  # + zeros_like(y): the cotangents get the outputs' type, varying over a shard_map axis as they do.
+  cotangents = eye + jnp.zeros_like(y)
+  if check:
+    probe = jax.random.normal(jax.random.key(20260313), y.shape, y.dtype)
+    cotangents = jnp.concatenate([cotangents, (probe + jnp.zeros_like(y))[None]])
+  columns = jax.vmap(lambda v: hvp(v)[0])(cotangents)
   # columns[j, s] = H_s e_j: index [j, s, i] -> [s, i, j].
-  blocks = jnp.moveaxis(columns[:, :num_samples].reshape(size, num_samples, size), 0, 2)
-  return 0.5 * (blocks + jnp.swapaxes(blocks, 1, 2))
+  blocks = columns[:size, :num_samples].reshape(size, num_samples, size)
+  blocks = jnp.moveaxis(blocks, 0, 2)
+  blocks = 0.5 * (blocks + jnp.swapaxes(blocks, 1, 2))
+  if check:
+    actual = columns[size, :num_samples].reshape(num_samples, size)
+    blocked = jnp.einsum("sij,sj->si", blocks, probe[:num_samples].reshape(num_samples, size))
+    scale = jnp.linalg.norm(actual) + jnp.linalg.norm(blocked)
+    off = jnp.linalg.norm(actual - blocked) / jnp.where(scale > 0, scale, 1)
+    report = functools.partial(_report_coupling, _loss_label(loss_fn))
+    # Round-off leaves ~eps c; a coupling that moves the blocks by less than 1e-3 is let be.
+    jax.lax.cond(off > _COUPLING_RTOL, lambda e: jax.debug.callback(report, e), lambda e: None,
+                 off)
+  return blocks
 
 
 def _bind_loss(max_outputs: int):
 
-  def bind(loss_fn, outputs, num_samples=None):
+  def bind(loss_fn, outputs, num_samples=None, check=True):
     if not isinstance(outputs, jax.Array) or outputs.ndim < 1:
       raise ValueError("metrics.from_loss() needs the batch of outputs (B, *out) the loss is "
                        f"evaluated at; got {getattr(outputs, 'shape', type(outputs).__name__)}.")
@@ -371,7 +392,7 @@ def _bind_loss(max_outputs: int):
           f"Hessian-vector products and {m} eigendecompositions per step); that is above "
           f"max_outputs={max_outputs}. Use a closed-form metric (identity(), softmax_fisher()) or "
           "random rows (sampled_softmax_fisher(k), gaussian_sketch(k)), or raise max_outputs.")
-    lam, vec = jnp.linalg.eigh(_loss_hessian_blocks(loss_fn, outputs, m))  # vec[s, :, i]
+    lam, vec = jnp.linalg.eigh(_loss_hessian_blocks(loss_fn, outputs, m, check))  # vec[s, :, i]
     eps, tiny = jnp.finfo(lam.dtype).eps, jnp.finfo(lam.dtype).tiny
     keep = lam > jnp.maximum(_EIGENVALUE_RTOL * size * eps * lam[:, -1:], tiny)
     # L_s^T L_s = B H_s: value_grad_and_curvature divides the rows by sqrt(B) (sqrt(m) for a
@@ -457,6 +478,7 @@ _ASSUMES = {
     "softmax_fisher": "the mean over samples of the cross-entropy of softmax(y)",
 }
 _SCALE_RTOL = 1e-2
+_COUPLING_RTOL = 1e-3
 _warned: set[tuple[str, object]] = set()
 
 
@@ -494,6 +516,29 @@ def _reasons(factor: float, batch: int, size: int) -> list[tuple[str, str]] | No
           return [tuple(text.format(batch=batch, size=size) for text in p[1])
                   for p in (a, b, c) if p[1]]
   return None
+
+
+class SampleCouplingWarning(UserWarning):
+  """``loss_fn`` couples samples: its Hessian w.r.t. the outputs is not block diagonal.
+
+  Silence it like :class:`MetricScaleWarning`.
+  """
+
+
+def _report_coupling(loss: tuple[object, str], off) -> None:
+  if ("coupling", loss[0]) in _warned:
+    return
+  _warned.add(("coupling", loss[0]))
+  warnings.warn(
+      f"loss_fn {loss[1]} couples the samples: its Hessian w.r.t. the outputs is not block "
+      f"diagonal over the batch (along a random probe the per-sample blocks are {float(off):.2g} "
+      "relative off the whole Hessian). metrics.from_loss(), like every output metric, is a "
+      "per-sample factor and assumes a sum (or mean) of per-sample terms; for a loss with batch "
+      "statistics (normalised over the batch, contrastive) its rows are not this loss's "
+      "Gauss-Newton factor. Write the loss per sample, or declare a metric on purpose "
+      "(identity(), softmax_fisher()). Silence: check_metric=False in value_grad_and_curvature, "
+      "or warnings.filterwarnings('ignore', category=riemod.metrics.SampleCouplingWarning).",
+      SampleCouplingWarning, stacklevel=2)
 
 
 def _constant_factor(loss_form: jax.Array, metric_form: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -559,8 +604,9 @@ def check_scale(metric: OutputMetric, loss_fn: Callable[[jax.Array], jax.Array],
   batch, m, size = y.shape[0], rows.shape[0], math.prod(y.shape[1:])
   probes = jax.random.normal(jax.random.key(20260312), (2, m, size), y.dtype)
   padded = jnp.concatenate([probes, jnp.zeros((2, batch - m, size), y.dtype)], axis=1)
+  padded = padded.reshape((2,) + y.shape) + jnp.zeros_like(y)  # the outputs' type (shard_map)
   _, hvp = jax.vjp(jax.grad(loss_fn), y)
-  loss_form = jax.vmap(lambda v: jnp.vdot(v, hvp(v.reshape(y.shape))[0]))(padded)
+  loss_form = jax.vmap(lambda v: jnp.vdot(v, hvp(v)[0]))(padded)
   projected = jnp.einsum("skc,psc->psk", rows.reshape(m, rows.shape[1], size), probes)
   metric_form = jnp.sum(projected ** 2, axis=(1, 2)) / batch
   mismatch, factor = _constant_factor(loss_form, metric_form)

@@ -206,7 +206,8 @@ def _measure(f, params, x, loss_fn, metric, mode, **kwargs):
     out = (jax.jit(run) if mode == "jit" else run)(params)
     jax.block_until_ready(out)
     jax.effects_barrier()
-  return [w for w in caught if issubclass(w.category, riemod.metrics.MetricScaleWarning)]
+  return [w for w in caught if issubclass(w.category, (riemod.metrics.MetricScaleWarning,
+                                                        riemod.metrics.SampleCouplingWarning))]
 
 
 CASES = [  # loss, metric, what the warning must say (None: no warning)
@@ -258,3 +259,37 @@ def test_scale_check_disabled_costs_nothing(fresh_warnings):
       f, x, loss_fn, riemod.metrics.identity(), params=p, check_metric=check))(params))
   assert "debug_callback" in jaxpr(True)
   assert "debug_callback" not in jaxpr(False)
+
+
+def test_structured_layers_take_the_loss_factor_too():
+  """Layers written with ``riemod.nn.dense`` (Gram-Hadamard kernels, rows never materialised):
+  the step with the default metric is the dense Gauss-Newton solve of a log-cosh loss."""
+  with jax.enable_x64(True):
+    _, params, x, t = _problem(seed=8)
+    params["b"]["bias"] = jnp.zeros(OUT)
+    f = lambda p, x: riemod.nn.dense(p["b"], jnp.tanh(riemod.nn.dense(p["a"], x)))
+    loss_fn = _losses(t)["log_cosh"]
+    _, g, curv = riemod.value_grad_and_curvature(f, x, loss_fn, params=params)
+    assert {type(m.factor).__name__ for m in curv.modules} == {"DenseFactor"}
+    j = _jacobian(f, params, x)
+    ggn = j.T @ _output_hessian(loss_fn, f(params, x)) @ j
+    mass = 1e-6
+    geometry = riemod.Geometry(mass=mass, structure="full")
+    step, _ = geometry.compose(curv, geometry.init(params)).step(g)
+    expected = np.linalg.solve(ggn + mass * np.eye(ggn.shape[0]), np.asarray(flat(g)))
+    assert _rel(flat(step), expected) < 1e-9
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+def test_a_loss_that_couples_samples_is_named(fresh_warnings, mode):
+  """A loss with batch statistics (residuals centred over the batch) has a Hessian that is not
+  block diagonal over samples: ``from_loss()`` warns once (one more Hessian product), and not
+  with ``check_metric=False``; per-sample losses above never warn (the scale-check cases)."""
+  f, params, x, t = _problem(seed=9, dtype=jnp.float32)
+  loss_fn = lambda y: 0.5 * jnp.mean(jnp.sum((y - y.mean(0) - t) ** 2, -1))
+  metric = riemod.metrics.from_loss()
+  assert not _measure(f, params, x, loss_fn, metric, mode, check_metric=False)
+  caught = _measure(f, params, x, loss_fn, metric, mode) + _measure(f, params, x, loss_fn,
+                                                                     metric, mode)
+  assert len(caught) == 1 and caught[0].category is riemod.metrics.SampleCouplingWarning
+  assert "couples the samples" in str(caught[0].message)

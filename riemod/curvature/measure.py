@@ -210,7 +210,9 @@ def value_grad_and_curvature(
       (``identity()``, ``softmax_fisher()``), compare its scale with the loss's Hessian along two
       probe directions and warn once (:class:`riemod.metrics.MetricScaleWarning`) when they differ
       by a constant factor (a ``.sum()`` loss: ``B``; an all-element mean: ``1/c``). One extra
-      product with the loss Hessian; ``False`` removes it from the computation.
+      product with the loss Hessian; ``False`` removes it from the computation. With
+      ``from_loss()`` the product tests instead that ``loss_fn`` does not couple samples (batch
+      statistics), which every output metric assumes (:class:`riemod.metrics.SampleCouplingWarning`).
 
   Returns:
     ``(loss, grads, curvature)``: ``grads`` has the structure of the parameters (an ``nnx.State``
@@ -269,7 +271,8 @@ def value_grad_and_curvature(
 
   # With axis_name: B (or m) samples per device, rows scaled by the global count.
   root = jnp.sqrt(jnp.asarray(num_curv * devices, outputs_curv.dtype))
-  output_metric = output_metric.bind(loss_fn, outputs, num_curv)  # from_loss(): at this loss
+  # from_loss(): bound to this loss (and, with check_metric, tested for coupled samples).
+  output_metric = output_metric.bind(loss_fn, outputs, num_curv, check_metric)
   unscaled_rows = output_metric(outputs_curv, key)
   if check_metric:
     check_scale(output_metric, loss_fn, outputs, unscaled_rows)
