@@ -171,12 +171,16 @@ def _largest_eigenvalue(chol: jax.Array) -> jax.Array:
   d = chol.shape[-1]
   v = jnp.cos(0.7 * jnp.arange(d, dtype=chol.dtype) + 0.3)
   v = v / jnp.linalg.norm(v)
-  lam = jnp.ones((), chol.dtype)
-  for _ in range(_POWER_ITERATIONS):
-    w = chol @ (v @ chol)
+
+  def iteration(_, carry):
+    w = chol @ (carry[0] @ chol)
     lam = jnp.linalg.norm(w)
-    v = w / jnp.where(lam > 0, lam, 1)
-  return lam
+    return w / jnp.where(lam > 0, lam, 1), lam
+
+  # A loop, not unrolled Python: the unrolled iterations were about a third of a layerwise
+  # step's compile time (benchmarks/results/compile.md).
+  return jax.lax.fori_loop(0, _POWER_ITERATIONS, iteration, (v, jnp.ones((), chol.dtype)))[1]
+
 
 
 def _smallest_eigenvalue(chol: jax.Array) -> jax.Array:
@@ -185,13 +189,15 @@ def _smallest_eigenvalue(chol: jax.Array) -> jax.Array:
   n = chol.shape[-1]
   v = jnp.cos(0.7 * jnp.arange(n, dtype=chol.dtype) + 0.3)
   v = v / jnp.linalg.norm(v)
-  lam = jnp.ones((), chol.dtype)
-  for _ in range(_POWER_ITERATIONS):
-    w = jax.scipy.linalg.cho_solve((chol, True), v)
+
+  def iteration(_, carry):
+    w = jax.scipy.linalg.cho_solve((chol, True), carry[0])
     norm = jnp.linalg.norm(w)
     lam = 1.0 / jnp.where(norm > 0, norm, 1)
-    v = w * lam
-  return lam
+    return w * lam, lam
+
+  return jax.lax.fori_loop(0, _POWER_ITERATIONS, iteration, (v, jnp.ones((), chol.dtype)))[1]
+
 
 
 def _split_range(factors, rhs: Sequence[Params], coordinates: jax.Array | None, eps
