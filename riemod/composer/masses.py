@@ -108,13 +108,13 @@ class KroneckerChange:
       right = right.T
     structure = self.structure
     flat = structure.kernel_to_flat(leaves["kernel"])
-    theta = (jnp.concatenate([leaves["bias"][..., None, :], flat], axis=-2)
-             if structure.has_bias else flat)
+    theta = (jnp.concatenate([structure.bias_to_flat(leaves["bias"])[..., None, :], flat],
+                             axis=-2) if structure.has_bias else flat)
     dtype = theta.dtype
     theta = jnp.einsum("ij,...jk,kl->...il", left.astype(dtype), theta, right.astype(dtype))
     out = {"kernel": structure.flat_to_kernel(theta[..., 1:, :] if structure.has_bias else theta)}
     if structure.has_bias:
-      out["bias"] = theta[..., 0, :]
+      out["bias"] = structure.flat_to_bias(theta[..., 0, :])
     return out
 
 
