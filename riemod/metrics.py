@@ -332,6 +332,7 @@ def custom(per_sample_factor: Callable[..., jax.Array], *, name: str = "custom",
       return jax.vmap(per_sample_factor)(outputs)
   return OutputMetric(name, factor, needs_key=needs_key)
 
+
 # -- the Gauss-Newton factor of the loss itself, and the check of a declared metric's scale
 
 # Eigenvalues of a sample's loss Hessian below this many ``size * eps * lambda_max`` are round-off

@@ -357,8 +357,7 @@ def apply_if_valid(inner: optax.GradientTransformation, policy: str = "error", *
     raise ValueError(f"on_nonfinite={policy!r}: use one of {NONFINITE_POLICIES}.")
   if isinstance(max_error, (int, float)) and not max_error > 0:  # arrays: inject_hyperparams
     raise ValueError(f"max_error={max_error!r}: a positive number (e.g. 1e-2) or None.")
-  if max_loss_growth is not None and not (isinstance(max_loss_growth, (int, float))
-                                          and max_loss_growth > 1):
+  if isinstance(max_loss_growth, (int, float)) and not max_loss_growth > 1:  # arrays: injected
     raise ValueError(f"max_loss_growth={max_loss_growth!r}: a number > 1 (e.g. 3.0) or None.")
 
   def init_fn(params):

@@ -65,7 +65,10 @@ def test_range_aware_step_matches_svd_at_tiny_mass(structure):
     metric = geometry.compose(curv, geometry.advance(geometry.init(params), g))
     step, report = metric.step(g)
     rel = lambda a: np.linalg.norm(np.asarray(flat(a)) - expected) / np.linalg.norm(expected)
-    assert rel(step) < 1e-12
+    # Measured 5.3e-12 (full; below 1e-12 before the per-structure factors
+    # of the sequence-model work changed the kernel's summation order): at cond(G) ~ 1e10 the
+    # round-off of either order; the Woodbury form below is ~1e-5 off.
+    assert rel(step) < 1e-11
     assert np.all(np.asarray(report.error) < 1e-9)      # and it says so
     woodbury = geometry.compose(dataclasses.replace(curv, coordinates=None),
                                 geometry.advance(geometry.init(params), g))

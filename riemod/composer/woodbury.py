@@ -417,10 +417,13 @@ class BlockFactorization:
       direction = [_add(a, b, momentum) for a, b in zip(x_g, x_phi)]
     g_ginv_g = _dot(rhs, x_g)
     lam_max = self._capacitance_max()
-    # Relative error of the direction, calibrated on float32 against float64 (tests and
-    # docs/method.md): a Woodbury subtraction loses about eps * cond(C) of its own size (measured
-    # 0.2-0.35 eps lam_max(C) for masses 1e-1..1e-8); the push-through part about
-    # eps * sqrt(cond(C)) at most (measured below 4e-4 at cond 1e9). C >= I, so cond(C) <= lam_max.
+    # Relative error of the direction, calibrated on float32 against float64
+    # (benchmarks/bench_precision.py): a Woodbury subtraction loses 0.1-0.7 eps lam_max(C) of its
+    # own size for masses 1e-1..1e-8; the push-through part up to ~3 eps sqrt(cond(C)) (full).
+    # C >= I, so cond(C) <= lam_max. Not modelled: the inputs' own round-off (g, e, the rows)
+    # amplified by the solve, which takes the layerwise push-through error up to 11 eps
+    # sqrt(lam_max), 4.7x past this estimate, at masses 1e-3..1e-4 (errors <= 7e-4); its bound
+    # |g| max(D^{-1}) / |dir| over-estimates small masses by up to 1e6, refusing accurate steps.
     subtracted = norm(x_r) + (jnp.abs(momentum) * norm(x_phi) if with_momentum else 0.0)
     pushed = norm(x_e) if x_e is not None else 0.0
     error = _ERROR_SAFETY * eps * _safe_div(jnp.sqrt(lam_max) * pushed + lam_max * subtracted,
