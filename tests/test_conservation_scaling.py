@@ -118,7 +118,7 @@ def test_second_derivatives_and_unexpanded_brackets_match_the_expanded_ones(rep,
 
 
 def test_rank_tracker_decisions_match_a_dense_svd():
-  from riemod.conservation.lie import _RankTracker  # pylint: disable=import-outside-toplevel
+  from riemod.conservation._rank import _RankTracker  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   n, rtol = 30, 1e-8
   tracker = _RankTracker(n, rtol, 1e2)

@@ -137,6 +137,7 @@ def test_warm_start_reaches_eigh_with_two_lanczos_steps():
     assert int(state.estimates) == 40
 
 
+@pytest.mark.slow  # 54 s in make test (2 workers); the estimate itself is tested against eigh above
 def test_estimates_every_k_steps_and_jit_equals_eager():
   with jax.enable_x64(True):
     f, x, loss_fn, params = _least_squares()

@@ -261,8 +261,8 @@ def test_bad_inputs_name_the_argument():
   with pytest.raises(KeyError, match="modules are"):
     riemod.value_grad_and_curvature(model, jnp.ones((2, 3)), loss, riemod.metrics.identity(),
                                     declarations={"nope": {"mass": 1.0}})
-  with pytest.raises(ValueError, match="logits"):
-    riemod.value_grad_and_curvature(lambda p, x: (x @ p)[..., None], jnp.ones((2, 3)), loss,
+  with pytest.raises(ValueError, match="logits"):  # (batch, 2, 1) is per-token; (batch,) is not
+    riemod.value_grad_and_curvature(lambda p, x: (x @ p)[..., 0], jnp.ones((2, 3)), loss,
                                     riemod.metrics.softmax_fisher(), params=jnp.ones((3, 2)))
 
 

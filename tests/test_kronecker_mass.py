@@ -292,6 +292,7 @@ def test_float32_step_within_its_error_estimate():
                                                                           errors[slot])
 
 
+@pytest.mark.slow  # 53 s in make test (2 workers)
 def test_state_round_trip_jit_and_optimizer():
   geometry = _geometry("layerwise", update_every=2)
   tx = optax.chain(riemod.scale_by_metric(geometry, momentum=0.5), optax.scale(-0.1))

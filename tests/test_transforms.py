@@ -210,7 +210,7 @@ def test_missing_or_foreign_curvature_and_bad_arguments():
   other = {"w": jnp.ones((4, 2))}
   _, _, foreign = riemod.value_grad_and_curvature(
       lambda p, x: x @ p["w"], x, lambda y: jnp.mean(y**2), riemod.metrics.identity(), params=other)
-  with pytest.raises(ValueError, match="does not belong"):
+  with pytest.raises(ValueError, match="that the curvature does not have"):
     tx.update(grads, state, variables, curvature=foreign)
   for bad in (dict(mass=0.0), dict(mass=-2.0), dict(mass=float("inf"))):
     with pytest.raises(ValueError, match="mass"):

@@ -120,7 +120,7 @@ def orbit_rank(family, point, *, rtol: float = 1e-3, ambiguity: float = 1e2, max
   Raises:
     ValueError: ``family.flow`` is None, or a flow overflowed.
   """
-  from riemod.conservation.lie import _RankTracker, _start_tracker, _VANISHING  # pylint: disable=g-import-not-at-top
+  from riemod.conservation._rank import _RankTracker, _start_tracker, _VANISHING  # pylint: disable=g-import-not-at-top
   if family.flow is None:
     raise ValueError("orbit_rank needs closed-form flows (family.flow is None); they are known for the "
                      "heavy-ball momentum_lift without position_rate. Use method='polynomial' or 'jvp'.")

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from riemod.nn.structure import DenseStructure, EmbedStructure
+from riemod.nn.structure import DenseStructure, ElementwiseStructure, EmbedStructure
 
 Leaves = Mapping[str, jax.Array]
 
@@ -274,3 +274,45 @@ class EmbedFactor:
 
 
 Factor = DenseFactor | RowsFactor | EmbedFactor
+
+
+def factor_from_structure(structure, inputs: Sequence[jax.Array], cotangents: Sequence[jax.Array]):
+  """The factor of a recognised layer from its recorded inputs and the output cotangents of every
+  call (one home for the layer kinds of :mod:`riemod.nn.structure`: dense/conv, embedding,
+  elementwise scale and bias)."""
+  if isinstance(structure, DenseStructure):
+    return _dense_factor(structure, inputs, cotangents)
+  if isinstance(structure, EmbedStructure):
+    return _embed_factor(structure, inputs, cotangents)
+  if isinstance(structure, ElementwiseStructure):
+    return _elementwise_factor(structure, inputs, cotangents)
+  raise TypeError(f"No factor for the layer structure {type(structure).__name__}.")
+
+
+def _dense_factor(structure, inputs, cotangents):
+  features = jnp.concatenate([structure.features(v) for v in inputs], axis=1)
+  rows = jnp.concatenate([structure.positions(c, batch_axes=1) for c in cotangents], axis=2)
+  return DenseFactor(features, rows, structure)
+
+
+def _embed_factor(structure, inputs, cotangents):
+  for ids in inputs:
+    if not jnp.issubdtype(jnp.asarray(ids).dtype, jnp.integer):
+      raise TypeError(f"An embedding was called with {jnp.asarray(ids).dtype} inputs; it "
+                      "takes integer token ids.")
+  ids = jnp.concatenate([v.reshape(v.shape[0], -1) for v in inputs], axis=1)
+  rows = jnp.concatenate([c.reshape(c.shape[:2] + (-1, structure.features)) for c in cotangents],
+                         axis=2)
+  return EmbedFactor(rows, ids, structure)
+
+
+def _elementwise_factor(structure, inputs, cotangents):
+  f = structure.num_features
+  xhat = jnp.concatenate([v.reshape(v.shape[0], -1, f) for v in inputs], axis=1)
+  rows = jnp.concatenate([c.reshape(c.shape[:2] + (-1, f)) for c in cotangents], axis=2)
+  leaf_rows = {}
+  if structure.has_scale:
+    leaf_rows["scale"] = jnp.einsum("bpf,rbpf->rbf", xhat.astype(rows.dtype), rows)
+  if structure.has_bias:
+    leaf_rows["bias"] = rows.sum(axis=2)
+  return RowsFactor(leaf_rows)

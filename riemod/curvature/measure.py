@@ -21,7 +21,7 @@ import numpy as np
 
 from riemod import _tape
 from riemod.curvature import _mesh
-from riemod.curvature.factors import RowsFactor
+from riemod.curvature.factors import RowsFactor, factor_from_structure
 from riemod.curvature.types import Curvature, ModuleCurvature, leaf_paths
 from riemod.metrics import OutputMetric, check_scale, from_loss
 from riemod.nn.adapter import (Frontend, ModuleGroup, _FunctionFrontend, _LinenFrontend,
@@ -295,7 +295,8 @@ def value_grad_and_curvature(
     factor = None
     if group.path in taps:
       # Dense, embedding or elementwise structure: the structure forms its own factor.
-      factor = group.structure.make_factor(inputs[group.path], tap_cotangents[group.path])
+      factor = factor_from_structure(group.structure, inputs[group.path],
+                                     tap_cotangents[group.path])
       _check_leaf_names(group, factor.leaf_names)
     elif group.path in generic_rows:
       factor = RowsFactor(generic_rows[group.path])

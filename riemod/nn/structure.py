@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import types
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -107,15 +107,6 @@ class DenseStructure:
   def flat_to_bias(self, flat: jax.Array) -> jax.Array:
     return flat.reshape(flat.shape[:-1] + self.bias_shape)
 
-  def make_factor(self, inputs: Sequence[jax.Array], cotangents: Sequence[jax.Array]):
-    """The implicit factor from the recorded inputs and the output cotangents of every call."""
-    from riemod.curvature.factors import DenseFactor
-
-    features = jnp.concatenate([self.features(v) for v in inputs], axis=1)
-    rows = jnp.concatenate([self.positions(c, batch_axes=1) for c in cotangents], axis=2)
-    return DenseFactor(features, rows, self)
-
-
 @dataclasses.dataclass(frozen=True)
 class EmbedStructure:
   """An embedding ``y[p] = E[id_p]`` with ``E`` of shape ``(num_embeddings, features)``.
@@ -127,19 +118,6 @@ class EmbedStructure:
 
   num_embeddings: int
   features: int
-
-  def make_factor(self, inputs: Sequence[jax.Array], cotangents: Sequence[jax.Array]):
-    from riemod.curvature.factors import EmbedFactor
-
-    for ids in inputs:
-      if not jnp.issubdtype(jnp.asarray(ids).dtype, jnp.integer):
-        raise TypeError(f"An embedding was called with {jnp.asarray(ids).dtype} inputs; it "
-                        "takes integer token ids.")
-    ids = jnp.concatenate([v.reshape(v.shape[0], -1) for v in inputs], axis=1)
-    rows = jnp.concatenate([c.reshape(c.shape[:2] + (-1, self.features)) for c in cotangents],
-                           axis=2)
-    return EmbedFactor(rows, ids, self)
-
 
 @dataclasses.dataclass(frozen=True)
 class ElementwiseStructure:
@@ -153,20 +131,6 @@ class ElementwiseStructure:
   num_features: int
   has_scale: bool
   has_bias: bool
-
-  def make_factor(self, inputs: Sequence[jax.Array], cotangents: Sequence[jax.Array]):
-    from riemod.curvature.factors import RowsFactor
-
-    f = self.num_features
-    xhat = jnp.concatenate([v.reshape(v.shape[0], -1, f) for v in inputs], axis=1)
-    rows = jnp.concatenate([c.reshape(c.shape[:2] + (-1, f)) for c in cotangents], axis=2)
-    leaf_rows = {}
-    if self.has_scale:
-      leaf_rows["scale"] = jnp.einsum("bpf,rbpf->rbf", xhat.astype(rows.dtype), rows)
-    if self.has_bias:
-      leaf_rows["bias"] = rows.sum(axis=2)
-    return RowsFactor(leaf_rows)
-
 
 Structure = DenseStructure | EmbedStructure | ElementwiseStructure
 
