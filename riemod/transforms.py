@@ -404,18 +404,24 @@ def apply_if_valid(inner: optax.GradientTransformation, policy: str = "error", *
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _natural_gradient(structure: str, learning_rate, mass, geometry, momentum, on_nonfinite,
-                      max_error, residuals, max_loss_growth) -> optax.GradientTransformationExtraArgs:
-  """The one builder behind both aliases."""
+def alias_geometry(structure: str, mass, geometry: Geometry | None) -> Geometry:
+  """The geometry an alias steps with: ``geometry``, or ``Geometry(mass)`` (default 1e-2)."""
   if geometry is None:
-    geometry = Geometry(mass=1e-2 if mass is None else mass, structure=structure)
-  elif mass is not None:
+    return Geometry(mass=1e-2 if mass is None else mass, structure=structure)
+  if mass is not None:
     raise ValueError("Pass the mass either as mass= or inside geometry=, not both.")
-  elif geometry.structure != structure:
+  if geometry.structure != structure:
     raise ValueError(
         f"geometry.structure={geometry.structure!r} but this alias steps with structure="
         f"{structure!r}: use riemod.natural_gradient for 'full' and "
         "riemod.layerwise_natural_gradient for 'layerwise' (or scale_by_metric directly).")
+  return geometry
+
+
+def _natural_gradient(structure: str, learning_rate, mass, geometry, momentum, on_nonfinite,
+                      max_error, residuals, max_loss_growth) -> optax.GradientTransformationExtraArgs:
+  """The one builder behind both aliases."""
+  geometry = alias_geometry(structure, mass, geometry)
   core = optax.chain(scale_by_metric(geometry, momentum=momentum, residuals=residuals),
                      optax.scale_by_learning_rate(learning_rate))
   return apply_if_valid(track_action(core, learning_rate), on_nonfinite, max_error=max_error,

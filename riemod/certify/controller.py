@@ -49,7 +49,8 @@ from riemod.certify.contraction import gauss_newton_product
 from riemod.certify.lanczos import top_ritz_pair
 from riemod.composer.geometry import Geometry
 from riemod.state import find_state
-from riemod.transforms import MetricState, layerwise_natural_gradient, natural_gradient
+from riemod.transforms import (MetricState, alias_geometry, layerwise_natural_gradient,
+                               natural_gradient)
 
 HESSIANS = ("gauss_newton", "full")
 
@@ -241,10 +242,7 @@ def controlled(
 def _certified(structure, builder, mass, geometry, fraction, every, warmup, recheck_rise,
                num_steps, hessian, learning_rate, max_learning_rate, momentum, on_nonfinite,
                max_error):
-  if geometry is None:
-    geometry = Geometry(mass=1e-2 if mass is None else mass, structure=structure)
-  elif mass is not None:
-    raise ValueError("Pass the mass either as mass= or inside geometry=, not both.")
+  geometry = alias_geometry(structure, mass, geometry)
   inner = builder(1.0, geometry=geometry, momentum=momentum, on_nonfinite=on_nonfinite,
                   max_error=max_error)
   return controlled(inner, geometry, fraction=fraction, every=every, warmup=warmup,
