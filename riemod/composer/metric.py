@@ -172,7 +172,7 @@ class ComposedMetric:
         metric_grad_norm_sq=jnp.asarray(sum(quadratic), dtype),
         condition=stack([r.condition for r in results]),
         residual=stack([r.residual for r in results]),
-        jitter=stack([b.jitter for b in self.blocks]),
+        jitter=stack([r.jitter for r in results]),
         error=jnp.where(self.mass_ok, error, jnp.nan))
     return self._rescale(direction), report
 

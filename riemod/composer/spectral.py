@@ -161,7 +161,7 @@ class TruncatedBlock(BlockFactorization):
     # eps cond on the kept directions.
     error = _SAFETY * eps * condition
     return BlockStep(tuple(direction), _wb._dot(rhs, x_g), self._residual(x_g, rhs), error,
-                     condition)
+                     condition, self.jitter)
 
   def sample(self, key: jax.Array, like: Sequence[Params]) -> tuple[Params, ...]:
     """A draw from ``N(0, G^+)``: ``D^{-1/2} V diag(keep / sqrt(s^2 + 1)) z``."""
@@ -233,6 +233,10 @@ class NystromBlock(BlockFactorization):
 
   def _capacitance_max(self) -> jax.Array:
     return 1 + self.eigenvalues[0]
+
+  def _solve_and_estimate(self, rhs: jax.Array
+                          ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    return (*self._cho_solve(rhs), self._capacitance_max(), self.jitter)
 
 
 def nystrom_block(factors, inv_masses, rank: int, oversampling: int, key: jax.Array,

@@ -226,6 +226,7 @@ class BlockStep(NamedTuple):
     error: estimated relative error of the direction (``eps * cond * cancellation``).
     condition: estimate of the factored matrix's condition number (``lam_max(C)`` in sample
       space, where ``C >= I``; ``lam_max(G) / min(D)`` in parameter space).
+    jitter: the jitter the block's factorisation needed (0 when none).
   """
 
   direction: tuple[Params, ...]
@@ -233,6 +234,7 @@ class BlockStep(NamedTuple):
   residual: jax.Array
   error: jax.Array
   condition: jax.Array
+  jitter: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -284,16 +286,25 @@ class BlockFactorization:
       out.append(module)
     return tuple(out)
 
-  def _with_factor(self, fn: Callable[[jax.Array], Any]) -> Any:
-    """``fn(factor)`` with the plain factor, or with a jittered one if the plain one failed.
+  def _with_factor(self, fn: Callable[[jax.Array], Any]) -> tuple[Any, jax.Array]:
+    """``(fn(factor), jitter)``: with the plain factor (jitter 0), or with a jittered one if the
+    plain one failed.
 
     ``fn`` runs on the plain factor unconditionally; the ``lax.cond`` only chooses between its
     (vector-sized) result and a recomputation from the factors. No ``d x d`` array enters the
     cond: on XLA:CPU a factor passed through control flow costs transposing copies (measured: a
     cond around the factor made an exact-Fisher MLP step 1.9x its factorisations, against 1.3x).
+    Every call compiles its own failure branch (rebuilding the matrix, the jitter search, the
+    refactorisation), so a step reads everything it needs from the factor in one call
+    (:meth:`_solve_and_estimate`).
     """
     plain = fn(self.chol)
-    return jax.lax.cond(self.factored, lambda: plain, lambda: fn(self._jittered_factor()[0]))
+
+    def jittered():
+      chol, jitter = self._jittered_factor()
+      return fn(chol), jitter
+
+    return jax.lax.cond(self.factored, lambda: (plain, jnp.zeros((), self.chol.dtype)), jittered)
 
   @property
   def jitter(self) -> jax.Array:
@@ -313,18 +324,33 @@ class BlockFactorization:
       return self._flatten(self.matvec(self._unflatten(x)))
     return x + sum(f.matvec(_scale(m, f.rmatvec(x))) for f, m in zip(self.factors, self.inv_masses))
 
+  def _solve_with(self, chol: jax.Array, rhs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Solutions for ``rhs`` rows with the factor ``chol`` and their relative residual: against
+    that factor, or against the operator when refining (then it measures what refinement left)."""
+    x = _cho_solve_rows(chol, rhs)
+    if not self.refinement_steps:
+      return x, _relative_residual(chol, x, rhs)
+    for _ in range(self.refinement_steps):
+      x = x + _cho_solve_rows(chol, rhs - self._operator(x))
+    norm = jnp.maximum(jnp.linalg.norm(rhs), jnp.finfo(rhs.dtype).tiny)
+    return x, jnp.linalg.norm(rhs - self._operator(x)) / norm
+
   def _cho_solve(self, rhs: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Solutions for ``rhs`` rows and their relative residual: against the factor used, or
-    against the operator when refining (then it measures what refinement left)."""
-    def solve_with(chol):
-      x = _cho_solve_rows(chol, rhs)
-      if not self.refinement_steps:
-        return x, _relative_residual(chol, x, rhs)
-      for _ in range(self.refinement_steps):
-        x = x + _cho_solve_rows(chol, rhs - self._operator(x))
-      norm = jnp.maximum(jnp.linalg.norm(rhs), jnp.finfo(rhs.dtype).tiny)
-      return x, jnp.linalg.norm(rhs - self._operator(x)) / norm
-    return self._with_factor(solve_with)
+    """Solutions for ``rhs`` rows and their relative residual (see :meth:`_solve_with`)."""
+    return self._with_factor(lambda chol: self._solve_with(chol, rhs))[0]
+
+  def _solve_and_estimate(self, rhs: jax.Array
+                          ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(solutions, residual, estimate, jitter)`` for ``rhs`` rows, all from the same factor
+    (one failure branch): the estimate is ``lam_max(C)`` in sample space and the condition
+    estimate ``lam_max(G) / lam_min(G)`` in parameter space."""
+    if self.space == "parameter":
+      estimate = lambda chol: _largest_eigenvalue(chol) / _smallest_eigenvalue(chol)
+    else:
+      estimate = _largest_eigenvalue
+    (x, residual, value), jitter = self._with_factor(
+        lambda chol: (*self._solve_with(chol, rhs), estimate(chol)))
+    return x, residual, value, jitter
 
   def solve(self, rhs: Sequence[Params]) -> tuple[tuple[Params, ...], jax.Array]:
     """``G^{-1} rhs`` per module (leaves may carry a leading batch of right-hand sides), and the
@@ -374,17 +400,15 @@ class BlockFactorization:
                  [self._flatten([{k: v[k] / m[k] for k in v}
                                  for v, m in zip(previous, self.inv_masses)])])
       b = self._flatten(rhs)
-      solved, residual = self._cho_solve(jnp.stack([b] + carried))
+      solved, residual, condition, jitter = self._solve_and_estimate(jnp.stack([b] + carried))
       x_g = solved[0]
       direction = x_g + momentum * solved[1] if with_momentum else x_g
       g_ginv_g = jnp.vdot(b, x_g).real
-      condition = self._with_factor(lambda chol: _largest_eigenvalue(chol)
-                                    / _smallest_eigenvalue(chol))
       # Measured in float32 against float64 (masses 1e-1..1e-8): a Cholesky solve of G loses
       # 0.03-0.15 eps cond(G) where the error exceeds 1e-4 (0.4 at cond ~10); eps * cond keeps
       # a 6x margin where it matters without refusing float64 Gauss-Newton steps at cond 1e11.
       error = eps * condition
-      return BlockStep(self._unflatten(direction), g_ginv_g, residual, error, condition)
+      return BlockStep(self._unflatten(direction), g_ginv_g, residual, error, condition, jitter)
 
     rows, parts = [], {}
     remainder, in_range = _split_range(self.factors, rhs, coordinates, eps)
@@ -397,7 +421,7 @@ class BlockFactorization:
     if with_momentum:
       parts["momentum"] = len(rows)
       rows.append(sum(f.matvec(p) for f, p in zip(self.factors, previous)))
-    t, residual = self._cho_solve(jnp.stack(rows))
+    t, residual, lam_max, jitter = self._solve_and_estimate(jnp.stack(rows))
 
     # The three parts, from one batched K^T product: the in-range part x_e = D^{-1} K^T t_e,
     # the remainder's Woodbury solve x_r = D^{-1} r - D^{-1} K^T t_r, and SPRING's
@@ -416,7 +440,6 @@ class BlockFactorization:
       x_phi = [_add(p, b) for p, b in zip(previous, piece("momentum"))]
       direction = [_add(a, b, momentum) for a, b in zip(x_g, x_phi)]
     g_ginv_g = _dot(rhs, x_g)
-    lam_max = self._capacitance_max()
     # Relative error of the direction, calibrated on float32 against float64
     # (benchmarks/bench_precision.py): a Woodbury subtraction loses 0.1-0.7 eps lam_max(C) of its
     # own size for masses 1e-1..1e-8; the push-through part up to ~3 eps sqrt(cond(C)) (full).
@@ -428,11 +451,11 @@ class BlockFactorization:
     pushed = norm(x_e) if x_e is not None else 0.0
     error = _ERROR_SAFETY * eps * _safe_div(jnp.sqrt(lam_max) * pushed + lam_max * subtracted,
                                              norm(direction))
-    return BlockStep(tuple(direction), g_ginv_g, residual, error, lam_max)
+    return BlockStep(tuple(direction), g_ginv_g, residual, error, lam_max, jitter)
 
   def _capacitance_max(self) -> jax.Array:
     """``lam_max(C)`` of the sample-space capacitance (for the error estimate)."""
-    return self._with_factor(_largest_eigenvalue)
+    return self._with_factor(_largest_eigenvalue)[0]
 
   def matvec(self, v: Sequence[Params]) -> tuple[Params, ...]:
     """``G v`` per module (the metric itself, never formed)."""
