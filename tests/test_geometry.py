@@ -91,12 +91,14 @@ def test_range_aware_step_keeps_a_structural_remainder():
     np.testing.assert_allclose(flat(step), expected, rtol=1e-8, atol=1e-10 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("coordinates, width", [(True, 20), (False, 20), (True, 4)])
-def test_float32_error_estimate_bounds_the_error(coordinates, width):
+@pytest.mark.parametrize("coordinates, width, structure", [
+    (True, 20, "full"), (False, 20, "full"), (True, 4, "full"), (True, 20, "layerwise")])
+def test_float32_error_estimate_bounds_the_error(coordinates, width, structure):
   """float32 steps against the float64 step of the same float32 data: the per-block estimate
   is at least the measured error wherever that error matters (>= 1e-4), over masses 1e-1..1e-8;
   so an accepted step (estimate <= max_error) is accurate to max_error. Width 20: sample space
-  (push-through or Woodbury); width 4: fewer parameters than rows, parameter space."""
+  (push-through or Woodbury); width 4: fewer parameters than rows, parameter space. Layerwise:
+  the output block has few parameters per row, where e leans on the rows' weak directions."""
   f, params, x, loss_fn = _mlp(seed=2, batch=16, width=width, dtype=jnp.float32)
 
   def step(params, x, mass):
@@ -104,7 +106,7 @@ def test_float32_error_estimate_bounds_the_error(coordinates, width):
         f, x, lambda y: loss_fn(y).astype(y.dtype), riemod.metrics.identity(), params=params)
     if not coordinates:
       curv = dataclasses.replace(curv, coordinates=None)
-    geometry = riemod.Geometry(mass=mass, structure="full")
+    geometry = riemod.Geometry(mass=mass, structure=structure)
     return geometry.compose(curv, geometry.init(params)).step(g)
 
   for mass in (1e-1, 1e-3, 1e-4, 1e-6, 1e-8):

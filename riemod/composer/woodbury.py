@@ -440,18 +440,29 @@ class BlockFactorization:
       x_phi = [_add(p, b) for p, b in zip(previous, piece("momentum"))]
       direction = [_add(a, b, momentum) for a, b in zip(x_g, x_phi)]
     g_ginv_g = _dot(rhs, x_g)
-    # Relative error of the direction, calibrated on float32 against float64
-    # (benchmarks/bench_precision.py): a Woodbury subtraction loses 0.1-0.7 eps lam_max(C) of its
-    # own size for masses 1e-1..1e-8; the push-through part up to ~3 eps sqrt(cond(C)) (full).
-    # C >= I, so cond(C) <= lam_max. Not modelled: the inputs' own round-off (g, e, the rows)
-    # amplified by the solve, which takes the layerwise push-through error up to 11 eps
-    # sqrt(lam_max), 4.7x past this estimate, at masses 1e-3..1e-4 (errors <= 7e-4); its bound
-    # |g| max(D^{-1}) / |dir| over-estimates small masses by up to 1e6, refusing accurate steps.
+    # Relative error of the direction, checked on float32 against float64 over masses 1e-1..1e-8
+    # (benchmarks/bench_precision.py). Woodbury: the subtraction loses 0.1-0.7 eps lam_max(C) of
+    # its own size (calibrated; _ERROR_SAFETY keeps >= 6x). Push-through: the backward-error bound
+    # of _pushed_error, 5x or more above every measured error.
     subtracted = norm(x_r) + (jnp.abs(momentum) * norm(x_phi) if with_momentum else 0.0)
-    pushed = norm(x_e) if x_e is not None else 0.0
-    error = _ERROR_SAFETY * eps * _safe_div(jnp.sqrt(lam_max) * pushed + lam_max * subtracted,
-                                             norm(direction))
+    pushed = self._pushed_error(t[parts["range"]], lam_max) if x_e is not None else 0.0
+    error = eps * _safe_div(pushed + _ERROR_SAFETY * lam_max * subtracted, norm(direction))
     return BlockStep(tuple(direction), g_ginv_g, residual, error, lam_max, jitter)
+
+  def _pushed_error(self, t_e: jax.Array, lam_max: jax.Array) -> jax.Array:
+    """Bound on ``|dx| / eps`` for the push-through step ``x = D^{-1} K^T t``, ``t = C^{-1} e``.
+
+    A backward-stable Cholesky solve returns ``t + dt`` with ``(C + dC)(t + dt) = e``,
+    ``|dC| <~ eps lam_max(C)``, so ``dt ~ -C^{-1} dC t``. In whitened variables ``M = K D^{-1/2}``
+    (``C = I + M M^T``): ``D^{1/2} dx = M^T dt`` and ``|M^T C^{-1}| = max sigma / (1 + sigma^2)
+    <= 1/2``, hence ``|dx| <= eps max(D^{-1/2}) lam_max(C) |t| / 2``. The ``|t| = |C^{-1} e|``
+    factor grows when ``e`` leans on the rows' weak directions (a block with few parameters per
+    row), which an ``eps sqrt(lam_max) |x|`` model missed by up to 11x (layerwise, masses
+    1e-3..1e-4). Round-off in the rows and ``e`` themselves adds ``eps sqrt(lam_max)`` times the
+    same factors, smaller by ``sqrt(lam_max)``.
+    """
+    inv_mass_max = jnp.max(jnp.stack([jnp.max(v) for m in self.inv_masses for v in m.values()]))
+    return jnp.sqrt(inv_mass_max) * lam_max * jnp.linalg.norm(t_e) / 2
 
   def _capacitance_max(self) -> jax.Array:
     """``lam_max(C)`` of the sample-space capacitance (for the error estimate)."""
