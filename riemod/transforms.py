@@ -499,21 +499,94 @@ def layerwise_natural_gradient(
                            max_error, residuals, max_loss_growth)
 
 
-def module_diagnostics(state: Any, curvature: Curvature) -> dict[str, dict[str, float]]:
+_DIAGNOSTICS = ("condition", "residual", "jitter", "error")
+
+
+def module_diagnostics(state: Any, curvature: Curvature, mask: Any = None
+                       ) -> dict[str, dict[str, float]]:
   """Per-module diagnostics of the last step, from an optimizer state (searched inside chains).
 
-  Returns ``{module name: {"condition", "residual", "jitter", "error"}}``: the values of the
-  block the module belongs to (the one block under ``structure="full"``; NaN for modules outside
-  every block, e.g. euclidean ones).
+  Under ``optax.masked``, ``optax.multi_transform`` or an ``nnx.Optimizer`` with a narrower
+  ``wrt``, the riemod transform steps only the selected parameters, with the curvature restricted
+  to them; pass the same selection as ``mask`` and the diagnostics are those of the restricted
+  blocks, keyed by the modules that have selected parameters (the others are not stepped by it
+  and are left out). A riemod state inside ``optax.masked`` without ``mask`` is refused; so is a
+  layerwise state whose number of modules differs from the curvature's. A state with one block
+  (``structure="full"``, or a single selected module) does not tell from its state alone whether
+  it saw every parameter: pass ``mask`` whenever the transform sees a subset.
+
+  Args:
+    state: the optimizer state (or the state of one ``multi_transform`` group, e.g.
+      ``state.inner_states["ng"]``, when several groups are riemod transforms).
+    curvature: the curvature of the whole model, as passed to ``update``.
+    mask: ``None`` (the transform sees every parameter) or a pytree of bools with the
+      parameters' structure: the mask given to ``optax.masked``, for ``optax.multi_transform``
+      ``jax.tree.map(lambda label: label == "ng", labels)``.
+
+  Returns:
+    ``{module name: {"condition", "residual", "jitter", "error"}}``: the values of the block the
+    module belongs to (the one block under ``structure="full"``; condition and residual NaN for
+    modules outside every block, e.g. euclidean ones).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, riemod
+    >>> params = {"body": {"w": jnp.ones((3, 2))}, "head": {"w": jnp.ones((2, 1))}}
+    >>> f = lambda p, x: jnp.tanh(x @ p["body"]["w"]) @ p["head"]["w"]
+    >>> _, g, curv = riemod.value_grad_and_curvature(
+    ...     f, jnp.ones((4, 3)), lambda y: 0.5 * jnp.mean(y ** 2), riemod.metrics.identity(),
+    ...     params=params)
+    >>> mask = {"body": {"w": False}, "head": {"w": True}}
+    >>> tx = optax.masked(riemod.layerwise_natural_gradient(0.1), mask)
+    >>> _, state = tx.update(g, tx.init(params), params, curvature=curv)
+    >>> list(riemod.module_diagnostics(state, curv, mask=mask))
+    ['head']
   """
   inner = find_state(state, MetricState)
   if inner is None:
     raise ValueError("No riemod MetricState inside this optimizer state.")
+  if mask is not None:
+    curvature = _masked_curvature(curvature, mask)
+  elif _inside_masked(state, inner):
+    raise ValueError(
+        "The riemod transform in this state runs inside optax.masked / optax.multi_transform, "
+        "so it steps only the selected parameters: pass the selection as mask= (the mask given "
+        "to optax.masked; for multi_transform jax.tree.map(lambda l: l == 'group', labels)).")
   report = inner.report
   slots = report.condition.shape[0]
+  if slots != 1 and slots != len(curvature.modules):
+    raise ValueError(
+        f"The optimizer state has diagnostics for {slots} modules, the curvature has "
+        f"{len(curvature.modules)}: the transform steps a subset of the parameters (an "
+        "nnx.Optimizer with a narrower wrt=, optax.masked): pass that selection as mask=, a "
+        "pytree of bools with the parameters' structure.")
   out = {}
   for i, module in enumerate(curvature.modules):
-    j = 0 if slots == 1 and len(curvature.modules) != 1 else i
-    out[module.name] = {name: float(getattr(report, name)[j])
-                        for name in ("condition", "residual", "jitter", "error")}
+    if slots == 1 and len(curvature.modules) != 1:  # one block: the riemannian modules'
+      values = {name: float(getattr(report, name)[0]) for name in _DIAGNOSTICS}
+      if module.kind != "riemannian":
+        values.update(condition=float("nan"), residual=float("nan"), jitter=0.0, error=0.0)
+    else:
+      values = {name: float(getattr(report, name)[i]) for name in _DIAGNOSTICS}
+    out[module.name] = values
   return out
+
+
+def _masked_curvature(curvature: Curvature, mask: Any) -> Curvature:
+  """The curvature of the leaves ``mask`` selects (see :meth:`Curvature.restrict`)."""
+  if callable(mask):
+    raise TypeError("mask: pass the pytree of bools itself (call a mask function on the "
+                    "parameters first: mask=mask_fn(params)).")
+  flags = jax.tree.leaves(mask)
+  if curvature.leaf_paths is None or len(flags) != len(curvature.leaf_paths):
+    raise ValueError(
+        f"mask has {len(flags)} leaves, the curvature's parameters "
+        f"{len(curvature.leaf_shapes)}: pass a pytree of bools with the parameters' structure "
+        "(one bool per parameter array), as given to optax.masked.")
+  return curvature.restrict([p for p, keep in zip(curvature.leaf_paths, flags) if keep])
+
+
+def _inside_masked(state: Any, inner: MetricState) -> bool:
+  """Whether ``inner`` sits inside an ``optax.masked`` state (multi_transform's groups too)."""
+  masked = optax.tree_utils.tree_get_all_with_path(
+      state, "MaskedState", filtering=lambda _, value: isinstance(value, optax.MaskedState))
+  return any(find_state(m.inner_state, MetricState) is inner for _, m in masked)

@@ -197,3 +197,118 @@ def test_restrict_needs_paths():
   import dataclasses
   with pytest.raises(ValueError, match="no parameter paths"):
     dataclasses.replace(curv, leaf_paths=None).restrict(["head/kernel"])
+
+
+# -- module_diagnostics under a mask: the restricted blocks' values, by module.
+
+def _diagnostics_close(actual, expected):
+  assert set(actual) == set(expected)
+  for module in expected:
+    for name in ("condition", "jitter", "error"):
+      np.testing.assert_allclose(actual[module][name], expected[module][name], rtol=1e-10,
+                                 err_msg=f"{module} {name}")
+
+
+def test_module_diagnostics_masked_layerwise_equal_unmasked():
+  """A whole module selected: its layerwise block is the unmasked one, so are its values."""
+  with jax.enable_x64(True):
+    params = _params()
+    _, g, curv = _measure(_structured, params)
+    mask = {"body": {"kernel": False, "bias": False}, "head": {"kernel": True, "bias": True}}
+    full_tx = riemod.layerwise_natural_gradient(LR, MASS)
+    _, full_state = full_tx.update(g, full_tx.init(params), params, curvature=curv)
+    unmasked = riemod.module_diagnostics(full_state, curv)
+    assert unmasked["head"]["condition"] != unmasked["body"]["condition"]
+
+    tx = optax.masked(riemod.layerwise_natural_gradient(LR, MASS), mask)
+    _, state = tx.update(g, tx.init(params), params, curvature=curv)
+    _diagnostics_close(riemod.module_diagnostics(state, curv, mask=mask),
+                       {"head": unmasked["head"]})
+    with pytest.raises(ValueError, match="mask="):  # read against the whole model: refused
+      riemod.module_diagnostics(state, curv)
+
+    labels = jax.tree.map(lambda keep: "ng" if keep else "sgd", mask)
+    multi = optax.multi_transform({"ng": riemod.layerwise_natural_gradient(LR, MASS),
+                                   "sgd": optax.sgd(0.1)}, labels)
+    _, state = multi.update(g, multi.init(params), params, curvature=curv)
+    selected = jax.tree.map(lambda label: label == "ng", labels)
+    _diagnostics_close(riemod.module_diagnostics(state, curv, mask=selected),
+                       {"head": unmasked["head"]})
+
+
+@pytest.mark.parametrize("structure", ["layerwise", "full"])
+def test_module_diagnostics_masked_equal_submodel(structure):
+  """The selected block (the head, and the body's bias under "full") against the model whose
+  other parameters are closed over as constants: the same block, the same diagnostics."""
+  with jax.enable_x64(True):
+    params = _params()
+    x, t = _data()
+    _, g, curv = _measure(_structured, params)
+    mask = {"body": {"kernel": False, "bias": True}, "head": {"kernel": True, "bias": True}}
+    make = lambda: (riemod.natural_gradient(LR, MASS) if structure == "full"
+                    else riemod.layerwise_natural_gradient(LR, MASS))
+    tx = optax.masked(make(), mask)
+    _, state = tx.update(g, tx.init(params), params, curvature=curv)
+    diag = riemod.module_diagnostics(state, curv, mask=mask)
+
+    sub = {"body": {"bias": params["body"]["bias"]}, "head": params["head"]}
+    sub_f = lambda q, xb: _structured(
+        {"body": {"kernel": params["body"]["kernel"], "bias": q["body"]["bias"]},
+         "head": q["head"]}, xb)
+    _, sub_g, sub_curv = riemod.value_grad_and_curvature(sub_f, x, _loss(t),
+                                                         riemod.metrics.identity(), params=sub)
+    sub_tx = make()
+    _, sub_state = sub_tx.update(sub_g, sub_tx.init(sub), sub, curvature=sub_curv)
+    _diagnostics_close(diag, riemod.module_diagnostics(sub_state, sub_curv))
+
+
+def test_module_diagnostics_nnx_narrower_wrt():
+  """nnx.Optimizer(wrt=head only): mask= gives the head's values of the whole-model step."""
+  with jax.enable_x64(True):
+    model = _Net()
+    x, t = _data()
+    _, g, curv = riemod.value_grad_and_curvature(model, x, _loss(t), riemod.metrics.identity())
+    whole_model = _Net()  # the same initial parameters, every module stepped
+    whole = nnx.Optimizer(whole_model, riemod.layerwise_natural_gradient(LR, MASS), wrt=nnx.Param)
+    whole.update(whole_model, g, curvature=curv)
+    optimizer = nnx.Optimizer(model, riemod.layerwise_natural_gradient(LR, MASS),
+                              wrt=nnx.All(nnx.Param, nnx.PathContains("head")))
+    optimizer.update(model, g, curvature=curv)
+    mask = jax.tree_util.tree_map_with_path(lambda path, _: path[0].key == "head",
+                                            nnx.as_pure(g))
+    diag = riemod.module_diagnostics(optimizer.opt_state, curv, mask=mask)
+    reference = riemod.module_diagnostics(whole.opt_state, curv)
+    assert reference["head"]["condition"] != reference["backbone"]["condition"]
+    _diagnostics_close(diag, {"head": reference["head"]})
+
+
+def test_module_diagnostics_refuses_a_narrower_layerwise_state():
+  """A layerwise transform updated on two of three modules (as an nnx.Optimizer with a narrower
+  wrt does): read against the whole curvature without mask=, refused."""
+  k = jax.random.split(jax.random.key(1), 3)
+  params = {f"l{i}": {"kernel": jax.random.normal(k[i], (3, 3)), "bias": jnp.zeros(3)}
+            for i in range(3)}
+  f = lambda p, xb: riemod.nn.dense(p["l2"], jnp.tanh(riemod.nn.dense(
+      p["l1"], jnp.tanh(riemod.nn.dense(p["l0"], xb)))))
+  x, t = jax.random.normal(k[0], (B, 3)), jax.random.normal(k[1], (B, 3))
+  _, g, curv = riemod.value_grad_and_curvature(f, x, _loss(t), riemod.metrics.identity(),
+                                               params=params)
+  sub = {"l1": g["l1"], "l2": g["l2"]}
+  tx = riemod.layerwise_natural_gradient(LR, MASS)
+  _, state = tx.update(sub, tx.init(sub), curvature=curv)
+  with pytest.raises(ValueError, match="diagnostics for 2 modules, the curvature has 3"):
+    riemod.module_diagnostics(state, curv)
+  mask = {"l0": {"kernel": False, "bias": False}, "l1": {"kernel": True, "bias": True},
+          "l2": {"kernel": True, "bias": True}}
+  assert set(riemod.module_diagnostics(state, curv, mask=mask)) == {"l1", "l2"}
+
+
+def test_module_diagnostics_mask_must_match():
+  params = _params()
+  _, g, curv = _measure(_structured, params)
+  tx = riemod.layerwise_natural_gradient(LR, MASS)
+  _, state = tx.update(g, tx.init(params), params, curvature=curv)
+  with pytest.raises(ValueError, match="mask has 2 leaves"):
+    riemod.module_diagnostics(state, curv, mask={"body": True, "head": False})
+  with pytest.raises(TypeError, match="pytree of bools itself"):
+    riemod.module_diagnostics(state, curv, mask=lambda p: p)
