@@ -4,8 +4,11 @@ The computations run once, in a subprocess with 4 forced host devices
 (``--xla_force_host_platform_device_count=4`` must be set before JAX starts, and the pytest process
 has started it already); the subprocess prints one JSON record of measured differences and error
 messages, and the tests below judge them. The reference is always the same step on one device on
-the whole batch, and the sharded parameters are read back from every device, not from one. The
-float64 steps of every frontend and structure and the refusals run by default; float32, the
+the whole batch, and the sharded parameters and optimizer state (with the step report) are read
+back from every device, not from one. With the layerwise structure the blocks are factored on
+different devices: a five-block network checks the step and, in the compiled program, that no
+factorisation runs on every device and each runs in its owner's branch only. The float64 steps
+of every frontend and structure and the refusals run by default; float32, the
 per-device curvature_batch, per-device models and jax.jit on a sharded float32 batch are marked
 slow (a second subprocess, ``make test-slow``).
 """
@@ -40,7 +43,64 @@ XLA_FLAGS = (f"--xla_force_host_platform_device_count={DEVICES} "
              "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 
 
-# --- the worker: runs in the subprocess ----------------------------------------------------------
+# Mass policies with state, in float64 (slow): (frontend, structure, policy).
+MASS_POLICIES = (("nnx", "layerwise", "kronecker"), ("linen", "full", "adaptive"))
+# Five dense layers (fan_in, fan_out): five layerwise blocks of unequal cost on four devices.
+DEEP = ((4, 6), (6, 5), (5, 7), (7, 3), (3, 3))
+# At mass 1e-3 this network's blocks reach cond(G) ~ 2e5 and three steps move the parameters by
+# 2.7e-10 relative between one device and the replicated shard_map step alike (the reordered sums
+# of the gathered rows; spread and replicated agree bit for bit): at 0.1 (cond <= 21) the
+# comparison measures the sharding.
+DEEP_MASS = 0.1
+
+
+def _deep_assignment() -> tuple[int, ...]:
+  """The device of each of DEEP's blocks: 16 samples x 3 outputs = 48 rows, more than any
+  block's parameters, so every block is solved in parameter space."""
+  from riemod.curvature import _mesh
+  costs = [_mesh.factorisation_flops(i * o + o, 16 * 3, "parameter") for i, o in DEEP]
+  return _mesh.assign(costs, DEVICES)
+
+
+def factorisations(hlo: str, devices: int) -> dict:
+  """Where a compiled program factors: LAPACK Cholesky calls (``potrf``) that every device runs
+  (``"every_device"``), and those in each branch of a ``devices``-way conditional (the switch on
+  the device's index, ``"per_branch"``). Calls under other conditionals (the jitter retries,
+  which run only when a plain factorisation fails) are not counted."""
+  import re
+  bodies, name = {}, None
+  for line in hlo.splitlines():
+    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) \(", line)
+    if header and not line.startswith(" "):
+      name = header.group(1)
+      bodies[name] = []
+      if line.startswith("ENTRY"):
+        entry = name
+    elif name is not None and line.startswith("  "):
+      bodies[name].append(line)
+
+  def count(comp) -> tuple[int, list]:
+    """(plain potrf calls reachable from comp without entering a conditional, the devices-way
+    conditionals' branches met on the way)."""
+    plain, switches = 0, []
+    for line in bodies[comp]:
+      if "potrf" in line and "custom-call" in line:
+        plain += 1
+      branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+      if branches:
+        names = [b.strip().lstrip("%") for b in branches.group(1).split(",")]
+        if len(names) == devices:  # devices > 2: the jitter retries are two-way
+          switches.append(names)
+        continue
+      for callee in re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", line):
+        sub_plain, sub_switches = count(callee)
+        plain += sub_plain
+        switches += sub_switches
+    return plain, switches
+
+  every, switches = count(entry)
+  per_branch = [[count(b)[0] for b in names] for names in switches]
+  return {"every_device": every, "per_branch": per_branch}
 
 
 def _worker(part: str) -> dict:  # noqa: C901 (one linear script of independent checks)
@@ -89,6 +149,12 @@ def _worker(part: str) -> dict:  # noqa: C901 (one linear script of independent 
     # One layer recognised by its structure (DenseFactor), one on the generic path (RowsFactor).
     return jnp.tanh(riemod.nn.dense(p["a"], x)) @ p["b"]["w"] + p["b"]["c"]
 
+  def deep(p, x):
+    for i in range(len(DEEP)):
+      x = riemod.nn.dense(p[f"l{i}"], x)
+      x = jnp.tanh(x) if i < len(DEEP) - 1 else x
+    return x
+
   def problem(frontend, dtype):
     """``(params, batch dict, apply(params, x) -> (model, params=), loss(y, d), metric)``."""
     d = {"x": jnp.asarray(data["x"], dtype), "t": jnp.asarray(data["t"], dtype),
@@ -105,6 +171,11 @@ def _worker(part: str) -> dict:  # noqa: C901 (one linear script of independent 
       params = jax.tree.map(lambda a: a.astype(dtype), model.init(jax.random.key(0), d["x"]))
       # The default output metric: from_loss(), the loss's own Gauss-Newton factor.
       return params, d, lambda p: (model, {"params": p}), squares, None
+    if frontend == "deep":
+      params = {f"l{i}": {"kernel": jax.random.normal(jax.random.key(i), shape, dtype) / 2,
+                          "bias": jnp.zeros(shape[1], dtype)}
+                for i, shape in enumerate(DEEP)}
+      return params, d, lambda p: (deep, {"params": p}), squares, riemod.metrics.identity()
     keys = jax.random.split(jax.random.key(1), 2)
     params = {"a": {"kernel": jax.random.normal(keys[0], (fan_in, hidden), dtype) / 2,
                     "bias": jnp.zeros(hidden, dtype)},
@@ -112,13 +183,15 @@ def _worker(part: str) -> dict:  # noqa: C901 (one linear script of independent 
                     "c": jnp.zeros(classes, dtype)}}
     return params, d, lambda p: (plain, {"params": p}), squares, riemod.metrics.identity()
 
-  def optimizer(structure, dtype):
+  def optimizer(structure, mass, policy):
     make = riemod.natural_gradient if structure == "full" else riemod.layerwise_natural_gradient
-    return make(0.5, geometry=riemod.Geometry(mass=MASS[dtype], structure=structure))
+    policy = {None: riemod.masses.constant, "kronecker": riemod.masses.kronecker,
+              "adaptive": riemod.masses.adaptive}[policy]()
+    return make(0.5, geometry=riemod.Geometry(mass=mass, structure=structure, mass_policy=policy))
 
-  def make_step(frontend, structure, dtype, axis_name=None, **kwargs):
+  def make_step(frontend, structure, dtype, axis_name=None, policy=None, **kwargs):
     params, d, apply, loss, metric = problem(frontend, dtype)
-    tx = optimizer(structure, dtype)
+    tx = optimizer(structure, DEEP_MASS if frontend == "deep" else MASS[dtype], policy)
 
     def step(params, state, d):
       model, extra = apply(params)
@@ -130,39 +203,60 @@ def _worker(part: str) -> dict:  # noqa: C901 (one linear script of independent 
     return params, tx.init(params), d, step
 
   def sharded(step, check_vma=True):
-    """The step inside shard_map; parameters come back stacked from every device."""
+    """The step inside shard_map; parameters and optimizer state (with the step report) come back
+    stacked from every device."""
     def body(params, state, d):
       params, state, value, curv = step(params, state, d)
-      return jax.tree.map(lambda a: a[None], params), state, value, curv
+      return jax.tree.map(lambda a: a[None], (params, state)), value, curv
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P("batch")),
-                                 out_specs=(P("batch"), P(), P(), P()), check_vma=check_vma))
+                                 out_specs=(P("batch"), P(), P()), check_vma=check_vma))
+
+  def same(a, b) -> float:
+    """``tree_rel`` where both are finite; ``inf`` where one is NaN or inf and the other is not
+    (the reports hold NaN residuals when residuals are not requested)."""
+    worst = 0.0
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
+      if not np.array_equal(np.isfinite(u), np.isfinite(v)) or not np.array_equal(
+          u[~np.isfinite(u)], v[~np.isfinite(v)], equal_nan=True):
+        return float("inf")
+      if np.isfinite(u).any():
+        worst = max(worst, rel(u[np.isfinite(u)], v[np.isfinite(v)]))
+    return worst
 
   references = {}
 
-  def reference(frontend, structure, dtype):
-    """One device on the whole batch: ``[(params, loss, curvature) after step i]``."""
-    if (frontend, structure, dtype) not in references:
-      params, state, d, step_one = make_step(frontend, structure, dtype)
+  def reference(frontend, structure, dtype, policy=None):
+    """One device on the whole batch: ``[(params, loss, curvature, state) after step i]``."""
+    if (frontend, structure, dtype, policy) not in references:
+      params, state, d, step_one = make_step(frontend, structure, dtype, policy=policy)
       one, trajectory = jax.jit(step_one), []
       for _ in range(STEPS):
         params, state, loss, curv = one(params, state, d)
-        trajectory.append((params, loss, curv))
-      references[frontend, structure, dtype] = trajectory
-    return references[frontend, structure, dtype]
+        trajectory.append((params, loss, curv, state))
+      references[frontend, structure, dtype, policy] = trajectory
+    return references[frontend, structure, dtype, policy]
 
-  def run_both(frontend, structure, dtype, check_vma=True):
-    trajectory = reference(frontend, structure, dtype)
-    params, state, d, step_many = make_step(frontend, structure, dtype, axis_name="batch")
-    many = sharded(step_many, check_vma)
+  def run_both(frontend, structure, dtype, check_vma=True, hlo=None, policy=None):
+    """The worst differences to one device over STEPS steps; the compiled program's text goes
+    into ``out[hlo]`` when ``hlo`` names a key."""
+    trajectory = reference(frontend, structure, dtype, policy)
+    params, state, d, step_many = make_step(frontend, structure, dtype, axis_name="batch",
+                                            policy=policy)
+    many = sharded(step_many, check_vma).lower(params, state, d).compile()
+    if hlo is not None:
+      out[hlo] = factorisations(many.as_text(), DEVICES)
     pm, sm = params, state
-    worst = {"params": 0.0, "loss": 0.0, "spread": 0.0, "curvature": 0.0}
-    for i, (p1, l1, c1) in enumerate(trajectory):
-      stacked, sm, lm, cm = many(pm, sm, d)
+    worst = {"params": 0.0, "loss": 0.0, "spread": 0.0, "curvature": 0.0, "state": 0.0}
+    for i, (p1, l1, c1, s1) in enumerate(trajectory):
+      stacked, lm, cm = many(pm, sm, d)
       copies = [jax.tree.map(lambda a, j=j: a[j], stacked) for j in range(DEVICES)]
-      pm = copies[0]
+      pm, sm = copies[0]
       worst["params"] = max(worst["params"], tree_rel(pm, p1))
+      # The optimizer state holds the step report (condition, residual, jitter, error per block).
+      worst["state"] = max(worst["state"], same(sm, s1))
       worst["loss"] = max(worst["loss"], rel(lm, l1))
-      worst["spread"] = max(worst["spread"], max(tree_rel(c, pm) for c in copies[1:]))
+      worst["spread"] = max(worst["spread"], max(same(c, copies[0]) for c in copies[1:]))
       if i == 0:  # every array of the curvature (rows, features, coordinates), element-wise
         worst["curvature"] = tree_rel(cm, c1)
         worst["num_rows"] = [cm.num_rows, c1.num_rows]
@@ -180,12 +274,20 @@ def _worker(part: str) -> dict:  # noqa: C901 (one linear script of independent 
     # 1. The shard_map steps equal the single-device steps.
     for frontend in FRONTENDS:
       for structure in STRUCTURES:
-        out[f"step/{frontend}/{structure}/float64"] = run_both(frontend, structure, "float64")
+        out[f"step/{frontend}/{structure}/float64"] = run_both(
+            frontend, structure, "float64", hlo=f"factorisations/{frontend}/{structure}")
+    # 2. Layerwise blocks spread over the devices: five blocks on four devices (one device owns
+    # two). The step equals one device's, and the compiled program factors every block once,
+    # inside the branch of its device only.
+    out["step/deep/layerwise/float64"] = run_both(
+        "deep", "layerwise", "float64", hlo="factorisations/deep/layerwise")
+    out["assignment/deep"] = list(_deep_assignment())
     # check_vma=False with axis_name= is the same computation without JAX's type checks.
-    out["step/function/full/float64/check_vma=False"] = run_both(
-        "function", "full", "float64", check_vma=False)
+    out["step/function/layerwise/float64/check_vma=False"] = run_both(
+        "function", "layerwise", "float64", check_vma=False,
+        hlo="factorisations/function/layerwise/check_vma=False")
     # jax.jit with the batch sharded over the mesh (no shard_map, no axis_name).
-    p1, l1, _ = reference("function", "full", "float64")[0]
+    p1, l1, _ = reference("function", "full", "float64")[0][:3]
     params, state, d, step = make_step("function", "full", "float64")
     placed = jax.device_put(d, NamedSharding(mesh, P("batch")))
     pm, _, lm, _ = jax.jit(step)(params, state, placed)
@@ -207,6 +309,12 @@ def _worker(part: str) -> dict:  # noqa: C901 (one linear script of independent 
   for frontend, structure in FLOAT32:
     out[f"step/{frontend}/{structure}/float32"] = run_both(frontend, structure, "float32")
 
+  # Mass policies: their statistics come from the gathered rows (Kronecker) and the averaged
+  # gradient (adaptive), so every device keeps one device's state.
+  for frontend, structure, policy in MASS_POLICIES:
+    out[f"step/{frontend}/{structure}/{policy}"] = run_both(frontend, structure, "float64",
+                                                            policy=policy)
+
   # 2. curvature_batch with axis_name: m leading samples of every shard; one device computes the
   # same with those samples moved to the front of the batch.
   m, shard = 2, batch // DEVICES
@@ -216,7 +324,7 @@ def _worker(part: str) -> dict:  # noqa: C901 (one linear script of independent 
   order = np.concatenate([lead, np.setdiff1d(np.arange(batch), lead)])
   _, _, _, step_one = make_step("function", "full", "float64", curvature_batch=m * DEVICES)
   p1, _, _, c1 = jax.jit(step_one)(params, state, jax.tree.map(lambda a: a[order], d))
-  stacked, _, _, cm = sharded(step_many)(params, state, d)
+  (stacked, _), _, cm = sharded(step_many)(params, state, d)
   out["curvature_batch"] = {"params": tree_rel(jax.tree.map(lambda a: a[0], stacked), p1),
                             "curvature": tree_rel(cm, c1), "num_rows": [cm.num_rows, c1.num_rows]}
 
@@ -246,7 +354,7 @@ def _worker(part: str) -> dict:  # noqa: C901 (one linear script of independent 
 
   # 5. jax.jit with the batch sharded over the mesh (no shard_map, no axis_name), float32.
   for frontend, structure in FLOAT32:
-    p1, l1, _ = reference(frontend, structure, "float32")[0]
+    p1, l1, _ = reference(frontend, structure, "float32")[0][:3]
     params, state, d, step = make_step(frontend, structure, "float32")
     placed = jax.device_put(d, NamedSharding(mesh, P("batch")))
     pm, _, lm, _ = jax.jit(step)(params, state, placed)
@@ -284,7 +392,9 @@ def _check_step(worst: dict, dtype: str) -> None:  # The factor rows, features a
   assert worst["curvature"] <= TOLERANCE[dtype], worst
   assert worst["loss"] <= TOLERANCE[dtype], worst
   assert worst["params"] <= TOLERANCE[dtype], worst
-  # Replicated parameters stay identical on every device (bit for bit).
+  # The optimizer state, with the step report per block, as one device's.
+  assert worst["state"] <= TOLERANCE[dtype], worst
+  # Replicated parameters and reports stay identical on every device (bit for bit).
   assert worst["spread"] == 0.0, worst
 
 
@@ -294,6 +404,29 @@ def test_shard_map_step_equals_one_device(measured, frontend, structure):
   _check_step(measured[f"step/{frontend}/{structure}/float64"], "float64")
 
 
+def test_spread_blocks_step_equals_one_device(measured):
+  _check_step(measured["step/deep/layerwise/float64"], "float64")
+
+
+def test_layerwise_blocks_are_factored_once_on_their_device(measured):
+  """Five blocks on four devices: no factorisation runs on every device; the switch on the
+  device's index holds each block's in its owner's branch only."""
+  owner = measured["assignment/deep"]
+  assert sorted(set(owner)) == list(range(DEVICES)), owner  # every device gets work
+  found = measured["factorisations/deep/layerwise"]
+  assert found["every_device"] == 0, found
+  assert found["per_branch"] == [[owner.count(j) for j in range(DEVICES)]], (found, owner)
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_two_blocks_on_four_devices_and_one_block_everywhere(measured, frontend):
+  """Two layerwise blocks: two devices factor one each, two none. The one-block structure keeps
+  its replicated Cholesky."""
+  found = measured[f"factorisations/{frontend}/layerwise"]
+  assert found["every_device"] == 0 and found["per_branch"] == [[1, 1, 0, 0]], found
+  assert measured[f"factorisations/{frontend}/full"] == {"every_device": 1, "per_branch": []}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("frontend,structure", FLOAT32)
 def test_shard_map_step_equals_one_device_float32(measured_slow, frontend, structure):
@@ -301,9 +434,17 @@ def test_shard_map_step_equals_one_device_float32(measured_slow, frontend, struc
 
 
 def test_shard_map_without_type_checks(measured):
-  worst = measured["step/function/full/float64/check_vma=False"]
+  worst = measured["step/function/layerwise/float64/check_vma=False"]
   assert worst["params"] <= TOLERANCE["float64"] and worst["curvature"] <= TOLERANCE["float64"]
-  assert worst["spread"] == 0.0, worst
+  assert worst["state"] <= TOLERANCE["float64"] and worst["spread"] == 0.0, worst
+  found = measured["factorisations/function/layerwise/check_vma=False"]
+  assert found == {"every_device": 0, "per_branch": [[1, 1, 0, 0]]}, found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("frontend,structure,policy", MASS_POLICIES)
+def test_mass_policy_state_equals_one_device(measured_slow, frontend, structure, policy):
+  _check_step(measured_slow[f"step/{frontend}/{structure}/{policy}"], "float64")
 
 
 @pytest.mark.slow

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from riemod.composer.spectral import factorize
-from riemod.composer.woodbury import BlockFactorization
+from riemod.composer.woodbury import BlockFactorization, factorize_block
+from riemod.curvature import _mesh
 from riemod.curvature.types import Curvature, ModuleCurvature
 
 STRUCTURES = ("layerwise", "full")
@@ -149,11 +150,14 @@ class ComposedMetric:
     modules = self.curvature.modules
     coordinates = self.curvature.coordinates
     quadratic = []
+    rhs = self._rescale(grads, transpose=True)
+    spread = _spread_steps(self, rhs, prev_leaves, momentum)
 
     def block_fn(block, inputs, members):
       prev = ([self._module_leaves(prev_leaves, modules[i]) for i in members]
               if with_momentum else None)
-      result = block.step(inputs, coordinates, prev, momentum)
+      result = (spread[members] if spread else
+                block.step(inputs, coordinates, prev, momentum))
       quadratic.append(result.metric_grad_norm_sq)
       return result.direction, result
 
@@ -163,7 +167,7 @@ class ComposedMetric:
       quadratic.append(jnp.vdot(g, inv * g).real)
       return inv * g + momentum * prev_leaves[index] if with_momentum else inv * g
 
-    direction, results = self._map(self._rescale(grads, transpose=True), block_fn, diagonal)
+    direction, results = self._map(rhs, block_fn, diagonal)
     dtype = jax.tree.leaves(grads)[0].dtype if jax.tree.leaves(grads) else jnp.float32
     stack = lambda values: (jnp.stack([jnp.asarray(v, dtype) for v in values]) if values
                             else jnp.zeros((0,), dtype))
@@ -224,6 +228,44 @@ class ComposedMetric:
     """One name per block: its modules' names joined by ``+``."""
     return ["+".join(self.curvature.modules[i].name for i in members)
             for members in self.block_modules]
+
+
+def _spread_steps(metric: ComposedMetric, rhs: Any, prev_leaves, momentum) -> dict:
+  """Every block's :class:`~riemod.composer.woodbury.BlockStep`, keyed by its modules, each
+  factored and solved on one device of the curvature's mapped axes (``{}``: replicated step).
+
+  Spread when the curvature was gathered over mapped axes (``axis_name``), the structure is
+  layerwise and there are several Cholesky blocks and devices: every device holds every block's
+  rows, so block ``b`` is factored and solved only on the device :func:`_mesh.assign` gives it
+  (balanced by :func:`_mesh.factorisation_flops`) and the directions and diagnostics are summed
+  over the devices (one all-reduce of parameter-sized pieces). The factor ``compose`` made is
+  then unused by the step and compiled away. The one-block structure, and truncated or Nystrom
+  blocks, stay replicated.
+  """
+  axes = metric.curvature.axis_name
+  if (not axes or metric.structure != "layerwise" or len(metric.blocks) < 2
+      or any(type(block) is not BlockFactorization for block in metric.blocks)
+      or _mesh.size(axes) < 2):
+    return {}
+  leaves, _ = _checked_leaves(rhs, metric.curvature)
+  modules = metric.curvature.modules
+
+  def solve(block, members):
+    def run():
+      inputs = [metric._module_leaves(leaves, modules[i]) for i in members]
+      prev = (None if prev_leaves is None else
+              [metric._module_leaves(prev_leaves, modules[i]) for i in members])
+      # Factored here, inside the owner's branch, so the other devices skip it.
+      own = factorize_block(block.factors, block.inv_masses, block.space, block.refinement_steps)
+      return own.step(inputs, metric.curvature.coordinates, prev, momentum)
+    return run
+
+  costs = [_mesh.factorisation_flops(sum(f.num_params for f in block.factors),
+                                     block.factors[0].num_rows, block.space)
+           for block in metric.blocks]
+  results = _mesh.spread(axes, costs, [solve(block, members) for block, members
+                                       in zip(metric.blocks, metric.block_modules)])
+  return dict(zip(metric.block_modules, results))
 
 
 def _checked_leaves(tree: Any, curvature: Curvature):

@@ -166,3 +166,77 @@ def fold_key(key: jax.Array | None, axes: tuple) -> jax.Array | None:
 
 def scaled(array: jax.Array, factor: int) -> jax.Array:
   return array if factor == 1 else array / jnp.asarray(factor, array.dtype)
+
+
+# --- blocks spread over the devices of the batch axis ---------------------------------------------
+
+
+def factorisation_flops(num_params: int, num_rows: int, space: str) -> float:
+  """The leading FLOP count of factoring one block of ``n`` parameters and ``d`` rows.
+
+  Sample space: the ``d x d`` capacitance assembled from ``n``-column rows (``n d^2``) and its
+  Cholesky factorisation (``d^3 / 3``); parameter space: ``G`` (``d n^2``) and its factorisation
+  (``n^3 / 3``). The spread step balances the devices by this count.
+
+  Example:
+    >>> factorisation_flops(num_params=100, num_rows=30, space="sample")
+    99000.0
+  """
+  n, d = float(num_params), float(num_rows)
+  if space == "parameter":
+    return n ** 3 / 3 + d * n ** 2
+  return d ** 3 / 3 + n * d ** 2
+
+
+def assign(costs: tuple[float, ...] | list[float], devices: int) -> tuple[int, ...]:
+  """The device of every block: greedy, the costliest block first to the least loaded device.
+
+  Deterministic (ties go to the lower block index, then the lower device index) and computed from
+  static shapes at trace time, so every device derives the same assignment without talking.
+  Longest-processing-time-first keeps the largest load within ``4/3`` of the best possible one.
+
+  Example:
+    >>> assign([8.0, 1.0, 5.0, 4.0], devices=2)
+    (0, 0, 1, 1)
+  """
+  owner = [0] * len(costs)
+  load = [0.0] * devices
+  for b in sorted(range(len(costs)), key=lambda b: (-costs[b], b)):
+    device = min(range(devices), key=lambda j: (load[j], j))
+    owner[b] = device
+    load[device] += costs[b]
+  return tuple(owner)
+
+
+def spread(axes: tuple, costs: list[float], thunks: list) -> list:
+  """Every ``thunks[b]()``, each evaluated on one device only, returned on every device.
+
+  Inside ``shard_map`` over ``axes``: block ``b`` goes to device ``assign(costs)[b]``; a
+  ``lax.switch`` on the device's index runs that device's thunks and puts zeros in place of the
+  others', so at run time every device computes only its own blocks. One ``psum`` then shares
+  the results: each entry is one device's value plus exact zeros, so every device holds the
+  same bits (``NaN`` included), those of the device that computed it.
+
+  Args:
+    axes: the mapped axes (from :func:`resolve`).
+    costs: one cost per thunk (e.g. :func:`factorisation_flops`), for the balance.
+    thunks: functions of no arguments returning pytrees of arrays.
+
+  Returns:
+    ``[thunk() for thunk in thunks]``, the same on every device.
+  """
+  devices = size(axes)
+  owner = assign(costs, devices)
+  shapes = [jax.eval_shape(thunk) for thunk in thunks]
+  zeros = lambda shape: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
+
+  def branch(device):
+    def run():
+      results = [thunk() if owner[b] == device else zeros(shapes[b])
+                 for b, thunk in enumerate(thunks)]
+      # Each device holds different values here: typed as varying, so the psum adds them.
+      return vary(results, axes)
+    return run
+
+  results = jax.lax.switch(jax.lax.axis_index(axes), [branch(j) for j in range(devices)])
+  return jax.lax.psum(results, axes)

@@ -315,7 +315,8 @@ def value_grad_and_curvature(
     per_sample = _mesh.gather(per_sample, axes, axis=0)
     coordinates = (root * jnp.moveaxis(per_sample, 1, 0)).reshape(-1)
   curvature = Curvature(tuple(modules), coordinates, tuple(tuple(np.shape(l)) for l in leaves),
-                        num_rows, output_metric.name, leaf_paths=leaf_paths(params))
+                        num_rows, output_metric.name, leaf_paths=leaf_paths(params),
+                        axis_name=axes)
   return loss, grads, curvature
 
 

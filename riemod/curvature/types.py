@@ -56,6 +56,9 @@ class Curvature:
     leaf_paths: the parameters' paths (see :func:`leaf_paths`), aligned with ``leaf_shapes``
       (``None``: unknown). They let :meth:`restrict` find the leaves an ``optax.masked`` or
       ``optax.multi_transform`` group (or an ``nnx.Optimizer`` with a narrower ``wrt``) selects.
+    axis_name: the mapped axes (inside ``jax.shard_map``) the rows were gathered over, ``()``
+      when none: the rows are then the whole batch's, the same on every device of the axes, and
+      the composer spreads the layerwise blocks' factorisations over those devices.
   """
 
   modules: tuple[ModuleCurvature, ...]
@@ -65,6 +68,7 @@ class Curvature:
   output_metric: str = dataclasses.field(metadata=dict(static=True))
   leaf_paths: tuple[str, ...] | None = dataclasses.field(default=None,
                                                           metadata=dict(static=True))
+  axis_name: tuple = dataclasses.field(default=(), metadata=dict(static=True))
 
   def restrict(self, paths: Sequence[str]) -> "Curvature":
     """The curvature of the selected parameters only: ``K`` restricted to their columns.
