@@ -49,3 +49,78 @@ def gaussian_like(key: jax.Array, tree: Any) -> Any:
   keys = jax.random.split(key, max(len(leaves), 1))
   return jax.tree.unflatten(treedef, [jax.random.normal(k, jnp.shape(x), jnp.result_type(x))
                                       for k, x in zip(keys, leaves)])
+
+
+def value_now(value: Any, name: str) -> Any:
+  """``value``, or a schedule's value at step 0 (its first step), with an error naming ``name``
+  for a schedule that cannot be called with an integer step.
+
+  Example:
+    >>> value_now(lambda count: 0.1 * (count + 1), "learning_rate")
+    0.1
+  """
+  if not callable(value):
+    return value
+  try:
+    return value(0)
+  except Exception as error:  # a schedule that cannot be called eagerly
+    raise TypeError(f"{name}={value!r}: a schedule must be callable as {name}(step) with an "
+                    f"integer step ({type(error).__name__}: {error}).") from error
+
+
+def validate_rate(rate: Any, name: str = "learning_rate") -> None:
+  """Raises for a step size known now (a Python or NumPy number, or a schedule's value at step 0)
+  that is not a finite number ``>= 0``. JAX arrays (``optax.inject_hyperparams`` passes its
+  hyperparameters as arrays, concrete at ``init`` and traced in ``update``) are left to the run
+  time check of :func:`guard_rate` and the non-finite policy, which may be ``"skip"``.
+
+  Example:
+    >>> validate_rate(0.1)
+    >>> validate_rate(-0.1)
+    Traceback (most recent call last):
+    ...
+    ValueError: learning_rate=-0.1: it must be a finite number >= 0 (the step is -learning_rate G^{-1} g; a negative one climbs the loss), e.g. 0.1.
+  """
+  if rate is None or isinstance(rate, (str, bytes, bool)):
+    raise TypeError(f"{name}={rate!r}: pass a finite number >= 0 (e.g. 0.1) or an optax "
+                    f"schedule of the step count.")
+  value = value_now(rate, name)
+  if isinstance(value, jax.Array):
+    return
+  try:
+    array = np.asarray(value)
+  except Exception as error:  # noqa: BLE001 - anything that is not array-like
+    raise TypeError(f"{name}={rate!r}: pass a finite number >= 0 (e.g. 0.1) or an optax "
+                    "schedule.") from error
+  if array.ndim:
+    raise ValueError(f"{name} has shape {array.shape}: the step size is a scalar (or a schedule "
+                     "returning one).")
+  if not (np.issubdtype(array.dtype, np.number) and not np.issubdtype(array.dtype, np.bool_)):
+    raise TypeError(f"{name}={rate!r}: {'its value at step 0 ' if callable(rate) else ''}is "
+                    f"not a number; pass a finite number >= 0, e.g. 0.1.")
+  if not (np.isfinite(float(array)) and float(array) >= 0):
+    what = f"{name}={rate!r}: its value at step 0, {float(array)!r}," if callable(rate) else (
+        f"{name}={rate!r}: it")
+    raise ValueError(f"{what} must be a finite number >= 0 (the step is -{name} G^{{-1}} g; a "
+                     "negative one climbs the loss), e.g. 0.1.")
+
+
+def guard_rate(rate: Any) -> Any:
+  """``rate`` with traced or scheduled values that are negative turned into NaN, so that the
+  update becomes non-finite and the non-finite policy refuses the step instead of climbing the
+  loss (Python and NumPy numbers pass unchanged: :func:`validate_rate` checked them).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> bool(jnp.isnan(guard_rate(lambda count: -0.1)(0)))
+    True
+  """
+  def checked(value):
+    value = jnp.asarray(value)
+    return jnp.where(value >= 0, value, jnp.nan)
+
+  if callable(rate):
+    return lambda count: checked(rate(count))
+  if isinstance(rate, jax.Array):  # concrete or traced (optax.inject_hyperparams)
+    return checked(rate)
+  return rate

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from riemod._util import all_finite
+from riemod._util import all_finite, guard_rate, validate_rate
 from riemod.composer.geometry import Geometry, GeometryState
 from riemod.composer.metric import StepReport
 from riemod.curvature.types import Curvature, leaf_paths
@@ -161,6 +161,22 @@ def _selected(curvature: Curvature, updates: Any) -> Curvature:
   return curvature.restrict(leaf_paths(updates))
 
 
+def _check_state_matches(state: MetricState, updates: Any, geometry: Geometry, momentum) -> None:
+  """Refuses an optimizer state initialised for other parameters (its shapes, known at trace
+  time, differ from what ``init`` gives for these)."""
+  fresh = jax.eval_shape(geometry.init, updates)
+  pairs = [(fresh, state.geometry)]
+  if momentum is not None:
+    pairs.append((updates, state.momentum))
+  for expected, found in pairs:
+    shapes = [np.shape(leaf) for leaf in jax.tree.leaves(expected)]
+    if shapes != [np.shape(leaf) for leaf in jax.tree.leaves(found)]:
+      raise ValueError(
+          "The optimizer state does not belong to this model: its shapes differ from those of "
+          "the parameters being updated. Initialise the optimizer on the parameters of the "
+          "model you train (tx.init(params) / nnx.Optimizer(model, tx)).")
+
+
 def scale_by_metric(geometry: Geometry, *, momentum: float | None = None,
                     residuals: bool = False) -> optax.GradientTransformationExtraArgs:
   """Preconditions gradients by ``G^{-1}``, ``G`` as ``geometry`` describes it (no learning rate).
@@ -208,6 +224,7 @@ def scale_by_metric(geometry: Geometry, *, momentum: float | None = None,
           f"The optimizer state does not belong to this model: it was initialised for {slots} "
           f"modules, the curvature has {len(curvature.modules)}. Initialise the optimizer on the "
           "parameters of the model you train (tx.init(params) / nnx.Optimizer(model, tx)).")
+    _check_state_matches(state, updates, geometry, momentum)
     geometry_state = geometry.advance(state.geometry, updates, curvature)
     metric = geometry.compose(curvature, geometry_state)
     direction, report = metric.step(updates, state.momentum, momentum)
@@ -217,6 +234,18 @@ def scale_by_metric(geometry: Geometry, *, momentum: float | None = None,
                                   _per_slot(report, metric, slots))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _loss_value(value: Any, dtype) -> jax.Array:
+  """``value=`` (the loss) as an array, or an error naming it."""
+  message = (f"value={value!r}: pass the scalar loss (the first output of "
+             "riemod.value_grad_and_curvature).")
+  if isinstance(value, (str, bytes)):
+    raise TypeError(message)
+  try:
+    return jnp.asarray(value, dtype)
+  except (TypeError, ValueError) as error:
+    raise TypeError(message) from error
 
 
 def track_action(inner: optax.GradientTransformation,
@@ -251,7 +280,7 @@ def track_action(inner: optax.GradientTransformation,
     dtype = state.action.dtype
     q = metric_state.report.metric_grad_norm_sq.astype(dtype)
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    loss = jnp.asarray(jnp.nan if value is None else value, dtype)
+    loss = jnp.asarray(jnp.nan, dtype) if value is None else _loss_value(value, dtype)
     return out, ActionState(optax.safe_increment(state.count),
                             state.action + jnp.asarray(lr, dtype) * q, q,
                             jnp.where(state.count == 0, loss, state.initial_loss), loss,
@@ -271,7 +300,8 @@ def _refusal_message(bad_grads, bad_curvature, bad_step, bad_precision, worst_er
   parts = []
   if what:
     parts.append(f"non-finite values in {', '.join(what)}: check the loss, the inputs and the "
-                 "learning rate for NaN/inf")
+                 "learning rate for NaN/inf (a negative learning rate known only at run time "
+                 "also gives a NaN update)")
   if np.any(bad_precision):
     worst = float(np.max(worst_error))
     parts.append(
@@ -310,7 +340,7 @@ def _track_loss(state: ValidStepState, value: Any, max_loss_growth: float | None
   first, smoothed = state.first_value, state.smoothed_value
   if value is None or max_loss_growth is None:
     return first, smoothed, jnp.asarray(True)
-  value = jax.lax.stop_gradient(jnp.asarray(value, first.dtype))
+  value = jax.lax.stop_gradient(_loss_value(value, first.dtype))
   if value.shape != ():
     raise ValueError(f"value= must be the scalar loss; got shape {value.shape}.")
   started = ~jnp.isnan(first)
@@ -355,9 +385,13 @@ def apply_if_valid(inner: optax.GradientTransformation, policy: str = "error", *
   """
   if policy not in NONFINITE_POLICIES:
     raise ValueError(f"on_nonfinite={policy!r}: use one of {NONFINITE_POLICIES}.")
-  if isinstance(max_error, (int, float)) and not max_error > 0:  # arrays: inject_hyperparams
+  for name, value in (("max_error", max_error), ("max_loss_growth", max_loss_growth)):
+    if value is not None and (isinstance(value, bool)
+                              or not isinstance(value, (int, float, np.number, jax.Array))):
+      raise TypeError(f"{name}={value!r}: a number or None.")
+  if isinstance(max_error, (int, float, np.number)) and not max_error > 0:  # arrays: injected
     raise ValueError(f"max_error={max_error!r}: a positive number (e.g. 1e-2) or None.")
-  if isinstance(max_loss_growth, (int, float)) and not max_loss_growth > 1:  # arrays: injected
+  if isinstance(max_loss_growth, (int, float, np.number)) and not max_loss_growth > 1:
     raise ValueError(f"max_loss_growth={max_loss_growth!r}: a number > 1 (e.g. 3.0) or None.")
 
   def init_fn(params):
@@ -408,6 +442,8 @@ def alias_geometry(structure: str, mass, geometry: Geometry | None) -> Geometry:
   """The geometry an alias steps with: ``geometry``, or ``Geometry(mass)`` (default 1e-2)."""
   if geometry is None:
     return Geometry(mass=1e-2 if mass is None else mass, structure=structure)
+  if not isinstance(geometry, Geometry):
+    raise TypeError(f"geometry={geometry!r}: pass a riemod.Geometry(...) (or mass= alone).")
   if mass is not None:
     raise ValueError("Pass the mass either as mass= or inside geometry=, not both.")
   if geometry.structure != structure:
@@ -421,7 +457,11 @@ def alias_geometry(structure: str, mass, geometry: Geometry | None) -> Geometry:
 def _natural_gradient(structure: str, learning_rate, mass, geometry, momentum, on_nonfinite,
                       max_error, residuals, max_loss_growth) -> optax.GradientTransformationExtraArgs:
   """The one builder behind both aliases."""
+  validate_rate(learning_rate)
   geometry = alias_geometry(structure, mass, geometry)
+  # A negative rate known only at run time (a schedule, an injected value) gives a NaN update,
+  # which the non-finite policy refuses, instead of a step up the loss.
+  learning_rate = guard_rate(learning_rate)
   core = optax.chain(scale_by_metric(geometry, momentum=momentum, residuals=residuals),
                      optax.scale_by_learning_rate(learning_rate))
   return apply_if_valid(track_action(core, learning_rate), on_nonfinite, max_error=max_error,

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from riemod._util import value_now
 from riemod.composer import masses as _masses
 from riemod.composer.metric import STRUCTURES, ComposedMetric, compose
 from riemod.curvature.types import Curvature
@@ -50,13 +51,7 @@ def validate_mass(mass: Any, name: str = "mass") -> None:
   if mass is None:
     raise ValueError(f"{name}=None: pass a positive number (e.g. 1e-2) or an optax schedule of "
                      "the step count.")
-  value = mass
-  if callable(mass):
-    try:
-      value = mass(0)
-    except Exception as error:  # a schedule that cannot be called eagerly
-      raise TypeError(f"{name}={mass!r}: a schedule must be callable as {name}(step) with an "
-                      f"integer step ({type(error).__name__}: {error}).") from error
+  value = value_now(mass, name)
   if isinstance(value, jax.core.Tracer):
     return
   array = np.asarray(value)

@@ -27,6 +27,7 @@ from riemod.metrics import OutputMetric, check_scale, from_loss
 from riemod.nn.adapter import (Frontend, ModuleGroup, _FunctionFrontend, _LinenFrontend,
                                module_name)
 from riemod.nn.adapter import frontend as make_frontend
+from riemod.nn.structure import DenseStructure
 
 
 def _check_inputs(x: Any, params: Any) -> int:
@@ -95,7 +96,7 @@ def _mass_leaves(group: ModuleGroup, leaves: list[jax.Array]) -> dict[str, jax.A
   if mass is None:
     return None
   dtype = leaves[group.leaf_indices[0]].dtype
-  if isinstance(mass, float):
+  if isinstance(mass, float) or (not isinstance(mass, Mapping) and np.ndim(mass) == 0):
     return {name: jnp.asarray(mass, dtype) for name in group.leaf_names}
   if not isinstance(mass, Mapping):
     mass = {group.leaf_names[0]: mass} if len(group.leaf_names) == 1 else mass
@@ -233,6 +234,9 @@ def value_grad_and_curvature(
   if not isinstance(output_metric, OutputMetric):
     raise TypeError(f"output_metric={output_metric!r}: use one of riemod.metrics (from_loss(), "
                     "identity(), softmax_fisher(), ...), or riemod.metrics.custom(...).")
+  if not callable(loss_fn):
+    raise TypeError(f"loss_fn={loss_fn!r}: pass the batch loss as a function of the model's "
+                    "outputs, outputs -> scalar (e.g. lambda y: 0.5 * jnp.mean((y - t) ** 2)).")
   frontend = make_frontend(model, params, declarations)
   params = frontend.params
   batch = _check_inputs(x, params)
@@ -295,8 +299,13 @@ def value_grad_and_curvature(
     factor = None
     if group.path in taps:
       # Dense, embedding or elementwise structure: the structure forms its own factor.
-      factor = factor_from_structure(group.structure, inputs[group.path],
-                                     tap_cotangents[group.path])
+      recorded = inputs[group.path]
+      if isinstance(group.structure, DenseStructure):
+        # flax computes a dense layer in the promoted dtype (integer or bfloat16 inputs with
+        # float32 kernels give float32): its features are the inputs in that dtype too.
+        recorded = [jnp.asarray(v).astype(c.dtype)
+                    for v, c in zip(recorded, tap_cotangents[group.path])]
+      factor = factor_from_structure(group.structure, recorded, tap_cotangents[group.path])
       _check_leaf_names(group, factor.leaf_names)
     elif group.path in generic_rows:
       factor = RowsFactor(generic_rows[group.path])

@@ -10,6 +10,7 @@ inputs and add a zero tap to their outputs (see ``riemod._tape``). Recognised by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, Hashable, Mapping
 
@@ -56,14 +57,19 @@ def module_name(path: tuple) -> str:
   return "/".join(map(str, path)) if path else "<root>"
 
 
+class UnknownModuleError(ValueError, KeyError):
+  """A name in ``declarations`` that is not a module (a ``ValueError``, and a ``KeyError`` for
+  code that looks it up as one)."""
+
+
 def _apply_declarations(groups: list[ModuleGroup], declarations: Mapping[str, Any] | None) -> None:
   if not declarations:
     return
   by_name = {module_name(g.path): g for g in groups}
   for name, declaration in declarations.items():
     if name not in by_name:
-      raise KeyError(f"declarations names module {name!r}, which has no parameters here; the "
-                     f"modules are {sorted(by_name)}.")
+      raise UnknownModuleError(f"declarations names module {name!r}, which has no parameters "
+                               f"here; the modules are {sorted(by_name)}.")
     if not isinstance(declaration, MetricDeclaration):
       declaration = MetricDeclaration(**declaration)
     by_name[name].declaration = declaration
@@ -128,6 +134,13 @@ class _NNXFrontend(Frontend):
             "curvature needs the same deterministic network for the gradient and every factor "
             "row. Call model.eval() (or pass deterministic=True) before "
             "value_grad_and_curvature, and model.train() for other uses.")
+      if isinstance(node, nnx.BatchNorm) and not node.use_running_average:
+        raise ValueError(
+            f"The model has an nnx.BatchNorm in training mode at "
+            f"{'/'.join(map(str, path)) or '<root>'}: its batch statistics couple the samples, "
+            "which every output metric assumes they do not (and it would update its statistics "
+            "inside riemod's traces). Call model.eval() (use_running_average=True) before "
+            "value_grad_and_curvature.")
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
     self.groups = parameter_groups(nnx.as_pure(self.params))
     nodes = dict(nnx.iter_graph(model))
@@ -155,6 +168,28 @@ class _NNXFrontend(Frontend):
     return model(x)
 
 
+@contextlib.contextmanager
+def _linen_errors():
+  """Flax's errors for stochastic and batch-statistics layers, said in riemod's terms."""
+  from flax import errors
+
+  try:
+    yield
+  except errors.InvalidRngError as error:
+    raise ValueError(
+        f"The Linen model needs a PRNG stream ({error}): a stochastic layer such as Dropout is "
+        "active. The curvature needs the same deterministic network for the gradient and every "
+        "factor row: build the model with deterministic=True (e.g. linen.Dropout(rate, "
+        "deterministic=True), or a train flag set to False) for value_grad_and_curvature."
+    ) from error
+  except errors.ModifyScopeVariableError as error:
+    raise ValueError(
+        f"The Linen model updates a variable collection during apply ({error}): batch "
+        "statistics (BatchNorm with use_running_average=False) couple the samples, which every "
+        "output metric assumes they do not. Use use_running_average=True (evaluation mode) for "
+        "value_grad_and_curvature.") from error
+
+
 class _LinenFrontend(Frontend):
 
   def __init__(self, apply_fn: Callable, params: Any, declarations):
@@ -171,7 +206,8 @@ class _LinenFrontend(Frontend):
     from flax import linen
 
     if tape is None:
-      return self.apply_fn(params, x)
+      with _linen_errors():
+        return self.apply_fn(params, x)
 
     tappable = (linen.Dense, linen.Conv, linen.DenseGeneral, linen.Embed, linen.LayerNorm,
                 linen.RMSNorm)
@@ -210,7 +246,7 @@ class _LinenFrontend(Frontend):
       return _tape.tapped_call(module, key, recorded,
                                lambda v: next_fun(v, *args[1:], **kwargs))
 
-    with linen.intercept_methods(interceptor):
+    with linen.intercept_methods(interceptor), _linen_errors():
       return self.apply_fn(params, x)
 
 

@@ -54,6 +54,8 @@ def validate_mass(mass: Any, name: str) -> Any:
   """
   if mass is None:
     return None
+  if isinstance(mass, (bool, np.bool_)):
+    raise TypeError(f"{name}={mass!r}: a bool is not a mass; give a positive number, e.g. 1e-2.")
   if isinstance(mass, (int, float, np.floating, np.integer)):
     value = float(mass)
     if not (math.isfinite(value) and value > 0):
