@@ -1,27 +1,39 @@
-"""Today's replicated multi-device step: bytes communicated (from the compiled HLO) and step time.
+"""Multi-device steps: layerwise blocks spread over the devices against the replicated scheme.
 
-The digits MLP 64-128-128-10 (tanh, a plain function with ``riemod.nn.dense``), cross-entropy with
-the exact softmax Fisher on the first 32 of 128 samples (``curvature_batch``: ``d = 320`` rows per
-module), ``riemod.layerwise_natural_gradient(0.1, mass=0.1, momentum=0.8)``, on 2, 4 and 8 forced
-host devices (``--xla_force_host_platform_device_count``; one process per device count), two
-recipes:
+Two models, plain functions with ``riemod.nn.dense`` layers, ``riemod.layerwise_natural_gradient``
+with SPRING momentum, float32, on 2, 4 and 8 forced host devices
+(``--xla_force_host_platform_device_count``; one process per device count):
+
+* ``mlp``: the digits MLP 64-128-128-10 (tanh), cross-entropy, exact softmax Fisher on the first 32
+  of 128 samples (``curvature_batch``: ``d = 320`` rows per module, 3 blocks);
+* ``autoencoder``: the digits autoencoder 64-128-32-8-32-128-64 (tanh, linear bottleneck and
+  output), ``0.5 |x - xhat|^2``, identity metric on 8 of 128 samples (``d = 512``, 6 blocks, the
+  two small ones in parameter space).
+
+Recipes:
 
 * ``jit``: ``jax.jit`` of the unchanged step, the batch placed with ``NamedSharding(P("batch"))``;
-* ``shard_map``: the step inside ``jax.shard_map`` with ``axis_name="batch"`` (``curvature_batch``
-  of ``32 / n`` per device, the same 32 rows in all).
+* ``replicated``: the step inside ``jax.shard_map`` with ``axis_name="batch"``, every device
+  factoring every block (the curvature's ``axis_name`` removed before the update, which is the
+  scheme before the spread);
+* ``spread``: the same with the curvature as returned: each block factored and solved on one
+  device, the directions shared by one all-reduce.
 
-Bytes are read from the compiled program's text: the result size of every collective (for an
-``all-gather`` the gathered array, of which each device receives ``(n-1)/n``; for an ``all-reduce``
-the array reduced). Step times are medians of interleaved bursts
-(``benchmarks.harness.time_interleaved``) against the same step compiled for one device in the same
-process; forced host devices share the machine's cores, so the times show the overhead of the
-scheme on one CPU, not a speed-up.
+Per-device factorisation FLOPs are analytic (``riemod.curvature._mesh.factorisation_flops`` of the
+blocks each device owns under ``_mesh.assign``: ``d^3/3 + n d^2`` in sample space, ``n^3/3 + d n^2``
+in parameter space); the replicated scheme's is the sum over all blocks. Bytes are read from the
+compiled program's text: the result size of every collective (for an ``all-gather`` the gathered
+array, of which each device receives ``(n-1)/n``; for an ``all-reduce`` the array reduced). Step
+times are medians of interleaved bursts (``benchmarks.harness.time_interleaved``) against the same
+step compiled for one device in the same process; forced host devices share the machine's cores,
+so the times show the overhead of a scheme on one CPU, not a speed-up.
 
 Run: ``python -m benchmarks.bench_multidevice`` -> ``results/multidevice.{json,md}``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -32,8 +44,13 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEVICE_COUNTS = (2, 4, 8)
-SIZES = (64, 128, 128, 10)
-BATCH, CURVATURE_BATCH = 128, 32
+BATCH = 128
+# name: (layer sizes, linear layers (no tanh after them), loss, output metric, curvature samples)
+MODELS = {
+    "mlp": ((64, 128, 128, 10), (2,), "cross_entropy", "softmax_fisher", 32),
+    "autoencoder": ((64, 128, 32, 8, 32, 128, 64), (2, 5), "squares", "identity", 8),
+}
+RECIPES = ("jit", "replicated", "spread")
 _BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "f16": 2, "bf16": 2, "s8": 1, "u8": 1,
           "pred": 1, "s64": 8, "u64": 8}
 _SHAPE = re.compile(r"\b(f64|f32|bf16|f16|s64|u64|s32|u32|s8|u8|pred)\[([0-9,]*)\]")
@@ -67,85 +84,135 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
   return out
 
 
-def _child(devices: int) -> dict:
+def _model(name: str):
+  """``(params, x, y, step)`` of one of MODELS, ``step(p, s, x, y, tx, axis_name, m, spread)``."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
   import optax
+
+  import riemod
+
+  sizes, linear, loss_name, metric_name, _ = MODELS[name]
+  keys = jax.random.split(jax.random.key(0), len(sizes) + 1)
+  params = {f"l{i}": {"kernel": jax.random.normal(keys[i], (a, b)) / math.sqrt(a),
+                      "bias": jnp.zeros(b)}
+            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
+  x = jax.random.normal(keys[-1], (BATCH, sizes[0]))
+  if loss_name == "cross_entropy":
+    y = jax.random.randint(keys[-2], (BATCH,), 0, sizes[-1])
+    loss = lambda z, y: optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
+  else:
+    y = x
+    loss = lambda z, y: 0.5 * jnp.mean(jnp.sum((z - y) ** 2, -1))
+  metric = getattr(riemod.metrics, metric_name)()
+
+  def model(p, x):
+    for i in range(len(sizes) - 1):
+      x = riemod.nn.dense(p[f"l{i}"], x)
+      x = x if i in linear or i == len(sizes) - 2 else jnp.tanh(x)
+    return x
+
+  def step(p, s, x, y, tx, axis_name, curvature_batch, spread=True):
+    value, grads, curv = riemod.value_grad_and_curvature(
+        model, x, lambda z: loss(z, y), metric, params=p, curvature_batch=curvature_batch,
+        axis_name=axis_name)
+    if not spread:  # the scheme before the spread: every device factors every block
+      curv = dataclasses.replace(curv, axis_name=())
+    updates, s = tx.update(grads, s, p, curvature=curv)
+    return optax.apply_updates(p, updates), s, value
+
+  return params, x, y, step
+
+
+def blocks(name: str) -> list[dict]:
+  """Every layerwise block of MODELS[name]: parameters ``n``, rows ``d``, space, FLOPs."""
+  from riemod.curvature import _mesh
+
+  sizes, _, _, metric_name, samples = MODELS[name]
+  rows = samples * (sizes[-1] if metric_name in ("softmax_fisher", "identity") else 1)
+  out = []
+  for a, b in zip(sizes[:-1], sizes[1:]):
+    n = a * b + b
+    space = "parameter" if n < rows else "sample"  # Geometry(space="auto")
+    out.append({"n": n, "d": rows, "space": space,
+                "flops": _mesh.factorisation_flops(n, rows, space)})
+  return out
+
+
+def _child(devices: int) -> dict:
+  import jax
+  import numpy as np
   from jax.sharding import Mesh, NamedSharding
   from jax.sharding import PartitionSpec as P
 
   import riemod
   from benchmarks.harness import time_interleaved
+  from riemod.curvature import _mesh
 
   assert jax.device_count() == devices, jax.devices()
   mesh = Mesh(np.array(jax.devices()), ("batch",))
-  keys = jax.random.split(jax.random.key(0), 6)
-  params = {f"l{i}": {"kernel": jax.random.normal(keys[i], (a, b)) / math.sqrt(a),
-                      "bias": jnp.zeros(b)}
-            for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:]))}
-  x = jax.random.normal(keys[4], (BATCH, SIZES[0]))
-  y = jax.random.randint(keys[5], (BATCH,), 0, SIZES[-1])
-  tx = riemod.layerwise_natural_gradient(0.1, mass=0.1, momentum=0.8, on_nonfinite="ignore")
-  state = tx.init(params)
+  out = {}
+  for name in MODELS:
+    params, x, y, step = _model(name)
+    samples = MODELS[name][4]
+    tx = riemod.layerwise_natural_gradient(0.1, mass=0.1, momentum=0.8, on_nonfinite="ignore")
+    state = tx.init(params)
+    one = jax.jit(lambda p, s, x, y: step(p, s, x, y, tx, None, samples))
+    placed = jax.device_put((x, y), NamedSharding(mesh, P("batch")))
 
-  def model(p, x):
-    for i in range(3):
-      x = riemod.nn.dense(p[f"l{i}"], x)
-      x = jnp.tanh(x) if i < 2 else x
-    return x
+    def mapped(spread):
+      return jax.jit(jax.shard_map(
+          lambda p, s, x, y: step(p, s, x, y, tx, "batch", samples // devices, spread),
+          mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")), out_specs=(P(), P(), P())))
 
-  def step(p, s, x, y, axis_name=None, curvature_batch=CURVATURE_BATCH):
-    loss, grads, curv = riemod.value_grad_and_curvature(
-        model, x, lambda z: optax.softmax_cross_entropy_with_integer_labels(z, y).mean(),
-        riemod.metrics.softmax_fisher(), params=p, curvature_batch=curvature_batch,
-        axis_name=axis_name)
-    updates, s = tx.update(grads, s, p, curvature=curv)
-    return optax.apply_updates(p, updates), s, loss
-
-  one = jax.jit(step)
-  placed = jax.device_put((x, y), NamedSharding(mesh, P("batch")))
-  per_device = CURVATURE_BATCH // devices
-  mapped = jax.jit(jax.shard_map(
-      lambda p, s, x, y: step(p, s, x, y, "batch", per_device), mesh=mesh,
-      in_specs=(P(), P(), P("batch"), P("batch")), out_specs=(P(), P(), P())))
-  programs = {"one_device": (one, (params, state, x, y)), "jit": (one, (params, state, *placed)),
-              "shard_map": (mapped, (params, state, x, y))}
-  row = {"devices": devices, "recipes": {}}
-  results = {}
-  for name, (fn, args) in programs.items():
-    hlo = fn.lower(*args).compile().as_text()
-    row["recipes"][name] = {"collectives": collectives(hlo)}
-    results[name] = jax.tree.map(np.asarray, fn(*args)[0])
-  for name in ("jit", "shard_map"):
-    row["recipes"][name]["max_relative_difference_to_one_device"] = max(
-        float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-        for a, b in zip(jax.tree.leaves(results[name]), jax.tree.leaves(results["one_device"])))
-  timed = time_interleaved(programs, rounds=5, burst=5, reference="one_device")
-  for name, entry in timed.items():
-    row["recipes"][name].update(entry)
-  num_params = sum(a * b + b for a, b in zip(SIZES[:-1], SIZES[1:]))
-  row["gradient_bytes"] = 4 * num_params
-  row["load_before_after"] = [os.getloadavg()[0]]
-  return row
+    programs = {"one_device": (one, (params, state, x, y)),
+                "jit": (one, (params, state, *placed)),
+                "replicated": (mapped(False), (params, state, x, y)),
+                "spread": (mapped(True), (params, state, x, y))}
+    row = {"recipes": {}}
+    results = {}
+    for recipe, (fn, args) in programs.items():
+      hlo = fn.lower(*args).compile().as_text()
+      row["recipes"][recipe] = {"collectives": collectives(hlo)}
+      results[recipe] = jax.tree.map(np.asarray, fn(*args)[0])
+    diff = lambda a, b: max(float(np.max(np.abs(u - v)) / np.max(np.abs(v)))
+                            for u, v in zip(jax.tree.leaves(results[a]), jax.tree.leaves(results[b])))
+    row["recipes"]["jit"]["max_relative_difference"] = {"to": "one_device",
+                                                        "value": diff("jit", "one_device")}
+    row["recipes"]["spread"]["max_relative_difference"] = {"to": "replicated",
+                                                           "value": diff("spread", "replicated")}
+    timed = time_interleaved(programs, rounds=5, burst=5, reference="one_device")
+    for recipe, entry in timed.items():
+      row["recipes"][recipe].update(entry)
+    found = blocks(name)
+    owner = _mesh.assign([b["flops"] for b in found], devices)
+    per_device = [sum(b["flops"] for b, o in zip(found, owner) if o == j) for j in range(devices)]
+    row["blocks"] = found
+    row["owner"] = list(owner)
+    row["flops_per_device"] = {"replicated": sum(b["flops"] for b in found),
+                               "spread_max": max(per_device), "spread": per_device}
+    row["parameter_bytes"] = 4 * sum(b["n"] for b in found)
+    out[name] = row
+  return {"devices": devices, "models": out, "load_before_after": [os.getloadavg()[0]]}
 
 
-def _table(rows: list[dict]) -> str:
+def _table(rows: list[dict], name: str) -> str:
   lines = [
-      "| devices | recipe | all-gathers | KiB all-gathered (results) | all-reduces | KiB all-reduced "
-      "| step time (ms) | vs one device | max rel. diff to one device |",
+      "| devices | recipe | factorisation GFLOP per device (max) | all-gathers | KiB all-gathered "
+      "| all-reduces | KiB all-reduced | step time (ms) | vs one device |",
       "|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
-    for name in ("jit", "shard_map"):
-      r = row["recipes"][name]
+    model = row["models"][name]
+    flops = model["flops_per_device"]
+    for recipe in RECIPES:
+      r = model["recipes"][recipe]
       c = r["collectives"]
+      work = flops["spread_max"] if recipe == "spread" else flops["replicated"]
       lines.append(
-          f"| {row['devices']} | {name} | {c['all-gather']['count']} | "
+          f"| {row['devices']} | {recipe} | {work / 1e9:.3f} | {c['all-gather']['count']} | "
           f"{c['all-gather']['bytes'] / 1024:.1f} | {c['all-reduce']['count']} | "
           f"{c['all-reduce']['bytes'] / 1024:.1f} | {1e3 * r['median_seconds']:.1f} | "
-          f"{r['ratio']:.2f} ({r['ratio_spread'][0]:.2f}-{r['ratio_spread'][1]:.2f}) | "
-          + (f"{r['max_relative_difference_to_one_device']:.1e} |" if name == "jit" else
-             "other rows (1) |"))
+          f"{r['ratio']:.2f} ({r['ratio_spread'][0]:.2f}-{r['ratio_spread'][1]:.2f}) |")
   return "\n".join(lines)
 
 
@@ -167,8 +234,7 @@ def main() -> None:
     rows.append(row)
     print(f"{devices} devices done", file=sys.stderr)
   write_json(RESULTS / "multidevice.json", {"machine": machine_info(), "rows": rows,
-                                            "config": {"sizes": SIZES, "batch": BATCH,
-                                                       "curvature_batch": CURVATURE_BATCH}})
+                                            "config": {"models": MODELS, "batch": BATCH}})
   text = report(rows)
   (RESULTS / "multidevice.md").write_text(text)
   print(text)
@@ -176,22 +242,34 @@ def main() -> None:
 
 def report(rows: list[dict]) -> str:
   """The results page from the rows of ``multidevice.json``."""
-  gradient = rows[0]["gradient_bytes"]
   loads = [f"{l:.1f}" for row in rows for l in row["load_before_after"]]
   text = (
-      "# Multi-device step today (replicated solves)\n\n"
-      "Digits MLP 64-128-128-10 (tanh, plain function with `riemod.nn.dense`), batch 128, exact "
-      "softmax Fisher on 32 samples (`d = 320` rows per module), layerwise natural gradient "
-      "with momentum, float32, on forced host devices of a 2-core CPU. Bytes are read from the "
-      "compiled HLO; the gradient itself is "
-      f"{gradient / 1024:.1f} KiB. Step times: medians of 5 interleaved rounds of 5 steps; "
-      "'vs one device': the same step compiled for one device in the same process (median ratio "
-      f"and its range over rounds). Load averages (1 min) around the runs: {', '.join(loads)}.\n"
-      "Reproduce: `python -m benchmarks.bench_multidevice`.\n\n" + _table(rows) + "\n\n"
-      "(1) shard_map takes the curvature rows from the first `32 / n` samples of every shard, the "
-      "one-device step from the first 32 of the batch: different rows, so the steps differ; "
-      "equality on the same rows is tested in tests/test_multidevice.py. Each device receives "
-      "`(n-1)/n` of the all-gathered bytes.\n")
+      "# Multi-device step: layerwise blocks spread over devices vs replicated\n\n"
+      "Plain functions with `riemod.nn.dense`, batch 128, layerwise natural gradient with SPRING "
+      "momentum, float32, on forced host devices of a 2-core CPU. 'factorisation GFLOP per "
+      "device': analytic, `d^3/3 + n d^2` (sample space) or `n^3/3 + d n^2` (parameter space) "
+      "summed over the blocks a device factors (replicated: all; spread: the most loaded "
+      "device under the greedy assignment). Collectives and bytes are read from the compiled "
+      "HLO; each device receives `(n-1)/n` of the all-gathered bytes. Step times: medians of 5 "
+      "interleaved rounds of 5 steps; 'vs one device': the same step compiled for one device in "
+      "the same process (median ratio and its range over rounds). The devices share two cores, "
+      "so the times measure overhead, not speed-up. Load averages (1 min) around the runs: "
+      f"{', '.join(loads)}.\n"
+      "Reproduce: `python -m benchmarks.bench_multidevice`.\n")
+  for name, (sizes, _, loss, metric, samples) in MODELS.items():
+    model = rows[0]["models"][name]
+    found = model["blocks"]
+    shapes = ", ".join(f"{b['n']}x{b['d']} ({b['space'][0]})" for b in found)
+    diffs = [row["models"][name]["recipes"][r]["max_relative_difference"]["value"]
+             for row in rows for r in ("jit", "spread")]
+    text += (
+        f"\n## {name}: {'-'.join(map(str, sizes))}, {loss}, {metric} on {samples} samples\n\n"
+        f"Blocks (parameters x rows, s: sample space, p: parameter space): {shapes}; "
+        f"parameters {model['parameter_bytes'] / 1024:.1f} KiB. Owners per device count: "
+        + "; ".join(f"{row['devices']}: {row['models'][name]['owner']}" for row in rows)
+        + f". Spread vs replicated parameters after one step: max relative difference "
+        f"{max(diffs[1::2]):.1e}; jit vs one device {max(diffs[0::2]):.1e}.\n\n"
+        + _table(rows, name) + "\n")
   return text
 
 
