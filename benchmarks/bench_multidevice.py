@@ -85,7 +85,8 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
 
 
 def _model(name: str):
-  """``(params, x, y, step)`` of one of MODELS, ``step(p, s, x, y, tx, axis_name, m, spread)``."""
+  """``(params, x, y, step, (model, loss, metric))`` of one of MODELS,
+  ``step(p, s, x, y, tx, axis_name, m, spread)``, ``loss(outputs, y)``."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -121,7 +122,7 @@ def _model(name: str):
     updates, s = tx.update(grads, s, p, curvature=curv)
     return optax.apply_updates(p, updates), s, value
 
-  return params, x, y, step
+  return params, x, y, step, (model, loss, metric)
 
 
 def blocks(name: str) -> list[dict]:
@@ -153,7 +154,7 @@ def _child(devices: int) -> dict:
   mesh = Mesh(np.array(jax.devices()), ("batch",))
   out = {}
   for name in MODELS:
-    params, x, y, step = _model(name)
+    params, x, y, step, _ = _model(name)
     samples = MODELS[name][4]
     tx = riemod.layerwise_natural_gradient(0.1, mass=0.1, momentum=0.8, on_nonfinite="ignore")
     state = tx.init(params)
@@ -273,8 +274,56 @@ def report(rows: list[dict]) -> str:
   return text
 
 
+def assembly() -> None:
+  """The one-block structure's replicated work on one device: the kernel's assembly (the modules'
+  ``K_a D^-1 K_a^T`` summed) against its Cholesky factorisation, for each model of MODELS.
+
+  Run: ``python -m benchmarks.bench_multidevice --assembly`` -> ``results/multidevice_assembly.*``.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  import riemod
+  from benchmarks.harness import machine_info, time_interleaved, write_json
+
+  rows = {}
+  load = [os.getloadavg()[0]]
+  for name in MODELS:
+    params, x, y, _, (model, loss, metric) = _model(name)
+    _, _, curv = riemod.value_grad_and_curvature(
+        model, x, lambda z: loss(z, y), metric, params=params, curvature_batch=MODELS[name][4])
+    factors = [m.factor for m in curv.modules if m.factor is not None]
+    inverse = [{k: jnp.asarray(10.0) for k in f.leaf_names} for f in factors]  # mass 0.1
+    kernel = jax.jit(lambda fs: sum(f.gram(m) for f, m in zip(fs, inverse)))
+    matrix = jnp.eye(curv.num_rows) + kernel(factors)
+    factor = jax.jit(lambda a: jax.lax.linalg.cholesky(a, symmetrize_input=False))
+    timed = time_interleaved({"assembly": (kernel, (factors,)), "cholesky": (factor, (matrix,))},
+                             rounds=7, burst=10, reference="cholesky")
+    rows[name] = {"d": curv.num_rows, **timed}
+  load.append(os.getloadavg()[0])
+  write_json(RESULTS / "multidevice_assembly.json", {"machine": machine_info(), "rows": rows,
+                                                     "load_before_after": load})
+  lines = ["# One-block structure: kernel assembly vs Cholesky (one device)\n",
+           "The replicated work of `structure=\"full\"` per step: assembling the `d x d` kernel "
+           "(sum of the modules' Gram-Hadamard products) and factoring it, float32, medians of 7 "
+           "interleaved rounds of 10 calls on a 2-core CPU; 'ratio': assembly / Cholesky "
+           f"(median, range over rounds). Load (1 min) before/after: {load[0]:.1f}, {load[1]:.1f}. "
+           "Reproduce: `python -m benchmarks.bench_multidevice --assembly`.\n",
+           "| model | d | assembly (ms) | Cholesky (ms) | assembly / Cholesky |", "|---|---|---|---|---|"]
+  for name, row in rows.items():
+    a, c = row["assembly"], row["cholesky"]
+    lines.append(f"| {name} | {row['d']} | {1e3 * a['median_seconds']:.2f} | "
+                 f"{1e3 * c['median_seconds']:.2f} | {a['ratio']:.2f} "
+                 f"({a['ratio_spread'][0]:.2f}-{a['ratio_spread'][1]:.2f}) |")
+  text = "\n".join(lines) + "\n"
+  (RESULTS / "multidevice_assembly.md").write_text(text)
+  print(text)
+
+
 if __name__ == "__main__":
   if len(sys.argv) == 3 and sys.argv[1] == "--child":
     print(json.dumps(_child(int(sys.argv[2]))))
+  elif sys.argv[1:] == ["--assembly"]:
+    assembly()
   else:
     main()
