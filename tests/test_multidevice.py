@@ -441,6 +441,40 @@ def test_two_blocks_on_four_devices_and_one_block_everywhere(measured, frontend)
   assert measured[f"factorisations/{frontend}/full"] == {"every_device": 1, "per_branch": []}
 
 
+def test_curvature_used_outside_its_shard_map_is_solved_in_place():
+  """A curvature returned from the shard_map it was measured in carries axes that are not bound
+  where the optimizer then runs: the step is replicated there (no lax.axis_index of an unbound
+  axis), and equals the one computed without shard_map. One device, in this process."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import PartitionSpec as P
+
+  import riemod
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("batch",))
+  params = {"a": {"kernel": jnp.ones((3, 4)) / 3, "bias": jnp.zeros(4)},
+            "b": {"kernel": jnp.ones((4, 2)) / 4, "bias": jnp.zeros(2)}}
+  model = lambda p, x: riemod.nn.dense(p["b"], jnp.tanh(riemod.nn.dense(p["a"], x)))
+  x = jnp.arange(24.0).reshape(8, 3) / 24
+
+  def measure(p, x, axis_name=None):
+    return riemod.value_grad_and_curvature(
+        model, x, lambda y: 0.5 * jnp.mean(jnp.sum(y ** 2, -1)), riemod.metrics.identity(),
+        params=p, axis_name=axis_name)
+
+  _, grads, curv = jax.jit(jax.shard_map(lambda p, x: measure(p, x, "batch"), mesh=mesh,
+                                         in_specs=(P(), P("batch")), out_specs=P()))(params, x)
+  assert curv.axis_name == ("batch",)
+  tx = riemod.layerwise_natural_gradient(0.1, mass=0.1)
+  update = jax.jit(lambda g, c: tx.update(g, tx.init(params), params, curvature=c)[0])
+  updates = update(grads, curv)
+  _, grads_1, curv_1 = jax.jit(measure)(params, x)
+  expected = update(grads_1, curv_1)
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("frontend,structure", FLOAT32)
 def test_shard_map_step_equals_one_device_float32(measured_slow, frontend, structure):

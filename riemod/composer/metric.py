@@ -234,8 +234,9 @@ def _spread_steps(metric: ComposedMetric, rhs: Any, prev_leaves, momentum) -> di
   """Every block's :class:`~riemod.composer.woodbury.BlockStep`, keyed by its modules, each
   factored and solved on one device of the curvature's mapped axes (``{}``: replicated step).
 
-  Spread when the curvature was gathered over mapped axes (``axis_name``), the structure is
-  layerwise and there are several Cholesky blocks and devices: every device holds every block's
+  Spread when the curvature was gathered over mapped axes (``axis_name``) that are bound here,
+  the structure is layerwise and there are several Cholesky blocks and devices: every device holds
+  every block's
   rows, so block ``b`` is factored and solved only on the device :func:`_mesh.assign` gives it
   (balanced by :func:`_mesh.factorisation_flops`) and the directions and diagnostics are summed
   over the devices (one all-reduce of parameter-sized pieces). The factor ``compose`` made is
@@ -243,7 +244,7 @@ def _spread_steps(metric: ComposedMetric, rhs: Any, prev_leaves, momentum) -> di
   blocks, stay replicated.
   """
   axes = metric.curvature.axis_name
-  if (not axes or metric.structure != "layerwise" or len(metric.blocks) < 2
+  if (not _mesh.bound(axes) or metric.structure != "layerwise" or len(metric.blocks) < 2
       or any(type(block) is not BlockFactorization for block in metric.blocks)
       or _mesh.size(axes) < 2):
     return {}

@@ -119,6 +119,13 @@ def resolve(axis_name: Hashable | tuple | None, x: Any, params: Any) -> tuple:
   return axes
 
 
+def bound(axes: tuple) -> bool:
+  """Whether every axis of ``axes`` is a mapped axis here (``False`` outside the ``shard_map``
+  where a curvature was measured, e.g. when it is returned from it and used under ``jit``)."""
+  present = _bound_axes()
+  return bool(axes) and all(a in present for a in axes)
+
+
 def size(axes: tuple) -> int:
   """The number of devices along ``axes`` (1 for none)."""
   return jax.lax.axis_size(axes) if axes else 1
