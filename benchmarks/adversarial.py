@@ -391,7 +391,15 @@ def _alias(structure: str):
   return riemod.natural_gradient if structure == "full" else riemod.layerwise_natural_gradient
 
 
+_REFS: dict[tuple, np.ndarray] = {}
+
+
 def _ref(structure="full", *, mass=1e-2, lr=LR, w=None, x=None, t=None, **kw) -> np.ndarray:
+  if w is None and x is None and t is None:  # the shared problem: computed once per setting
+    key = (structure, repr(mass), repr(lr), repr(sorted(kw.items())))
+    if key not in _REFS:
+      _REFS[key] = _ref(structure, mass=mass, lr=lr, w=_weights(), **kw)
+    return _REFS[key]
   x0, t0 = _data()
   return reference_delta(_weights() if w is None else w, x0 if x is None else x,
                          t0 if t is None else t, lr=lr, mass=mass, structure=structure, **kw)
@@ -531,6 +539,8 @@ def _lr_cases() -> list[Case]:
     for policy in ("error", "skip", "ignore"):
       if policy == "ignore" and valid == "later":
         continue  # a finite negative rate found at run time: "ignore" checks nothing
+      if valid is True and policy != "error":
+        continue  # valid rates under every policy: the on_nonfinite x max_error group
       steps = 2 if valid == "later" else 1
 
       def run(value=value, policy=policy, steps=steps):
@@ -590,8 +600,8 @@ def _data_cases() -> list[Case]:
   for label, (x, t) in _bad_data().items():
     for policy in ("error", "skip", "ignore"):
       for mode in ("eager", "jit"):
-        if mode == "eager" and policy == "ignore":
-          continue  # nothing eager-specific happens when nothing is checked
+        if mode == "eager" and policy != "error":
+          continue  # eager differs from jit in how a refusal is raised (at once), not skipped
 
         def run(x=x, t=t, policy=policy, mode=mode):
           return run_steps("plain", _data_tx(policy), mode=mode, x=x, t=t, metric=IDENTITY,
@@ -645,6 +655,8 @@ def _dtype_cases() -> list[Case]:
                         lambda dtype=dtype: Expect("refuse", names=(dtype,))))
   for dtype in ("int32", "bfloat16", "float16"):
     for frontend in ("plain", "linen", "nnx"):
+      if frontend == "plain" and dtype != "int32":
+        continue  # jnp promotes in the model itself; the layers' recorded inputs are the point
       def run(dtype=dtype, frontend=frontend):
         x, t = _data()
         xd = (np.round(3 * x) if dtype == "int32" else x).astype(jnp.dtype(dtype))
@@ -953,7 +965,9 @@ def _wrapper_cases() -> list[Case]:
     }
     for label, (make, kind) in wrappers.items():
       for mode in ("eager", "jit"):
-        if mode == "eager" and kind == "plain":
+        # the wrappers' own logic runs at trace time: jit only; structure only where the
+        # wrapper restricts the curvature (masked, multi_transform)
+        if mode == "eager" or (kind == "plain" and structure == "layerwise"):
           continue
 
         def run(make=make, mode=mode):
@@ -1074,7 +1088,6 @@ def _lowrank_cases() -> list[Case]:
   cases = []
   metrics = {
       "sampled_softmax_fisher()": (lambda: riemod.metrics.sampled_softmax_fisher(), {}),
-      "gaussian_sketch(2)": (lambda: riemod.metrics.gaussian_sketch(2), {}),
       "softmax_fisher, curvature_batch=2": (lambda: riemod.metrics.softmax_fisher(),
                                             dict(curvature_batch=2)),
   }
