@@ -1184,13 +1184,7 @@ def run_case(case: Case) -> dict[str, Any]:
 
 
 # Why a case still fails, where the reason is known (explanation only: it changes no outcome).
-OPEN = {
-    ("low-rank metric at the default mass", "not passed"):
-        "without value= the divergence check has no loss to watch (apply_if_valid documents "
-        "this); closing it needs the loss carried in the Curvature (riemod/curvature/types.py) "
-        "so the check runs without value=, which changes the default behaviour of every run "
-        "(tests/test_divergence.py asserts today's silent divergence without value=)",
-}
+OPEN: dict[tuple[str, str], str] = {}
 
 
 def _why(row: dict[str, Any]) -> str:

@@ -370,12 +370,13 @@ def apply_if_valid(inner: optax.GradientTransformation, policy: str = "error", *
       message names it); ``"skip"`` returns a zero update and rolls the inner state back,
       counting the step in ``skipped_steps``; ``"ignore"`` checks nothing.
     max_error: the largest accepted estimated relative error (``None``: no precision check).
-    max_loss_growth: with the loss passed as ``update(..., value=loss)``, a step is refused once
-      a moving average of the loss (decay 0.9, so one bad batch does not trip it) exceeds this
-      multiple of the first loss: every value can stay finite while training diverges (a
-      low-rank metric at too small a mass steps ``1 / mass`` times the gradient outside its
-      rows' span). Meant for non-negative losses; not checked while the first loss is <= 0,
-      nor without ``value``. ``None``: off.
+    max_loss_growth: a step is refused once a moving average of the loss (decay 0.9, so one
+      bad batch does not trip it) exceeds this multiple of the first loss: every value can stay
+      finite while training diverges (a low-rank metric at too small a mass steps ``1 / mass``
+      times the gradient outside its rows' span). The loss is ``update(..., value=loss)`` if
+      given, else the one :func:`riemod.value_grad_and_curvature` recorded in the curvature
+      (``Curvature.value``). Meant for non-negative losses; not checked while the first loss
+      is <= 0. ``None``: off.
 
   Example:
     >>> import jax.numpy as jnp, optax, riemod
@@ -402,7 +403,11 @@ def apply_if_valid(inner: optax.GradientTransformation, policy: str = "error", *
     _no_positional(positional)
     out, inner_state = inner.update(updates, state.inner_state, params, curvature=curvature,
                                     **extra_args)
-    first, smoothed, ok_loss = _track_loss(state, extra_args.get("value"), max_loss_growth)
+    # The loss: value= if given, else the one measured with the curvature.
+    value = extra_args.get("value")
+    if value is None and isinstance(curvature, Curvature):
+      value = curvature.value
+    first, smoothed, ok_loss = _track_loss(state, value, max_loss_growth)
     if policy == "ignore":
       return out, ValidStepState(state.skipped_steps, inner_state, first, smoothed)
     ok_grads, ok_curvature, ok_step = all_finite(updates), all_finite(curvature), all_finite(out)

@@ -46,14 +46,17 @@ def _train(tx, metric, steps=20, pass_value=True):
   return losses, state
 
 
-def test_a_diverging_run_is_refused():
+@pytest.mark.parametrize("pass_value", [True, False])
+def test_a_diverging_run_is_refused(pass_value):
   # Sampled Fisher at the default mass: the gradient outside the sampled rows' span is stepped
   # 1 / mass = 100 times; the loss climbs while every value stays finite.
   metric = riemod.metrics.sampled_softmax_fisher()
-  losses, _ = _train(riemod.natural_gradient(0.3, max_error=None), metric, pass_value=False)
+  unchecked = riemod.natural_gradient(0.3, max_error=None, max_loss_growth=None)
+  losses, _ = _train(unchecked, metric, pass_value=pass_value)
   assert np.all(np.isfinite(losses)) and max(losses) > 5 * losses[0]  # the silent failure
+  # Refused with value= and without it (the loss recorded in the curvature).
   with pytest.raises(Exception, match="loss is diverging"):
-    _train(riemod.natural_gradient(0.3, max_error=None), metric)
+    _train(riemod.natural_gradient(0.3, max_error=None), metric, pass_value=pass_value)
 
 
 def test_a_converging_run_is_not_refused():

@@ -325,7 +325,7 @@ def value_grad_and_curvature(
     coordinates = (root * jnp.moveaxis(per_sample, 1, 0)).reshape(-1)
   curvature = Curvature(tuple(modules), coordinates, tuple(tuple(np.shape(l)) for l in leaves),
                         num_rows, output_metric.name, leaf_paths=leaf_paths(params),
-                        axis_name=axes)
+                        axis_name=axes, value=loss)
   return loss, grads, curvature
 
 

@@ -59,6 +59,10 @@ class Curvature:
     axis_name: the mapped axes (inside ``jax.shard_map``) the rows were gathered over, ``()``
       when none: the rows are then the whole batch's, the same on every device of the axes, and
       the composer spreads the layerwise blocks' factorisations over those devices.
+    value: the loss on the batch the curvature was measured on (``None``: not recorded).
+      :func:`riemod.apply_if_valid` watches it for divergence when ``update`` gets no
+      ``value=``, so a run whose loss blows up while every number stays finite is refused
+      without the user passing the loss.
   """
 
   modules: tuple[ModuleCurvature, ...]
@@ -69,6 +73,7 @@ class Curvature:
   leaf_paths: tuple[str, ...] | None = dataclasses.field(default=None,
                                                           metadata=dict(static=True))
   axis_name: tuple = dataclasses.field(default=(), metadata=dict(static=True))
+  value: jax.Array | None = None
 
   def restrict(self, paths: Sequence[str]) -> "Curvature":
     """The curvature of the selected parameters only: ``K`` restricted to their columns.
