@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from riemod.cli import _pinn
+from riemod.state import find_state
+from riemod.transforms import MetricState
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -108,20 +110,27 @@ def test_example_trains_with_the_benchmarks_optimizer(tmp_path):
   saved = json.loads((tmp_path / "history.json").read_text())
   assert saved["history"] == history and (tmp_path / "error.png").stat().st_size > 5_000
   assert history[-1]["l2"] < 0.05 * history[0]["l2"]  # 0.46 at seed 0's init
-  # The benchmark's riemod transform for the same setting takes exactly the same steps.
+  # The benchmark's riemod transform for the same setting takes the same steps: from the same
+  # parameters, step by step, the updates agree within the two steps' own error estimates (two
+  # separately compiled programs may round differently: under the tests' XLA flags 1e-11..1.3e-6
+  # relative, estimates 3e-7..2.5e-5; at mass 1e-8 twenty steps amplify such differences to
+  # percent level, so whole trajectories are not compared).
   from benchmarks import task_engd_poisson as task
 
   prob = _pinn.problem()
-  params = _pinn.init_params(0)
-  ends = []
-  for tx in (example.optimizer(1e-8, None), task.riemod_transform(dict(mass=1e-8, momentum=None))):
-    step, p, s = _pinn.riemod_step(tx, prob), params, tx.init(params)
-    for _ in range(20):
-      p, s, _ = step(p, s)
-    ends.append(p)
-  for a, b in zip(jax.tree.leaves(ends[0]), jax.tree.leaves(ends[1])):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  np.testing.assert_allclose(float(_pinn.l2_error(ends[0], prob)), history[-1]["l2"], rtol=1e-12)
+  txs = (example.optimizer(1e-8, None), task.riemod_transform(dict(mass=1e-8, momentum=None)))
+  steps = [_pinn.riemod_step(tx, prob) for tx in txs]
+  p = _pinn.init_params(0)
+  states = [tx.init(p) for tx in txs]
+  vec = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+  for _ in range(20):
+    (a, sa, _), (b, sb, _) = steps[0](p, states[0]), steps[1](p, states[1])
+    states = [sa, sb]
+    estimates = sum(float(np.max(find_state(s, MetricState).report.error)) for s in states)
+    ua, ub = vec(a) - vec(p), vec(b) - vec(p)
+    assert np.linalg.norm(ua - ub) <= estimates * np.linalg.norm(ua)
+    p = a
+  np.testing.assert_allclose(float(_pinn.l2_error(p, prob)), history[-1]["l2"], rtol=1e-12)
 
 
 def test_authors_step_is_a_pseudo_inverse_gauss_newton_step():

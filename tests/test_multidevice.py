@@ -191,7 +191,10 @@ def _worker(part: str) -> dict:  # noqa: C901 (one linear script of independent 
     make = riemod.natural_gradient if structure == "full" else riemod.layerwise_natural_gradient
     policy = {None: riemod.masses.constant, "kronecker": riemod.masses.kronecker,
               "adaptive": riemod.masses.adaptive}[policy]()
-    return make(0.5, geometry=riemod.Geometry(mass=mass, structure=structure, mass_policy=policy))
+    # The trajectories are compared, not judged: some grow the loss (1.18 -> 8.65 in 3 steps at
+    # mass 1e-3), which the default divergence check would refuse.
+    return make(0.5, geometry=riemod.Geometry(mass=mass, structure=structure, mass_policy=policy),
+                max_loss_growth=None)
 
   def make_step(frontend, structure, dtype, axis_name=None, policy=None, **kwargs):
     params, d, apply, loss, metric = problem(frontend, dtype)
