@@ -112,9 +112,8 @@ def test_example_trains_with_the_benchmarks_optimizer(tmp_path):
   assert history[-1]["l2"] < 0.05 * history[0]["l2"]  # 0.46 at seed 0's init
   # The benchmark's riemod transform for the same setting takes the same steps: from the same
   # parameters, step by step, the updates agree within the two steps' own error estimates (two
-  # separately compiled programs may round differently: under the tests' XLA flags 1e-11..1.3e-6
-  # relative, estimates 3e-7..2.5e-5; at mass 1e-8 twenty steps amplify such differences to
-  # percent level, so whole trajectories are not compared).
+  # separately compiled programs may round differently, and at mass 1e-8 twenty steps amplify
+  # such differences to percent level, so whole trajectories are not compared).
   from benchmarks import task_engd_poisson as task
 
   prob = _pinn.problem()

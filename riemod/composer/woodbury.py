@@ -457,8 +457,8 @@ class BlockFactorization:
     (``C = I + M M^T``): ``D^{1/2} dx = M^T dt`` and ``|M^T C^{-1}| = max sigma / (1 + sigma^2)
     <= 1/2``, hence ``|dx| <= eps max(D^{-1/2}) lam_max(C) |t| / 2``. The ``|t| = |C^{-1} e|``
     factor grows when ``e`` leans on the rows' weak directions (a block with few parameters per
-    row), which an ``eps sqrt(lam_max) |x|`` model missed by up to 11x (layerwise, masses
-    1e-3..1e-4). Round-off in the rows and ``e`` themselves adds ``eps sqrt(lam_max)`` times the
+    row): there a fit ``4 eps sqrt(lam_max) |x|`` fell short (layerwise, masses 1e-3..1e-4, the
+    error reaches ``11 eps sqrt(lam_max)``: benchmarks/results/precision.md). Round-off in the rows and ``e`` themselves adds ``eps sqrt(lam_max)`` times the
     same factors, smaller by ``sqrt(lam_max)``.
     """
     inv_mass_max = jnp.max(jnp.stack([jnp.max(v) for m in self.inv_masses for v in m.values()]))
