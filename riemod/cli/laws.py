@@ -266,8 +266,10 @@ def run_sweep(args) -> int:
   return 0 if summary["agree"] == summary["with_closed_form"] and not summary["failed"] else 1
 
 
-class _CountTimeout(Exception):
-  pass
+class _CountTimeout(BaseException):
+  """Raised by the --timeout alarm. A BaseException, like KeyboardInterrupt: the alarm can land
+  inside library code (JAX's tracing and compilation) whose ``except Exception`` handlers would
+  otherwise swallow it and let the count run on past its limit."""
 
 
 def _count_or_failure(arch, dims, bias, flow, args) -> dict:
