@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import time
 
 import pytest
 
@@ -78,3 +79,21 @@ def test_momentum_closed_form_counts_the_rotations_that_move_the_weights(dims):
   assert count_laws(linear_network(dims), flow="momentum", num_points=2).count == expected
   assert laws.closed_form("linear", (2, 40, 3), False, "momentum") == 345  # <= 2 D + 1 = 401
   assert laws.closed_form("linear", (1, 9, 1), False, "momentum") is None
+
+
+def test_timeout_fires_again_when_its_first_alarm_is_swallowed(monkeypatch):
+  # An alarm landing in a garbage-collection callback (JAX's _xla_gc_callback) is ignored by
+  # Python; a one-shot alarm then never stops the count. The alarm repeats until it lands.
+  def count_that_swallows_the_first_alarm(*args, **kwargs):
+    try:
+      time.sleep(2)
+    except BaseException:  # noqa: BLE001 - what an unraisable-exception context does
+      pass
+    time.sleep(2)
+    return dict(count=1)
+
+  monkeypatch.setattr(laws, "count_one", count_that_swallows_the_first_alarm)
+  args = argparse.Namespace(timeout=0.05, tau=None, points=1, seed=0)
+  row = laws._count_or_failure("linear", (1, 2, 1), False, "gradient", args)
+  assert row["count"] is None and row["error"] == "stopped after 0.05 s"
+  assert row["count_seconds"] < 1.0

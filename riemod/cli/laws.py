@@ -267,9 +267,8 @@ def run_sweep(args) -> int:
 
 
 class _CountTimeout(BaseException):
-  """Raised by the --timeout alarm. A BaseException, like KeyboardInterrupt: the alarm can land
-  inside library code (JAX's tracing and compilation) whose ``except Exception`` handlers would
-  otherwise swallow it and let the count run on past its limit."""
+  """Raised by the --timeout alarm. A BaseException, like KeyboardInterrupt, so that library code's
+  ``except Exception`` handlers let it through."""
 
 
 def _count_or_failure(arch, dims, bias, flow, args) -> dict:
@@ -283,9 +282,15 @@ def _count_or_failure(arch, dims, bias, flow, args) -> dict:
 
   if alarm:
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, args.timeout)
+    # Repeating: an alarm that lands where Python ignores exceptions (a garbage-collection
+    # callback such as JAX's _xla_gc_callback: seen in a test run) is raised again shortly after.
+    signal.setitimer(signal.ITIMER_REAL, args.timeout, min(max(args.timeout, 0.01), 1.0))
   try:
-    return count_one(arch, dims, bias, flow, tau=args.tau, points=args.points, seed=args.seed)
+    try:
+      return count_one(arch, dims, bias, flow, tau=args.tau, points=args.points, seed=args.seed)
+    finally:
+      if alarm:
+        signal.setitimer(signal.ITIMER_REAL, 0)
   except (ValueError, MemoryError, _CountTimeout) as err:
     reason = f"stopped after {args.timeout:g} s" if isinstance(err, _CountTimeout) else type(err).__name__
     size = sum(a * b for a, b in zip(dims[:-1], dims[1:])) + (sum(dims[1:]) if bias else 0)
@@ -294,7 +299,6 @@ def _count_or_failure(arch, dims, bias, flow, args) -> dict:
                 count_seconds=time.perf_counter() - started)
   finally:
     if alarm:
-      signal.setitimer(signal.ITIMER_REAL, 0)
       signal.signal(signal.SIGALRM, previous)
 
 
