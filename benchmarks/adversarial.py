@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -871,21 +872,16 @@ def _api_cases() -> list[Case]:
       _, g, _ = measured()
       tx.update(g, tx.init(params), params, curvature={"rows": jnp.ones(3)})
 
-    def other_model(structure=structure):
+    def other_curvature(structure=structure, **shape):
+      # The curvature of another model (shape: _weights' layers= or hidden=) with this one's state.
       tx = _alias(structure)(LR)
       _, g, _ = measured()
-      other = jax.tree.map(jnp.asarray, _weights(seed=5, layers=3))
-      _, _, c = measured(p=other)
+      _, _, c = measured(p=jax.tree.map(jnp.asarray, _weights(seed=5, **shape)))
       u, _ = tx.update(g, tx.init(params), params, curvature=c)
       return Run(_flat(u))
 
-    def other_width(structure=structure):
-      tx = _alias(structure)(LR)
-      _, g, _ = measured()
-      other = jax.tree.map(jnp.asarray, _weights(seed=5, hidden=7))
-      _, _, c = measured(p=other)
-      u, _ = tx.update(g, tx.init(params), params, curvature=c)
-      return Run(_flat(u))
+    other_model = functools.partial(other_curvature, layers=3)
+    other_width = functools.partial(other_curvature, hidden=7)
 
     for label, fn, names in (("positional curvature", positional, ("curvature",)),
                              ("no curvature", missing, ("curvature",)),
