@@ -9,16 +9,23 @@ files):
 * ``riemod-certified``: :func:`riemod.certify.certified_layerwise_natural_gradient` (the PINN:
   :func:`riemod.certify.certified_natural_gradient`) with riemod's defaults for everything a user
   would otherwise tune: no learning rate (the controller's ``fraction * 2 / lam_max(G^{-1} H_GN)``,
-  defaults ``fraction=0.5, every=10, num_steps=5``), ``riemod.Geometry()`` (mass 1e-2, constant),
-  no momentum, no clipping, no line search, ``on_nonfinite``/``max_error`` defaults. Kept from the
-  task: the output metric and curvature batch (they set what the curvature costs, not the step).
+  defaults, recorded in the results), ``riemod.Geometry()`` (mass 1e-2, constant), no momentum,
+  no clipping, no line search, ``on_nonfinite``/``max_error`` defaults. Kept from the task: the
+  output metric and curvature batch (they set what the curvature costs, not the step).
+* ``riemod-certified+guard`` (the PINN): the same wrapped in :func:`riemod.certify.guarded` at its
+  defaults (Levenberg-Marquardt mass adaptation and step rejection from the measured reduction
+  ratio): on a full-batch least-squares loss the Gauss-Newton edge is ``lr = 1`` whatever the mass,
+  so the controller alone cannot shorten a step the nonlinearity punishes; the guard can.
 * ``riemod-certified-adaptive`` (with ``--adaptive``): the same with ``riemod.masses.adaptive()``.
 
 Measured: stable seeds (not diverged, not climbed back; a run that raises counts as unstable),
 steps and seconds (step time only, the harness's protocol) to the task's threshold, the final
-metric, the last certified learning rate, and the controller's overhead: interleaved bursts of
-``every`` consecutive steps (so each holds exactly one estimate) of the certified step against
-the same step with a fixed learning rate, from the trained state; the ratio of burst totals minus 1.
+metric, the last certified learning rate, and the controller's overhead: from seed 0's trained
+state, interleaved single steps of the inner step at a fixed learning rate, the controlled step
+with no estimate due and with one due; a run's overhead is the bookkeeping ratio minus 1 plus
+(estimates per step) x (the extra time of a step with an estimate), over the fixed-lr step. On
+digits-mlp the controller settings of ``CONTROLLER_GRID`` are compared on the tuning seeds 100 and
+101 (the defaults were chosen there).
 
 kfac-jax's adaptive mode (learning rate, momentum and damping adapted by kfac-jax) is shown from
 ``benchmarks/results/kfac_<task>.json`` (``benchmarks/kfac/run_kfac.py``, its own environment),
@@ -34,6 +41,7 @@ its own process (it needs float64 everywhere).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -52,7 +60,14 @@ from benchmarks import harness, problems, riemod_config
 NAME = "tuning_free"
 TASKS = ("digits-mlp", "digits-autoencoder", "engd-poisson")
 SEEDS = (0, 1, 2)
-CONTROLLER = dict(fraction=0.5, every=10, num_steps=5)
+# The controller's own defaults (riemod.certify.controlled's signature), recorded in the results.
+CONTROLLER = {k: v.default for k, v in inspect.signature(riemod.certify.controlled).parameters.items()
+              if k in ("fraction", "every", "warmup", "recheck_rise", "num_steps")}
+# Controller settings compared on the tuning seeds (digits-mlp): the first release's defaults, and
+# the current ones, which were chosen from this comparison.
+CONTROLLER_GRID = ({"every": 10, "recheck_rise": 1.5}, {"every": 10, "recheck_rise": 2.0},
+                   {"every": 20, "recheck_rise": 2.0})
+TUNING_SEEDS = (100, 101)
 # The threshold each task's time is measured to: the task's own (digits-mlp), the issue 6 target
 # level (autoencoder), and an L2 level the tuned ENGD setting reaches on 3/3 seeds (PINN).
 THRESHOLD = {"digits-mlp": ("train_loss", 0.05), "digits-autoencoder": ("train_loss", 0.5),
@@ -83,20 +98,24 @@ def _digits_task(task: str, quick: bool):
   return module, spec, spec.make_trainer.__self__  # the MLPTask behind the trainer factory
 
 
-def certified_trainer(mlp_task, name: str, hyper: dict, seed: int, *, fixed_lr=None):
+def certified_trainer(mlp_task, name: str, hyper: dict, seed: int, *, fixed_lr=None,
+                      controller: dict | None = None):
   """A harness trainer of the certified step on a digits task (``fixed_lr``: the same inner step
-  at a fixed learning rate, no controller, for the overhead timing)."""
+  at a fixed learning rate, no controller, for the overhead timing; ``controller``: settings
+  other than the defaults)."""
   from flax import nnx
 
   from benchmarks import mlp
 
-  key = ("certified", json.dumps(hyper, sort_keys=True), fixed_lr)
+  controller = controller or {}
+  key = ("certified", json.dumps(hyper, sort_keys=True), fixed_lr,
+         json.dumps(controller, sort_keys=True))
   cache = mlp_task._cache
   if key not in cache:
     policy = riemod_config.mass_policy(hyper.get("mass_policy") or "constant")
     geometry = riemod.Geometry(mass_policy=policy)
     if fixed_lr is None:
-      tx = riemod.certify.certified_layerwise_natural_gradient(geometry=geometry, **CONTROLLER)
+      tx = riemod.certify.certified_layerwise_natural_gradient(geometry=geometry, **controller)
     else:
       tx = riemod.layerwise_natural_gradient(fixed_lr, geometry=geometry)
     metric = riemod_config.output_metric(hyper["output_metric"])
@@ -142,8 +161,13 @@ def _controller_summary(state) -> dict:
   c = riemod.find_state(state, riemod.certify.ControllerState)
   if c is None:
     return {}
-  return {"learning_rate": float(c.learning_rate), "lam_max": float(c.lam_max),
-          "estimates": int(c.estimates), "count": int(c.count)}
+  out = {"learning_rate": float(c.learning_rate), "lam_max": float(c.lam_max),
+         "estimates": int(c.estimates), "count": int(c.count)}
+  guard = riemod.find_state(state, riemod.certify.GuardState)
+  if guard is not None:
+    out.update(rejected_steps=int(guard.rejected_steps), mass_scale=float(
+        riemod.find_state(state, riemod.MetricState).geometry.mass_scale))
+  return out
 
 
 def _train(trainer, num_steps, thresholds, time_budget_s):
@@ -161,31 +185,67 @@ def _train(trainer, num_steps, thresholds, time_budget_s):
   return r
 
 
-def burst_overhead(trainers, states, every: int, rounds: int) -> dict:
-  """Interleaved bursts of ``every`` consecutive steps (one estimate each for the controller);
-  ratios of burst totals to the first trainer's, per round."""
-  totals = {t.name: [] for t in trainers}
-  states = list(states)
-  step_index = 10_000  # far from the warm-up; the count in the state decides the estimates
+def _with_count(state, count):
+  """``state`` with the controller's step count set (the schedule decides on it) and no loss
+  history (no recheck)."""
+  def visit(node):
+    if isinstance(node, riemod.certify.ControllerState):
+      return node._replace(count=jnp.asarray(count, node.count.dtype),
+                           smoothed_value=jnp.full_like(node.smoothed_value, jnp.nan))
+    return node
+  return jax.tree.map(visit, state, is_leaf=lambda n: isinstance(n, riemod.certify.ControllerState))
+
+
+def estimate_cost(twin, mine, state, rounds: int) -> dict:
+  """Interleaved single steps from the same trained state: the inner step at a fixed learning
+  rate (``twin``), the controlled step with no estimate due, and with one due. Returns the median
+  seconds of each and the ratios to the fixed-lr step."""
+  every = CONTROLLER["every"]
+  twin_state = (state[0], twin.init()[1])
+  variants = {"fixed lr": (twin, twin_state),
+              "controlled, no estimate": (mine, (state[0], _with_count(state[1], 100 * every + 1))),
+              "controlled, estimate": (mine, (state[0], _with_count(state[1], 100 * every)))}
+  for t, s in variants.values():
+    jax.block_until_ready(t.step(s, 0))  # compile
+  times = {name: [] for name in variants}
   for r in range(rounds):
-    order = list(range(len(trainers)))
-    order = order[r % len(order):] + order[:r % len(order)]
-    for j in order:
-      t, total = trainers[j], 0.0
-      for i in range(every):
-        start = time.perf_counter()
-        states[j], loss = t.step(states[j], step_index + i)
-        jax.block_until_ready((states[j], loss))
-        total += time.perf_counter() - start
-      totals[t.name].append(total)
-    step_index += every
-  base = trainers[0].name
-  out = {}
-  for name, ts in totals.items():
-    ratios = [a / b for a, b in zip(ts, totals[base])]
-    out[name] = {"median_burst_seconds": statistics.median(ts),
-                 "ratio": statistics.median(ratios), "ratio_spread": [min(ratios), max(ratios)]}
-  return {"reference": base, "burst_steps": every, "rounds": rounds, "optimizers": out}
+    for name, (t, s) in list(variants.items())[r % 3:] + list(variants.items())[:r % 3]:
+      start = time.perf_counter()
+      jax.block_until_ready(t.step(s, 10_000 + r))
+      times[name].append(time.perf_counter() - start)
+  base = [t for t in times["fixed lr"]]
+  return {"rounds": rounds, "median_seconds": {k: statistics.median(v) for k, v in times.items()},
+          "ratio_to_fixed": {k: statistics.median([a / b for a, b in zip(v, base)])
+                             for k, v in times.items()},
+          "ratio_spread": {k: [min(a / b for a, b in zip(v, base)), max(a / b for a, b in zip(v, base))]
+                           for k, v in times.items()}}
+
+
+def whole_run_overhead(cost: dict, estimates: int, steps: int) -> float:
+  """The controller's share of a run: its bookkeeping on every step plus, per estimate, the extra
+  time of a step with one, over the fixed-lr step's time."""
+  r = cost["ratio_to_fixed"]
+  return (r["controlled, no estimate"] - 1) + estimates / steps * (
+      r["controlled, estimate"] - r["controlled, no estimate"])
+
+
+def tune_controller(mlp_task, metric_keys: dict, spec, thresholds) -> list[dict]:
+  """The controller settings of ``CONTROLLER_GRID`` on the tuning seeds: stability, steps to the
+  threshold and estimates per run (the current defaults were chosen from this table)."""
+  rows = []
+  for controller in CONTROLLER_GRID:
+    for seed in TUNING_SEEDS:
+      t = certified_trainer(mlp_task, "riemod-certified", dict(metric_keys), seed,
+                            controller=controller)
+      r = _train(t, spec.num_steps, thresholds, None)
+      hit = r["thresholds"].get(_key("digits-mlp"), {})
+      rows.append({"controller": controller, "seed": seed, "raised": r.get("raised"),
+                   "stable": (not r.get("raised") and not r["diverged"]
+                              and not harness.regressed(r)),
+                   "steps": hit.get("steps"), "estimates": r.get("controller", {}).get("estimates"),
+                   "final": r["final"].get("train_loss")})
+      _log(f"tuning {controller} seed {seed}: {rows[-1]}")
+  return rows
 
 
 def run_digits(task: str, quick: bool, seeds, adaptive: bool = False) -> dict:
@@ -210,7 +270,8 @@ def run_digits(task: str, quick: bool, seeds, adaptive: bool = False) -> dict:
            f"to threshold {hit.get('steps')} steps / {hit.get('seconds')} s, "
            f"controller {r.get('controller')}")
       runs.append(r)
-  # Controller overhead: seed 0's trained certified states against a fixed-lr twin.
+  # Controller overhead: from seed 0's trained certified state, the step with and without an
+  # estimate against the same inner step at the controller's final fixed learning rate.
   overhead = {}
   for name in ("riemod-certified", "riemod-certified-adaptive"):
     run = next((r for r in runs if r["optimizer"] == name and r["seed"] == seeds[0]
@@ -218,19 +279,23 @@ def run_digits(task: str, quick: bool, seeds, adaptive: bool = False) -> dict:
     if run is None or not run.get("controller"):
       continue
     hyper = run["hyperparameters"]
-    lr = run["controller"]["learning_rate"]
-    twin = certified_trainer(mlp_task, name + " (fixed lr)", hyper, seeds[0], fixed_lr=lr)
-    state = run["_state"]
-    twin_state = (state[0], twin.init()[1])
-    jax.block_until_ready(twin.step(twin_state, 0))  # compile
+    twin = certified_trainer(mlp_task, name + " (fixed lr)", hyper, seeds[0],
+                             fixed_lr=run["controller"]["learning_rate"])
     mine = certified_trainer(mlp_task, name, hyper, seeds[0])
-    overhead[name] = burst_overhead([twin, mine], [twin_state, state], CONTROLLER["every"],
-                                    3 if quick else 7)
-    _log(f"{task} {name}: burst ratio {overhead[name]['optimizers'][name]['ratio']:.3f}")
+    cost = estimate_cost(twin, mine, run["_state"], 5 if quick else 21)
+    counts = [r["controller"]["estimates"] for r in runs if r["optimizer"] == name
+              and r.get("controller")]
+    cost["estimates"] = counts
+    cost["whole_run"] = [whole_run_overhead(cost, c, spec.num_steps) for c in counts]
+    overhead[name] = cost
+    _log(f"{task} {name}: estimate cost {cost['ratio_to_fixed']}, whole run {cost['whole_run']}")
+  tuning = [] if quick or task != "digits-mlp" else tune_controller(mlp_task, metric_keys, spec,
+                                                                     thresholds)
   for r in runs:
     r.pop("_state", None)
   return {"task": task, "threshold": THRESHOLD[task], "num_steps": spec.num_steps,
           "tuned": tuned, "controller": CONTROLLER, "runs": runs, "overhead": overhead,
+          "controller_tuning": tuning,
           "kfac": kfac_runs(task), "machine": machine, "loadavg_end": list(os.getloadavg())}
 
 
@@ -274,10 +339,13 @@ def run_pinn(quick: bool, seeds, adaptive: bool = False) -> dict:
   chosen = json.loads((RESULTS / "engd-poisson.json").read_text())["chosen"]
   tuned = dict(chosen["hyperparameters"])
 
-  def certified(name, policy):
+  def certified(name, policy, guard=False):
     geometry = riemod.Geometry(structure="full", mass_policy=policy)
-    tx = riemod.certify.certified_natural_gradient(geometry=geometry, **CONTROLLER)
+    tx = riemod.certify.certified_natural_gradient(geometry=geometry)
+    if guard:
+      tx = riemod.certify.guarded(tx, geometry)
     metric = riemod.metrics.identity()
+    loss_of = lambda p: _pinn.half_mean_square(_pinn.residuals(p, prob.batch))
 
     @jax.jit
     def step(params, state):
@@ -285,7 +353,8 @@ def run_pinn(quick: bool, seeds, adaptive: bool = False) -> dict:
           _pinn.residuals, prob.batch, _pinn.half_mean_square, metric, params=params)
       updates, state = tx.update(grads, state, params, curvature=curvature, value=value,
                                  apply_fn=lambda p: _pinn.residuals(p, prob.batch),
-                                 loss_fn=_pinn.half_mean_square)
+                                 loss_fn=_pinn.half_mean_square,
+                                 **({"value_fn": loss_of} if guard else {}))
       return optax.apply_updates(params, updates), state, value
 
     cache[name + "null"] = (tx, step)
@@ -297,7 +366,8 @@ def run_pinn(quick: bool, seeds, adaptive: bool = False) -> dict:
 
   machine = harness.machine_info()
   tuned_trainer = engd.trainer("riemod", tuned, prob, cache)
-  trainers = [tuned_trainer, certified("riemod-certified", riemod.masses.constant())]
+  trainers = [tuned_trainer, certified("riemod-certified", riemod.masses.constant()),
+              certified("riemod-certified+guard", riemod.masses.constant(), guard=True)]
   if adaptive:
     trainers.append(certified("riemod-certified-adaptive", riemod.masses.adaptive()))
   runs = []
@@ -363,7 +433,9 @@ def summarise(payload: dict) -> dict:
         "final": _median([r["final"] for r in rs]), "median_step_ms": None,
         "time_ratio_to_tuned": None, "learning_rate": [], "raised": [],
         "note": f"{kfac['environment']}, run {kfac['time']}, load {kfac['loadavg']}"}
-  met = out.get("riemod-certified")
+  # The recipe per problem class: the PINN (full-batch least squares) with the guard.
+  met = out.get("riemod-certified+guard" if payload["task"] == "engd-poisson" else
+                "riemod-certified")
   target = None
   if met is not None:
     ratio = met["time_ratio_to_tuned"]
@@ -414,16 +486,30 @@ def write_markdown(out: Path) -> None:
       if row.get("note"):
         lines.append(f"- {name}: {row['note']}")
     for name, o in payload.get("overhead", {}).items():
-      entry = o["optimizers"][name]
-      counts = [r.get("controller", {}).get("estimates") for r in payload["runs"]
-                if r["optimizer"] == name]
-      lines.append(f"- controller overhead ({name}): bursts of {o['burst_steps']} steps (one "
-                   f"scheduled estimate each, plus any loss-rise rechecks) take "
-                   f"{harness.fmt(entry['ratio'])}x the same step at a fixed lr "
-                   f"(spread {harness.fmt(entry['ratio_spread'][0])}-"
-                   f"{harness.fmt(entry['ratio_spread'][1])}, {o['rounds']} interleaved rounds), "
-                   f"i.e. {harness.fmt(100 * (entry['ratio'] - 1))}% overhead. Estimates per run "
-                   f"(warm-up, schedule and rechecks): {counts} of {payload['num_steps']} steps.")
+      r, spread = o["ratio_to_fixed"], o["ratio_spread"]
+      lines.append(
+          f"- controller overhead ({name}): from seed {SEEDS[0]}'s trained state, {o['rounds']} "
+          f"interleaved rounds, a step with no estimate due takes "
+          f"{harness.fmt(r['controlled, no estimate'])}x the same inner step at a fixed lr "
+          f"(spread {harness.fmt(spread['controlled, no estimate'][0])}-"
+          f"{harness.fmt(spread['controlled, no estimate'][1])}) and a step with an estimate "
+          f"{harness.fmt(r['controlled, estimate'])}x (spread "
+          f"{harness.fmt(spread['controlled, estimate'][0])}-"
+          f"{harness.fmt(spread['controlled, estimate'][1])}). With {o['estimates']} estimates "
+          f"(warm-up, schedule and rechecks) in {payload['num_steps']} steps the controller adds "
+          + ", ".join(f"{harness.fmt(100 * w)}%" for w in o["whole_run"])
+          + " to a run (per seed; target 10%).")
+    tuning = payload.get("controller_tuning") or []
+    if tuning:
+      lines += ["", f"Controller settings on the tuning seeds {list(TUNING_SEEDS)} (other "
+                "settings at their defaults):", "",
+                "| controller | seed | stable | steps to threshold | estimates | final |",
+                "|---|---|---|---|---|---|"]
+      for row in tuning:
+        lines.append(f"| `{row['controller']}` | {row['seed']} | {row['stable']} | "
+                     f"{harness.fmt(row['steps'])} | {harness.fmt(row['estimates'])} | "
+                     f"{harness.fmt(row['final'])} |")
+      lines.append("")
     t = summary["target"]
     if t is not None:
       lines.append(f"- target: stable 3/3 {'met' if t['stable_3_of_3'] else 'NOT met'}; time to "

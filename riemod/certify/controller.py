@@ -66,7 +66,8 @@ class ControllerState(NamedTuple):
     vector: the Ritz vector of the latest estimate (shaped like the parameters; the warm start
       of the next).
     inner_state: the wrapped transform's state.
-    last_value: the loss ``value=`` of the previous update (``NaN`` when not given).
+    smoothed_value: a moving average of the loss ``value=`` (weight ``1 - SMOOTHING`` on the
+      newest; ``NaN`` until a first value), the reference of the loss-rise recheck.
   """
 
   count: jax.Array
@@ -75,7 +76,17 @@ class ControllerState(NamedTuple):
   estimates: jax.Array
   vector: Any
   inner_state: Any
-  last_value: jax.Array
+  smoothed_value: jax.Array
+
+
+# The recheck compares the batch loss with a moving average of the batch losses, not with the
+# previous batch's loss: at small losses two batches' losses often differ by 1.5x, so the
+# previous-batch rule estimated on 174-203 of 600 digits-MLP steps (benchmarks/results/
+# tuning_free.md at 17c7241), 2-3x its schedule, while a step past the edge grows the loss
+# geometrically and passes any fixed multiple of the average within a few steps. The defaults
+# every=20, recheck_rise=2 come from the controller table of benchmarks/task_tuning_free.py
+# (tuning seeds): the same steps to the threshold as every=10, rise 1.5, with fewer estimates.
+SMOOTHING = 0.9
 
 
 def _schedule_value(learning_rate, count):
@@ -87,9 +98,9 @@ def controlled(
     geometry: Geometry,
     *,
     fraction: float = 0.5,
-    every: int = 10,
+    every: int = 20,
     warmup: int | None = None,
-    recheck_rise: float | None = 1.5,
+    recheck_rise: float | None = 2.0,
     num_steps: int = 5,
     hessian: str = "gauss_newton",
     learning_rate: optax.ScalarOrSchedule | None = None,
@@ -115,10 +126,12 @@ def controlled(
       one the inner step was solved with).
     fraction: the learning rate as a fraction of the edge ``2 / lam_max``, in ``(0, 1)``.
     every: steps between estimates (>= 1).
-    warmup: the first steps, each with an estimate (``None``: ``every``; 0: none but the first).
+    warmup: the first steps, each with an estimate (``None``: ``min(every, 10)``; 0: none but
+      the first).
     recheck_rise: with ``value=`` (the batch loss) given, a step whose loss exceeds this multiple
-      of the previous step's is estimated at once, off schedule: a step past the edge shows as a
-      rising loss, and the curvature may have grown since the last estimate (``None``: off).
+      of the moving average of the previous steps' losses is estimated at once, off schedule: a
+      step past the edge shows as a rising loss, and the curvature may have grown since the last
+      estimate (``None``: off).
     num_steps: Lanczos steps per estimate (>= 1; warm-started, so a few suffice).
     hessian: ``"gauss_newton"`` (default, see the module docs) or ``"full"``.
     learning_rate: ``None`` (default: no learning rate, the certified one) or a number/schedule
@@ -155,7 +168,7 @@ def controlled(
                      "stability 2/lam_max must lie in (0, 1), e.g. 0.5.")
   if not isinstance(every, int) or every < 1:
     raise ValueError(f"every={every!r}: steps between estimates, an int >= 1 (e.g. 10).")
-  warmup = every if warmup is None else warmup
+  warmup = min(every, 10) if warmup is None else warmup
   if not isinstance(warmup, int) or warmup < 0:
     raise ValueError(f"warmup={warmup!r}: the first steps with an estimate each, an int >= 0.")
   if recheck_rise is not None and not recheck_rise > 1:
@@ -211,12 +224,15 @@ def controlled(
     # Estimate on schedule, and at every step until a first valid estimate exists.
     due = (state.count % every == 0) | (state.count < warmup) | ~jnp.isfinite(state.lam_max)
     value = extra_args.get("value")
-    last_value = state.last_value
+    smoothed = state.smoothed_value
     if value is not None:
       value = jnp.asarray(value, dtype)
       if recheck_rise is not None:  # NaN comparisons are False: no previous value, no recheck
-        due = due | (value > recheck_rise * last_value)
-      last_value = value
+        due = due | (value > recheck_rise * smoothed)
+      # A non-finite loss is not averaged in (the inner transform's policy answers it).
+      smoothed = jnp.where(~jnp.isfinite(value), smoothed,
+                           jnp.where(jnp.isnan(smoothed), value,
+                                     SMOOTHING * smoothed + (1 - SMOOTHING) * value))
     lam, vector = jax.lax.cond(
         due, lambda: estimate(params, curvature, inner_state, state.vector, apply_fn, loss_fn,
                               dtype),
@@ -234,7 +250,7 @@ def controlled(
     step = jax.tree.map(lambda s: (lr * s).astype(s.dtype), step)
     return step, ControllerState(state.count + 1, lr, lam,
                                  state.estimates + due.astype(jnp.int32), vector, inner_state,
-                                 last_value)
+                                 smoothed)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -253,8 +269,8 @@ def _certified(structure, builder, mass, geometry, fraction, every, warmup, rech
 
 def certified_layerwise_natural_gradient(
     mass: optax.ScalarOrSchedule | None = None, *, geometry: Geometry | None = None,
-    fraction: float = 0.5, every: int = 10, warmup: int | None = None,
-    recheck_rise: float | None = 1.5, num_steps: int = 5, hessian: str = "gauss_newton",
+    fraction: float = 0.5, every: int = 20, warmup: int | None = None,
+    recheck_rise: float | None = 2.0, num_steps: int = 5, hessian: str = "gauss_newton",
     learning_rate: optax.ScalarOrSchedule | None = None, max_learning_rate: float | None = None,
     momentum: float | None = None, on_nonfinite: str = "error",
     max_error: float | None = 1e-2) -> optax.GradientTransformationExtraArgs:
@@ -280,8 +296,8 @@ def certified_layerwise_natural_gradient(
 
 def certified_natural_gradient(
     mass: optax.ScalarOrSchedule | None = None, *, geometry: Geometry | None = None,
-    fraction: float = 0.5, every: int = 10, warmup: int | None = None,
-    recheck_rise: float | None = 1.5, num_steps: int = 5, hessian: str = "gauss_newton",
+    fraction: float = 0.5, every: int = 20, warmup: int | None = None,
+    recheck_rise: float | None = 2.0, num_steps: int = 5, hessian: str = "gauss_newton",
     learning_rate: optax.ScalarOrSchedule | None = None, max_learning_rate: float | None = None,
     momentum: float | None = None, on_nonfinite: str = "error",
     max_error: float | None = 1e-2) -> optax.GradientTransformationExtraArgs:
