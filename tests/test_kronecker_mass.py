@@ -9,6 +9,7 @@ written out again here.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import flax.serialization
 import jax
@@ -20,6 +21,7 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 import riemod
+from riemod.curvature.factors import DenseFactor
 
 MASS, DAMPING, DECAY = 0.7, 3e-2, 0.9
 
@@ -358,3 +360,60 @@ def test_bad_arguments_are_named():
     riemod.masses.kronecker(damping=0.0)
   with pytest.raises(ValueError, match="update_every"):
     riemod.masses.kronecker(update_every=0)
+
+
+def test_attention_projections_take_the_kronecker_mass(x64):
+  # Query/key/value kernels are (in, heads, head_dim): the Kronecker state must be sized from the
+  # bias's shape (heads, head_dim), not from the kernel's last axis (they silently kept the
+  # constant mass). Reference: G = K^T K + D, D = mass (A_d (x) S_d) on each dense module's
+  # [bias; kernel] matrix (kernel flattened (fan_in, fan_out), row-major), mass elsewhere; A and
+  # S from the module's measured inputs and cotangents, the damping written out again.
+  import test_sequence as seq  # pylint: disable=import-outside-toplevel
+
+  model = seq.LM()
+  ids, targets = seq._data()
+  geometry = riemod.Geometry(mass=MASS, structure="full", mass_policy=riemod.masses.kronecker(
+      decay=DECAY, damping=DAMPING))
+  _, grads, curv = riemod.value_grad_and_curvature(model, ids, seq._ce(targets),
+                                                   riemod.metrics.softmax_fisher())
+  params = nnx.state(model, nnx.Param)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")         # no module is left on the constant mass
+    state = geometry.advance(geometry.init(params), grads, curv)
+  k = seq._rows_matrix(curv)
+  sizes = [int(np.prod(s)) for s in curv.leaf_shapes]
+  offsets = np.concatenate([[0], np.cumsum(sizes)])
+  d_mat = MASS * np.eye(offsets[-1])
+  kronecker_modules = []
+  for module in curv.modules:
+    structure = getattr(module.factor, "structure", None)
+    if not isinstance(module.factor, DenseFactor):
+      continue
+    leaf = dict(zip(module.leaf_names, module.leaf_indices))
+    kernel = offsets[leaf["kernel"]] + np.arange(sizes[leaf["kernel"]]).reshape(
+        structure.fan_in, structure.fan_out)
+    x = np.asarray(module.factor.features).reshape(-1, structure.fan_in)
+    c = np.asarray(module.factor.cotangents).reshape(-1, structure.fan_out)
+    x1 = np.concatenate([np.ones((len(x), 1)), x], axis=1)
+    a, s = x1.T @ x1 / len(x), c.T @ c
+    idx = np.concatenate([offsets[leaf["bias"]] + np.arange(structure.fan_out)[None], kernel])
+    a_d, s_d = _damped(a, s)
+    idx = idx.reshape(-1)
+    d_mat[np.ix_(idx, idx)] = MASS * np.kron(a_d, s_d)
+    kronecker_modules.append(module.name)
+  assert {"block/att/query", "block/att/key", "block/att/value"} <= set(kronecker_modules)
+  g = _flat(grads)
+  expected = np.linalg.solve(k.T @ k + d_mat, g)
+  got = _flat(geometry.compose(curv, state).solve(grads))
+  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9 * np.max(np.abs(expected)))
+
+
+def test_a_general_dense_layer_without_bias_is_named_when_it_keeps_the_constant_mass():
+  rngs = nnx.Rngs(0)
+  model = nnx.Sequential(nnx.LinearGeneral(3, (2, 2), use_bias=False, rngs=rngs),
+                         lambda h: h.reshape(h.shape[0], -1), nnx.Linear(4, 2, rngs=rngs))
+  x, y = _data(jnp.float32)
+  geometry = _geometry()
+  _, grads, curv = riemod.value_grad_and_curvature(model, x, _loss(y), riemod.metrics.identity())
+  with pytest.warns(UserWarning, match=r"module layers/0 .* keeps the constant mass"):
+    geometry.advance(geometry.init(nnx.state(model, nnx.Param)), grads, curv)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -282,8 +283,17 @@ class KroneckerMass:
       kernel = leaves[names["kernel"]]
       if kernel.ndim < 2:
         continue
-      fan_in = math.prod(kernel.shape[:-1]) + ("bias" in names)
-      fan_out = kernel.shape[-1]
+      # A general dense layer (attention's query/key/value: kernel (in, heads, head_dim)) has
+      # several output axes; its bias has exactly their shape. Without a bias the last axis is
+      # taken as the output (dense and conv layers); a layer where that is wrong is named in a
+      # warning when the curvature shows its structure (see `_eligible`).
+      out_ndim = 1
+      if "bias" in names:
+        bias_shape = leaves[names["bias"]].shape
+        if 1 <= len(bias_shape) < kernel.ndim and kernel.shape[-len(bias_shape):] == bias_shape:
+          out_ndim = len(bias_shape)
+      fan_in = math.prod(kernel.shape[:-out_ndim]) + ("bias" in names)
+      fan_out = math.prod(kernel.shape[-out_ndim:])
       eye_in, eye_out = jnp.eye(fan_in, dtype=kernel.dtype), jnp.eye(fan_out, dtype=kernel.dtype)
       moments[str(names["kernel"])] = KroneckerMoments(
           jnp.zeros_like(eye_in), jnp.zeros_like(eye_out), eye_in, eye_in, eye_out, eye_out)
@@ -297,8 +307,16 @@ class KroneckerMass:
       return None
     state = moments.get(str(module.leaf_indices[module.leaf_names.index("kernel")]))
     structure = module.factor.structure
-    if state is None or state.inputs.shape[0] != structure.fan_in + structure.has_bias or (
+    if state is None:
+      return None
+    if state.inputs.shape[0] != structure.fan_in + structure.has_bias or (
         state.outputs.shape[0] != structure.fan_out):
+      warnings.warn(
+          f"riemod.masses.kronecker: module {module.name} (kernel {structure.kernel_shape}, "
+          f"{structure.fan_in} inputs x {structure.fan_out} outputs) keeps the constant mass: "
+          "its Kronecker state was sized from the parameters alone, which do not show a general "
+          "dense layer's output axes without a bias. Give the layer a bias, or declare its mass.",
+          stacklevel=2)
       return None
     return state
 
@@ -430,7 +448,10 @@ def kronecker(decay: float = 0.95, damping: float = 1e-3, update_every: int = 1)
   ``mass`` is then dimensionless: it weighs K-FAC's running estimate of the Gauss-Newton matrix
   against the exact curvature of the batch (``mass = 1``: as much as one batch). Modules without
   dense structure (the generic path), euclidean modules and modules that declare a mass keep the
-  constant (or declared) mass. The state holds four ``(1 + fan_in)^2`` and ``fan_out^2`` matrices
+  constant (or declared) mass. Attention's query/key/value projections (kernels
+  ``(in, heads, head_dim)``) are sized from their bias; a general dense layer with several output
+  axes and no bias cannot be sized from its parameters and keeps the constant mass, with a warning
+  that names it. The state holds four ``(1 + fan_in)^2`` and ``fan_out^2`` matrices
   per dense module (two moving averages, a Cholesky factor and its inverse of each).
 
   Args:
