@@ -11,6 +11,7 @@ from riemod import certify, composer, conservation, metrics, nn, sampling
 from riemod.composer import ComposedMetric, Geometry, GeometryState, masses
 from riemod.curvature import Curvature, ModuleCurvature, value_grad_and_curvature
 from riemod.linesearch import GridLinesearchState, scale_by_grid_linesearch
+from riemod.damping import LevenbergMarquardtState, levenberg_marquardt
 from riemod.nn import MetricDeclaration
 from riemod.state import find_state
 from riemod.transforms import (ActionState, MetricState, StepRefusedError, ValidStepState,
@@ -21,9 +22,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActionState", "ComposedMetric", "Curvature", "Geometry", "GeometryState",
-    "GridLinesearchState", "MetricDeclaration", "MetricState", "ModuleCurvature",
-    "StepRefusedError", "ValidStepState", "apply_if_valid", "certify", "composer",
-    "conservation", "find_state", "layerwise_natural_gradient", "masses", "metrics",
-    "module_diagnostics", "natural_gradient", "nn", "sampling", "scale_by_grid_linesearch",
-    "scale_by_metric", "track_action", "value_grad_and_curvature",
+    "GridLinesearchState", "LevenbergMarquardtState", "MetricDeclaration", "MetricState",
+    "ModuleCurvature", "StepRefusedError", "ValidStepState", "apply_if_valid", "certify",
+    "composer", "conservation", "find_state", "layerwise_natural_gradient", "levenberg_marquardt",
+    "masses", "metrics", "module_diagnostics", "natural_gradient", "nn", "sampling",
+    "scale_by_grid_linesearch", "scale_by_metric", "track_action", "value_grad_and_curvature",
 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import riemod
@@ -186,3 +187,148 @@ def test_nystrom_changes_its_sketch_every_step_reproducibly():
     basis = lambda s: np.asarray(geometry.compose(curv, s).blocks[0].basis)
     np.testing.assert_array_equal(basis(s1), basis(s1))
     assert not np.allclose(np.abs(basis(s1)), np.abs(basis(s2)))
+
+
+
+# --------------------------------------------------------------------------- Levenberg-Marquardt
+class _TanhRegression:
+  """Nonlinear least squares ``0.5 mean (tanh(X w) - y)^2`` (float64) with the dense Gauss-Newton
+  matrix ``J^T J / B`` from jax.jacrev as the reference."""
+
+  def __init__(self, seed=5, rows=12, cols=4):
+    rng = np.random.default_rng(seed)
+    self.x = jnp.asarray(rng.standard_normal((rows, cols)))
+    self.y = jnp.asarray(rng.uniform(-0.9, 0.9, (rows, 1)))
+    self.params = {"w": jnp.asarray(rng.standard_normal((cols, 1)))}
+
+  def f(self, p, x):
+    return jnp.tanh(x @ p["w"])
+
+  def loss_fn(self, out):
+    return 0.5 * jnp.mean((out - self.y) ** 2)
+
+  def loss_of(self, p):
+    return self.loss_fn(self.f(p, self.x))
+
+  def at(self, p):
+    """Value, gradient, curvature and the dense Gauss-Newton matrix at ``p``."""
+    value, g, curv = riemod.value_grad_and_curvature(self.f, self.x, self.loss_fn,
+                                                     riemod.metrics.identity(), params=p)
+    rows, cols = self.x.shape
+    jac = jax.jacrev(lambda w: self.f({"w": w}, self.x).ravel())(p["w"]).reshape(rows, cols)
+    return value, g, curv, np.asarray(jac.T @ jac / rows)
+
+
+def _lm(mass, search, **rule):
+  geometry = riemod.Geometry(mass=mass, structure="full")
+  inner = riemod.natural_gradient(1.0, geometry=geometry)
+  if search:
+    inner = optax.chain(inner, riemod.scale_by_grid_linesearch(max_step=2.0, factor=0.5, num=6))
+  return riemod.levenberg_marquardt(inner, geometry, **rule)
+
+
+def _mass_scale(state):
+  return float(riemod.find_state(state, riemod.MetricState).geometry.mass_scale)
+
+
+@pytest.mark.parametrize("search", [False, True])
+def test_levenberg_marquardt_ratio_and_rule_match_dense_model(search):
+  """Nonlinear least squares, mass 0.05: the ratio is ``(l(w) - l(w + s)) / best`` with
+  ``best = (g^T s)^2 / (2 s^T G s)`` and the dense ``G = J^T J / B + mass`` (jax.jacrev), to
+  1e-10, whether the new loss comes from the line search's state or from value_fn; thresholds just
+  above / below / around it move the mass scale up / down / not at all; and the next step is
+  solved with the adapted mass: ``(J^T J / B + 4 mass)^{-1} g`` at the new point."""
+  with jax.enable_x64(True):
+    prob, mass = _TanhRegression(), 0.05
+    params = prob.params
+    value, g, curv, gn = prob.at(params)
+    update = lambda tx, state, p, g, curv, value: tx.update(g, state, p, curvature=curv,
+                                                            value=value, value_fn=prob.loss_of)
+    tx = _lm(mass, search)
+    s, state = update(tx, tx.init(params), params, g, curv, value)
+    gv, sv = np.asarray(g["w"]).ravel(), np.asarray(s["w"]).ravel()
+    best = (gv @ sv) ** 2 / (2 * sv @ (gn + mass * np.eye(len(gv))) @ sv)
+    rho = float(value - prob.loss_of(optax.apply_updates(params, s))) / best
+    assert rho > 0.05 and abs(rho - 1) > 0.05, rho  # a nonlinear step, not the exact model
+    assert float(state.ratio) == pytest.approx(rho, rel=1e-10)
+    for rule, factor in ((dict(lower=rho * 1.01, upper=rho * 1.02), 4.0),
+                         (dict(lower=rho * 0.98, upper=rho * 0.99), 0.25),
+                         (dict(lower=rho * 0.99, upper=rho * 1.01), 1.0)):
+      tx = _lm(mass, search, increase=4.0, decrease=0.25, min_scale=1e-3, max_scale=1e3, **rule)
+      s, state = update(tx, tx.init(params), params, g, curv, value)
+      assert _mass_scale(state) == pytest.approx(factor, rel=1e-12), rule
+      assert int(state.increased_steps) == (factor > 1)
+      assert int(state.decreased_steps) == (factor < 1)
+    # The next step is solved with the adapted mass (the "up" rule: scale 4).
+    tx = _lm(mass, search, increase=4.0, decrease=0.25, lower=rho * 1.01, upper=rho * 1.02)
+    s, state = update(tx, tx.init(params), params, g, curv, value)
+    new = optax.apply_updates(params, s)
+    value2, g2, curv2, gn2 = prob.at(new)
+    s2, _ = update(tx, state, new, g2, curv2, value2)
+    direction = np.linalg.solve(gn2 + 4.0 * mass * np.eye(4), np.asarray(g2["w"]).ravel())
+    step2 = -np.asarray(s2["w"]).ravel()
+    a = step2 @ direction / (direction @ direction)  # 1, or the grid's chosen step size
+    assert a == pytest.approx(1.0 if not search else a, rel=1e-9)
+    if search:
+      assert min(abs(a - 2.0 * 0.5**k) for k in range(6)) < 1e-9 * a
+    np.testing.assert_allclose(step2, a * direction, rtol=1e-9)
+
+
+@pytest.mark.parametrize("t", [0.5, 1.0])
+def test_levenberg_marquardt_ratio_closed_form_on_a_quadratic(t):
+  """Linear least squares with mass 1e-12 (G is the loss's Hessian to 1e-12): a step ``t`` times
+  the model's minimiser has ``rho = 2t - t^2`` (0.75 for t = 0.5, 1 for t = 1)."""
+  with jax.enable_x64(True):
+    x, y = _rank_deficient(20, 5, rank=5, seed=7)
+    params, g, curv = _least_squares(jnp.asarray(x), jnp.asarray(y))
+    loss_of = lambda p: 0.5 * jnp.mean((jnp.asarray(x) @ p["w"] - jnp.asarray(y)) ** 2)
+    geometry = riemod.Geometry(mass=1e-12, structure="full")
+    tx = riemod.levenberg_marquardt(
+        optax.chain(riemod.natural_gradient(1.0, geometry=geometry),
+                    riemod.scale_by_grid_linesearch(step_sizes=(t,))), geometry)
+    _, state = tx.update(g, tx.init(params), params, curvature=curv, value=loss_of(params),
+                         value_fn=loss_of)
+    assert float(state.ratio) == pytest.approx(2 * t - t * t, rel=1e-9)
+
+
+def test_levenberg_marquardt_zero_step_raises_the_mass_up_to_max_scale():
+  """A loss that is NaN at every trial point: the line search returns a zero step, which counts as
+  ``rho = -inf``: the mass scale grows by ``increase`` per step and stops at ``max_scale``."""
+  with jax.enable_x64(True):
+    prob = _TanhRegression()
+    params = prob.params
+    value, g, curv, _ = prob.at(params)
+    geometry = riemod.Geometry(mass=0.05, structure="full")
+    tx = riemod.levenberg_marquardt(
+        optax.chain(riemod.natural_gradient(1.0, geometry=geometry),
+                    riemod.scale_by_grid_linesearch(num=3)),
+        geometry, increase=10.0, max_scale=300.0)
+    state = tx.init(params)
+    for expected in (10.0, 100.0, 300.0, 300.0):
+      s, state = tx.update(g, state, params, curvature=curv, value=value,
+                           value_fn=lambda p: jnp.nan * prob.loss_of(p))
+      assert float(jnp.abs(s["w"]).max()) == 0.0
+      assert float(state.ratio) == -np.inf
+      assert _mass_scale(state) == pytest.approx(expected)
+    assert int(state.increased_steps) == 3
+
+
+def test_levenberg_marquardt_refuses_bad_arguments():
+  geometry = riemod.Geometry(mass=1e-3, structure="full")
+  inner = riemod.natural_gradient(1.0, geometry=geometry)
+  for bad, match in ((dict(lower=0.5, upper=0.5), "lower"), (dict(increase=1.0), "increase"),
+                     (dict(decrease=1.5), "decrease"), (dict(min_scale=2.0), "min_scale"),
+                     (dict(max_scale=0.5), "max_scale")):
+    with pytest.raises(ValueError, match=match):
+      riemod.levenberg_marquardt(inner, geometry, **bad)
+  with pytest.raises(TypeError, match="geometry"):
+    riemod.levenberg_marquardt(inner, None)
+  with pytest.raises(ValueError, match="scale_by_metric"):
+    riemod.levenberg_marquardt(optax.sgd(0.1), geometry).init({"w": jnp.zeros(2)})
+  prob = _TanhRegression()
+  value, g, curv, _ = prob.at(prob.params)
+  tx = riemod.levenberg_marquardt(inner, geometry)
+  with pytest.raises(ValueError, match="value_fn"):
+    tx.update(g, tx.init(prob.params), prob.params, curvature=curv, value=value)
+  with pytest.raises(ValueError, match="curvature"):
+    tx.update(g, tx.init(prob.params), prob.params, value=value, value_fn=prob.loss_of)
