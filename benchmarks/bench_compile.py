@@ -17,15 +17,22 @@ The MLP of bench_plain_function (64-128-128-10, tanh, B = 128), one jitted step 
 
 For each: trace + lowering seconds, XLA compile seconds (wall and this process's CPU seconds,
 which a busy machine disturbs less), the StableHLO op count and its while loops, conditionals and
-custom calls (LAPACK). Cases are interleaved over rounds (order rotated) and the median is
+custom calls (LAPACK), and the kernels of the optimised program with how many are distinct (XLA:CPU
+compiles each distinct kernel once, and compile time follows that count). Cases are interleaved over rounds (order rotated) and the median is
 reported with the spread; the load average is recorded before and after.
 
 ``--revisions before=REV after=REV`` compares git revisions of riemod (exported with ``git
 archive``) in alternating worker processes, round by round, with this file's cases.
 
+``--kernels CASE ...`` instead compiles each case once with XLA's LLVM-module log on and groups
+the compiled kernels by the riemod source that produced them (the curvature, the Woodbury step,
+the optax chain, the validity check), with ``--revisions`` for each revision.
+
 Run: ``python -m benchmarks.bench_compile [--label NAME] [--rounds 3]
 [--revisions LABEL=REV ...]`` -> results/compile.{json,md}; rows of earlier labels in compile.json
-are kept, so a "before" and an "after" label sit side by side.
+are kept, so a "before" and an "after" label sit side by side. ``python -m
+benchmarks.bench_compile --kernels [CASE ...] [--revisions LABEL=REV ...]`` ->
+results/compile_kernels.{json,md}.
 """
 
 from __future__ import annotations
@@ -184,6 +191,49 @@ def _count(text: str, op: str) -> int:
   return len(re.findall(rf"\b{re.escape(op)}\b", text))
 
 
+# Optimised-HLO instructions that XLA:CPU emits as a kernel of their own.
+_KERNEL_OPS = ("fusion", "dot", "custom-call", "copy", "transpose", "reduce", "reduce-window",
+               "scatter", "sort", "concatenate", "dynamic-update-slice")
+
+
+def _kernels(optimized: str) -> tuple[int, int]:
+  """``(kernels, distinct kernels)`` of an optimised HLO module's text.
+
+  XLA:CPU compiles one LLVM module per kernel but reuses a compiled kernel for an identical
+  fusion (the same fused computation on the same shapes), so the distinct count, not the op
+  count, is what compile time follows. Distinct is approximated here by the instruction's shape,
+  opcode and called computation with every name, number suffix and metadata stripped.
+  """
+  bodies, name, lines = {}, None, []
+  for line in optimized.splitlines():
+    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) \(", line)
+    if header and not line.startswith(" "):
+      name = header.group(1)
+      bodies[name] = lines = []
+    elif name is not None and line.startswith("  "):
+      lines.append(line)
+  canon = lambda text: re.sub(r"%[\w.\-]+|, metadata=\{[^}]*\}|stack_frame_id=\d+", "", text)
+  called = {n for body in bodies.values() for line in body
+            for n in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", line)}
+  kinds = "|".join(re.escape(op) for op in _KERNEL_OPS)
+  keys = []
+  for comp, body in bodies.items():
+    if comp in called and not any(re.search(r"(?:body|condition|branch_computations)=", l)
+                                  for l in body):
+      # A fused or applied computation: its instructions are inside another kernel.
+      if re.match(r"(fused|wrapped|region|horizontally)", comp) or "computation" in comp:
+        continue
+    for line in body:
+      m = re.search(rf"= (\S+) ({kinds})\(", line)
+      if not m:
+        continue
+      target = re.search(r"calls=%([\w.\-]+)", line)
+      inner = "\n".join(canon(l) for l in bodies.get(target.group(1), [])) if target else ""
+      keys.append((m.group(1), m.group(2), canon(line.split("=", 1)[1]) if not target else "",
+                   inner))
+  return len(keys), len(set(keys))
+
+
 def _measure(fn, args, variant: Any = contextlib.nullcontext) -> dict:
   jax.clear_caches()  # every round traces, lowers and compiles afresh
   wall, cpu = time.perf_counter(), time.process_time()
@@ -191,15 +241,116 @@ def _measure(fn, args, variant: Any = contextlib.nullcontext) -> dict:
     lowered = jax.jit(fn).trace(*args).lower()
   lower_wall, lower_cpu = time.perf_counter() - wall, time.process_time() - cpu
   wall, cpu = time.perf_counter(), time.process_time()
-  lowered.compile()
+  compiled = lowered.compile()
   compile_wall, compile_cpu = time.perf_counter() - wall, time.process_time() - cpu
   text = lowered.as_text()
+  kernels, distinct = _kernels(compiled.as_text())
   return {"lower_s": lower_wall, "lower_cpu_s": lower_cpu, "compile_s": compile_wall,
-          "compile_cpu_s": compile_cpu,
+          "compile_cpu_s": compile_cpu, "kernels": kernels, "distinct_kernels": distinct,
           "hlo_ops": len(re.findall(r"= (?:stablehlo|chlo|func)\.", text)),
           "while_loops": _count(text, "stablehlo.while"),
           "conditionals": _count(text, "stablehlo.case") + _count(text, "stablehlo.if"),
           "custom_calls": _count(text, "stablehlo.custom_call")}
+
+
+_GROUPS = (  # (group, files): a kernel belongs to the first group with a file in its stack
+    ("validity check (apply_if_valid, all_finite)", ("_util.py", "transforms.py:apply_if_valid")),
+    ("Woodbury step: solves, estimates, failure branch", ("woodbury.py", "spectral.py")),
+    ("optax chain, composed metric, mass policy", ("metric.py", "masses.py", "geometry.py",
+                                                   "transforms.py", "numerics.py", "_combining.py")),
+    ("model, loss, curvature (factors, Gram)", ("factors.py", "measure.py", "metrics.py",
+                                               "functional.py", "_tape.py", "adapter.py",
+                                               "structure.py", "bench_plain_function.py",
+                                               "_classification.py")))
+
+
+def _stacks(optimized: str) -> dict[str, list[tuple[str, str]]]:
+  """Instruction name -> its source stack ``[(file, function), ...]`` (innermost first), from the
+  stack-frame tables of an optimised HLO module's text; a fusion without metadata takes the
+  first frame found inside its fused computation."""
+  def table(name):
+    part = optimized.split("\n" + name + "\n", 1)
+    return part[1].split("\n\n", 1)[0].splitlines() if len(part) == 2 else []
+  files = {int(l.split()[0]): l.split(None, 1)[1].strip('"') for l in table("FileNames")}
+  funcs = {int(l.split()[0]): l.split(None, 1)[1].strip('"') for l in table("FunctionNames")}
+  locations, frames = {}, {}
+  for l in table("FileLocations"):
+    m = re.match(r"(\d+) \{file_name_id=(\d+) function_name_id=(\d+)", l)
+    locations[int(m.group(1))] = (files[int(m.group(2))].split("/")[-1], funcs[int(m.group(3))])
+  for l in table("StackFrames"):
+    m = re.match(r"(\d+) \{file_location_id=(\d+)(?: parent_frame_id=(\d+))?", l)
+    frames[int(m.group(1))] = (int(m.group(2)), int(m.group(3)) if m.group(3) else None)
+
+  def stack(frame):
+    out = []
+    while frame in frames and len(out) < 100:
+      location, parent = frames[frame]
+      out.append(locations[location])
+      if parent == frame:
+        break
+      frame = parent
+    return out
+
+  frame_of, first_in, current = {}, {}, None
+  for line in optimized.splitlines():
+    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) \(", line)
+    if header and not line.startswith(" "):
+      current = header.group(1)
+      continue
+    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
+    if not m:
+      continue
+    sf = re.search(r"stack_frame_id=(\d+)", line)
+    calls = re.search(r"calls=%([\w.\-]+)", line)
+    frame_of[m.group(1)] = (int(sf.group(1)) if sf else None, calls.group(1) if calls else None)
+    if sf and current not in first_in:
+      first_in[current] = int(sf.group(1))
+  return {name: stack(frame if frame else first_in.get(calls)) for name, (frame, calls)
+          in frame_of.items()}
+
+
+def _group(stack: list[tuple[str, str]]) -> str:
+  for group, keys in _GROUPS:
+    for f, fn in stack:
+      if any(f == k or f"{f}:{fn}".startswith(k) for k in keys):
+        return group
+  return "no source (copies, reduction halves XLA adds, matrix-vector dots)"
+
+
+def _kernels_by_source(case: str) -> None:
+  """Compiles ``case`` with XLA's LLVM-module log on and prints, as JSON, each compiled kernel's
+  group (by its source stack) and LLVM seconds. Run in a child process (the log level is read
+  at start-up)."""
+  import sys as _sys
+  fn, args = _cases()[case]
+  lowered = jax.jit(fn).trace(*args).lower()
+  print("=== compile", file=_sys.stderr, flush=True)
+  compiled = lowered.compile()
+  print("=== done", file=_sys.stderr, flush=True)
+  stacks = _stacks(compiled.as_text())
+  print(json.dumps({name: stack for name, stack in stacks.items()}))
+
+
+def kernel_breakdown(case: str, tree: Path | None = None) -> dict:
+  """``{group: [compiled kernels, LLVM seconds]}`` for one case, plus the kernels XLA reused;
+  with ``tree``, for the riemod exported there (see ``_export``)."""
+  first = [str(tree)] if tree else []
+  code = (f"import sys; sys.path[:0] = {first + [str(ROOT)]!r}; from benchmarks.bench_compile "
+          f"import _kernels_by_source; _kernels_by_source({case!r})")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="ir_compiler=1,thunk_emitter=2")
+  run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True,
+                       capture_output=True, text=True)
+  stacks = json.loads(run.stdout.strip().splitlines()[-1])
+  log = run.stderr.split("=== compile", 1)[1].split("=== done", 1)[0]
+  out: dict = {}
+  for m in re.finditer(r"Compiled LLVM module: (\S+) time: ([\d.]+) (s|ms|us)", log):
+    name = re.sub(r"_(elemental_)?kernel_module$", "", m.group(1).replace("__compute_module_", ""))
+    seconds = float(m.group(2)) * {"s": 1, "ms": 1e-3, "us": 1e-6}[m.group(3)]
+    entry = out.setdefault(_group([tuple(f) for f in stacks.get(name, [])]), [0, 0.0])
+    entry[0] += 1
+    entry[1] += seconds
+  out["(reused: identical kernels compiled once)"] = [log.count("Reusing kernel"), 0.0]
+  return out
 
 
 def _run_cases(cases: dict, names: list[str], offset: int) -> dict[str, dict]:
@@ -258,8 +409,9 @@ def _rows(label: str, results: list[dict[str, dict]]) -> list[dict]:
       values = [r[name][key] for r in results]
       row[key] = statistics.median(values)
       row[key + "_spread"] = [min(values), max(values)]
-    for key in ("hlo_ops", "while_loops", "conditionals", "custom_calls"):
-      row[key] = results[0][name][key]
+    for key in ("hlo_ops", "while_loops", "conditionals", "custom_calls", "kernels",
+                "distinct_kernels"):
+      row[key] = results[0][name].get(key)
     rows.append(row)
   adam = next(r for r in rows if r["case"].startswith("adam"))
   for row in rows:
@@ -278,7 +430,16 @@ def main() -> None:
                       "(default: none, the working tree in this process)")
   parser.add_argument("--out", type=Path, default=RESULTS, help="output folder (default: "
                       "benchmarks/results)")
+  parser.add_argument("--kernels", nargs="*", default=None, metavar="CASE",
+                      help="instead of timing: the compiled kernels of these cases by source "
+                      "(XLA's LLVM-module log), written to compile_kernels.{json,md} (default: "
+                      "none)")
   args = parser.parse_args()
+  if args.kernels is not None:
+    _write_kernels(args.out, args.kernels or ["adam (plain function)",
+                                              "riemod exact, plain (nn.dense)"],
+                   dict(item.split("=", 1) for item in args.revisions or []))
+    return
   load_before = list(os.getloadavg())
   if args.revisions:
     revisions = dict(item.split("=", 1) for item in args.revisions)
@@ -355,13 +516,74 @@ _NOTES = [
     "spread, XLA then fuses the gradient's computation differently so the updates change by "
     "float32 round-off (about 1e-7 relative), and the copy it adds was not timed. `max |x|` would "
     "be wrong: XLA:CPU's fast min/max drops NaN.",
-    "- What is left is per-block code: each layer's block compiles its own products, triangular "
-    "solves, power iteration and failure branch. In sample space every block works on `d x d` "
-    "matrices of the same `d` (here 1280 for all three layers), so one batched (vmapped) pass over "
-    "same-shaped blocks would compile that code once; that needs the blocks stacked (a copy of each "
-    "factor) and a single failure branch for the batch, and is not done. Cutting the estimates or "
-    "the failure branch instead would remove the step's error control.",
+    "- Batched blocks (`before: 7fbd887` against `batched: k-batched-blocks`, the ref's commit "
+    "65ecade, not on main): in sample space every layerwise block's capacitance is `d x d` with "
+    "the same `d` (1280 here), so the ref factors all same-shaped blocks by one batched Cholesky "
+    "and runs their triangular solves, residuals and power iterations vmapped, with one "
+    "jitter-escalation branch for the batch (a vmapped escalation: a failing block escalates "
+    "alone, the others keep their plain factors; tests/test_woodbury_batch.py in the ref, which "
+    "fails when the lanes share one jitter). Steps and optimizer states are bit-identical to "
+    "main's (float32 and float64; NNX, Linen and plain functions; constant, adaptive and Kronecker "
+    "masses; exact and sampled Fisher; SPRING). StableHLO ops drop 2088 -> 1588, while loops 9 -> "
+    "3, LAPACK calls 15 -> 7, but compile CPU does not: 3.74 (3.50-3.91) -> 3.91 (3.82-3.93) s "
+    "exact plain, 3.80 -> 4.05 s NNX, 3.48 -> 3.49 s sampled. The reason is in XLA:CPU: it "
+    "compiles one LLVM module per distinct kernel and reuses it for identical fusions, so the "
+    "per-block solve, estimate and failure-branch kernels of blocks with one `d` were already "
+    "compiled once (compile_kernels.md, `--kernels` with both revisions: 197 compiled + 225 "
+    "reused on main, 202 + 112 batched). The batched path is therefore not landed. The `no failure branches` variant does "
+    "not apply to the batched revision (its step does not go through `_with_factor`).",
+    "- Where the time goes (compile_kernels.md): tracing and lowering are about a tenth of the "
+    "step's compile CPU (lower s column); the LLVM seconds of the compiled kernels (summed over "
+    "XLA's threads) add up to about the whole compile CPU, ~200 distinct kernels at roughly the "
+    "same cost per kernel as Adam's 29. "
+    "Kernels differ per layer shape, not per block: every per-leaf operation (the range split's "
+    "dot products and norms, the Woodbury back-products, `D^{-1}` scalings, the error estimate's "
+    "norms, the finiteness check) compiles once per distinct leaf shape, and XLA:CPU splits each "
+    "reduction into two kernels (reduce-window + reduce).",
+    "- The 2x target in kernels: 2x Adam's compile CPU is about 2 x 29 = 58 distinct kernels at "
+    "the present cost per kernel; the exact step compiles 197, of which the curvature measurement "
+    "(model, loss, factors, Gram) is 38 plus its share of the unattributed ones. The Woodbury step "
+    "(65 attributed, most of the 44 unattributed: matrix-vector dots of the power iteration and "
+    "residuals, reduction halves) and the validity check (35) would have to shrink by ~140 kernels "
+    "together. Levers not taken here: the validity check as one reduction per dtype (variant row: "
+    "3.29 (3.18-3.31) against 3.74 (3.50-3.91) CPU s, the one change whose spread separates; it "
+    "lives in riemod/transforms.py and changes float32 updates by round-off); the step's per-leaf "
+    "arithmetic on one flat vector per block (one kernel per block instead of one per leaf; "
+    "changes the order of sums, so round-off). Even both together leave the step several times "
+    "Adam's, because each distinct layer shape needs its own products.",
     ""]
+
+
+def _write_kernels(out: Path, cases: list[str], revisions: dict[str, str]) -> None:
+  load_before = list(os.getloadavg())
+  if revisions:
+    with tempfile.TemporaryDirectory() as tmp:
+      trees = {label: _export(rev, Path(tmp) / f"tree{i}")
+               for i, (label, rev) in enumerate(revisions.items())}
+      found = {f"{case} [{label}: {revisions[label]}]": kernel_breakdown(case, tree)
+               for case in cases for label, tree in trees.items()}
+  else:
+    found = {case: kernel_breakdown(case) for case in cases}
+  machine = machine_info()
+  machine["loadavg_before"] = load_before
+  write_json(out / "compile_kernels.json", {"machine": machine, "cases": found})
+  lines = ["# Compiled kernels of one step by source (MLP 64-128-128-10, B = 128, layerwise)", "",
+           "XLA:CPU compiles one LLVM module per kernel of the optimised program and reuses a "
+           "compiled kernel for an identical one (same fused computation, same shapes); compile "
+           "time follows the compiled kernels. Each kernel is grouped by the first riemod source "
+           "in its stack (XLA's `ir_compiler` log; `python -m benchmarks.bench_compile --kernels "
+           "CASE ... [--revisions LABEL=REV ...]`). LLVM seconds are summed over XLA's compile threads and include the "
+           f"logging. Machine: 2-core CPU ({machine.get('cpu_model')}), git {machine.get('git')}, "
+           f"load average {[round(v, 1) for v in load_before]}.", ""]
+  for case, groups in found.items():
+    total = sum(n for g, (n, _) in groups.items() if not g.startswith("(reused"))
+    lines += [f"## {case}: {total} compiled kernels", "", "| group | kernels | LLVM s |",
+              "| --- | --- | --- |"]
+    for group, (n, seconds) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
+      lines.append(f"| {group} | {n} | {seconds:.2f} |")
+    lines.append("")
+  (out / "compile_kernels.md").write_text("\n".join(lines))
+  print("\n".join(lines))
 
 
 def _write_markdown(out: Path, runs: list[dict]) -> None:
@@ -377,14 +599,18 @@ def _write_markdown(out: Path, runs: list[dict]) -> None:
               f"2-core CPU ({m.get('cpu_model')}); load average before "
               f"{[round(v, 1) for v in m.get('loadavg_before', [])]}, after "
               f"{[round(v, 1) for v in m.get('loadavg', [])]}{together}", "",
-              "| case | lower s | compile s (spread) | compile CPU s | total / Adam | HLO ops | "
-              "while | cond | LAPACK calls |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| case | lower s | compile s (spread) | compile CPU s (spread) | total / Adam | "
+              "HLO ops | while | cond | LAPACK calls | kernels (distinct) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in run["rows"]:
       lo, hi = r["compile_s_spread"]
+      clo, chi = r["compile_cpu_s_spread"]
+      kernels = (f"{r['kernels']} ({r['distinct_kernels']})" if r.get("kernels") is not None
+                 else "")
       lines.append(f"| {r['case']} | {r['lower_s']:.2f} | {r['compile_s']:.2f} ({lo:.2f}-{hi:.2f}) "
-                   f"| {r['compile_cpu_s']:.2f} | {r['total_to_adam']:.1f} | {r['hlo_ops']} | "
-                   f"{r['while_loops']} | {r['conditionals']} | {r['custom_calls']} |")
+                   f"| {r['compile_cpu_s']:.2f} ({clo:.2f}-{chi:.2f}) | {r['total_to_adam']:.1f} | "
+                   f"{r['hlo_ops']} | {r['while_loops']} | {r['conditionals']} | "
+                   f"{r['custom_calls']} | {kernels} |")
     by_case = {r["case"]: r for r in run["rows"]}
     adam, step = by_case["adam (plain function)"], by_case["riemod exact, plain (nn.dense)"]
     factored = by_case["stage: curvature + factorisation"]
