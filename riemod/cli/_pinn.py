@@ -155,7 +155,10 @@ def riemod_step(tx, prob: Problem):
   import riemod
 
   metric = riemod.metrics.identity()
-  loss_of = lambda p: half_mean_square(residuals(p, prob.batch))
+  # The line search's loss is the paper's, written directly: the same value as
+  # 0.5 mean(r^2), but residuals() evaluates both branches of its where (the Laplacian at the
+  # boundary points too), which made the 31-candidate search ~25% slower.
+  loss_of = lambda p: loss(p, prob)
 
   @jax.jit
   def step(params: Any, state: Any):
