@@ -167,6 +167,72 @@ def fresh_state(t: harness.Trainer, seed, cache: dict):
   return params, (tx.init(params) if tx is not None else ())
 
 
+# --------------------------------------------------------------------------- where the time goes
+def profile_components(prob: _pinn.Problem, config: dict, seed=0, rounds: int = 7,
+                       repeats: int = 10) -> dict:
+  """Milliseconds of each part of both steps, each part jitted alone, timed in interleaved rounds
+  (every round times every part ``repeats`` times; median and range over rounds). Parts of one
+  step do not add up to the whole step exactly (XLA fuses across parts in the whole step)."""
+  params = initial_params(seed)
+  flat, unravel = ravel_pytree(params)
+  loss_flat = lambda theta: _pinn.loss(unravel(theta), prob)
+  steps = jnp.asarray(AUTHORS_STEPS)
+
+  @jax.jit
+  def gram_of(theta):
+    d_lap = jax.vmap(jax.grad(lambda th, z: _pinn.laplacian(unravel(th), z)), (None, 0))
+    d_u = jax.vmap(jax.grad(lambda th, z: _pinn.network(unravel(th), z)), (None, 0))
+    j_int, j_bd = d_lap(theta, prob.interior), d_u(theta, prob.boundary)
+    return (j_int.T @ j_int / prob.interior.shape[0]
+            + _pinn.BOUNDARY_WEIGHT * (j_bd.T @ j_bd) / prob.boundary.shape[0])
+
+  value_and_grad = jax.jit(jax.value_and_grad(loss_flat))
+  lstsq = jax.jit(lambda gram, g: jnp.linalg.lstsq(gram, g)[0])
+  search = jax.jit(lambda theta, d: jax.vmap(lambda a: loss_flat(theta - a * d))(steps))
+  gram, (_, g) = gram_of(flat), value_and_grad(flat)
+  curvature_of = jax.jit(lambda p: riemod.value_grad_and_curvature(
+      _pinn.residuals, prob.batch, _pinn.half_mean_square, riemod.metrics.identity(), params=p))
+  value, grads, curvature = curvature_of(params)
+  geometry = riemod.Geometry(mass=config["mass"], structure="full", cutoff=config.get("cutoff"))
+  solve = riemod.natural_gradient(1.0, geometry=geometry, on_nonfinite="ignore")
+  solve_state = solve.init(params)
+  solve_step = jax.jit(lambda: solve.update(grads, solve_state, params, curvature=curvature))
+  plain = riemod_transform({k: v for k, v in config.items() if k != "lm"})
+  with_lm = riemod_transform(config)
+  plain_step, lm_step = _pinn.riemod_step(plain, prob), _pinn.riemod_step(with_lm, prob)
+  plain_state, lm_state = plain.init(params), with_lm.init(params)
+  parts = {
+      "authors: whole step": lambda: authors_step_cache(prob)(params, ()),
+      "authors: Jacobian rows + Gram": lambda: gram_of(flat),
+      "authors: value_and_grad": lambda: value_and_grad(flat),
+      "authors: lstsq (129 x 129)": lambda: lstsq(gram, g),
+      "authors / riemod: 31-point search (paper's loss)": lambda: search(flat, g),
+      "riemod: whole step (with levenberg_marquardt)": lambda: lm_step(params, lm_state),
+      "riemod: whole step (without)": lambda: plain_step(params, plain_state),
+      "riemod: value_grad_and_curvature": lambda: curvature_of(params),
+      "riemod: natural_gradient (cut-off solve, eigh 129 x 129)": solve_step,
+  }
+  for f in parts.values():
+    jax.block_until_ready(f())
+  times = {k: [] for k in parts}
+  for _ in range(rounds):
+    for name, f in parts.items():
+      start = time.perf_counter()
+      for _ in range(repeats):
+        jax.block_until_ready(f())
+      times[name].append(1e3 * (time.perf_counter() - start) / repeats)
+  return {name: {"median_ms": statistics.median(t), "range_ms": [min(t), max(t)]}
+          for name, t in times.items()}
+
+
+_AUTHORS_STEPS: dict = {}
+
+
+def authors_step_cache(prob: _pinn.Problem):
+  """One compiled authors' step per problem (the profile's whole step)."""
+  return _AUTHORS_STEPS.setdefault(id(prob), authors_step(prob))
+
+
 # --------------------------------------------------------------------------- lockstep runs
 def lockstep(trainers: list[harness.Trainer], seed, cache: dict, iterations: int) -> list[dict]:
   """Runs the trainers from the same init in lockstep; one result dict per trainer."""
@@ -258,10 +324,12 @@ def run(out: Path, quick: bool = False) -> dict:
     entry["ratio_to_authors"] = entry.pop("ratio_to_adam", None)
   for r in runs:
     r.pop("_state", None)
+  _log("profiling the parts of both steps")
+  profile = profile_components(prob, config, rounds=3 if quick else 7)
   payload = {"task": NAME, "iterations": ITERATIONS, "target_l2": TARGET, "levels": LEVELS,
              "quick": quick, "tuning_seeds": list(TUNING_SEEDS), "report_seeds": list(seeds),
              "riemod_grid": grid, "line_search": LINE_SEARCH, "chosen": chosen, "runs": runs,
-             "interleaved_timing": timing, "verdict": verdict(runs, seeds), "machine": machine,
+             "interleaved_timing": timing, "profile_ms": profile, "verdict": verdict(runs, seeds), "machine": machine,
              "loadavg_end": harness.machine_info()["loadavg"],
              "wall_seconds": time.perf_counter() - started}
   write(out, payload)
@@ -317,6 +385,14 @@ def write(out: Path, payload: dict) -> None:
   if isinstance(scores, dict):
     lines += ["", "Tuning scores (median final abs. L2 on the tuning seeds):", ""]
     lines += [f"- `{h}`: {harness.fmt(s)}" for h, s in scores.items()]
+  profile = payload.get("profile_ms")
+  if profile:
+    lines += ["", "Where the step time goes (each part jitted alone, init 0, interleaved rounds; "
+              "median and range over rounds, ms; parts do not add up to the whole step exactly, "
+              "XLA fuses across them):", "",
+              harness.markdown_table(["part", "median ms", "range ms"], [
+                  [k, v["median_ms"], f"{v['range_ms'][0]:.2f}-{v['range_ms'][1]:.2f}"]
+                  for k, v in profile.items()])]
   lines += ["", f"Machine: {m['cpu_model']}, {m['cpu_count']} cores, load {m['loadavg']} -> "
             f"{payload['loadavg_end']}, BLAS env {m['blas_env']}, git {m.get('git')}, versions "
             f"{m['versions']}.", ""]
