@@ -156,8 +156,19 @@ def trainer(method: str, config: dict | None, prob: _pinn.Problem, cache: dict) 
     params, opt_state, value = step(*state)
     return (params, opt_state), value
 
-  return harness.Trainer(method, config or {}, lambda: None, one_step,
-                         lambda s: {"l2": float(error(s[0])), "loss": float(loss(s[0]))})
+  def evaluate(s):
+    out = {"l2": float(error(s[0])), "loss": float(loss(s[0]))}
+    if method == "riemod":  # the search's step size, the LM ratio and mass scale, when present
+      search = riemod.find_state(s[1], riemod.GridLinesearchState)
+      lm = riemod.find_state(s[1], riemod.LevenbergMarquardtState)
+      out["step_size"] = float(search.step_size)
+      out["mass"] = config["mass"] * float(
+          riemod.find_state(s[1], riemod.MetricState).geometry.mass_scale)
+      if lm is not None:
+        out["lm_ratio"] = float(lm.ratio)
+    return out
+
+  return harness.Trainer(method, config or {}, lambda: None, one_step, evaluate)
 
 
 def fresh_state(t: harness.Trainer, seed, cache: dict):
