@@ -620,8 +620,8 @@ _NOTES = [
     "Adam's, because each distinct layer shape needs its own products.",
     "- Across runs (compile_cache.md): with JAX's persistent compilation cache a second process "
     "loads Adam's step in 0.01 s and riemod's step without the validity check in 0.11 s "
-    "(compile wall), but the default step is compiled afresh every run, because JAX does not write programs with host callbacks "
-    "to the cache (jax/_src/compiler.py, `_cache_write`) and the validity check raises its "
+    "(compile wall), but the default step is compiled afresh every run, because JAX does not "
+    "write programs with host callbacks to the cache (jax/_src/compiler.py, `_cache_write`) and the validity check raises its "
     "refusal from a `pure_callback` in its failure branch. Raising it without a host callback "
     "(riemod/transforms.py, not this benchmark's code) would make a cached riemod step as cheap to "
     "start as Adam's from the second run on.",
