@@ -18,8 +18,8 @@ The MLP of bench_plain_function (64-128-128-10, tanh, B = 128), one jitted step 
 For each: trace + lowering seconds, XLA compile seconds (wall and this process's CPU seconds,
 which a busy machine disturbs less), the StableHLO op count and its while loops, conditionals and
 custom calls (LAPACK), and the kernels of the optimised program with how many are distinct (XLA:CPU
-compiles each distinct kernel once, and compile time follows that count). Cases are interleaved over rounds (order rotated) and the median is
-reported with the spread; the load average is recorded before and after.
+compiles each distinct kernel once, and compile time follows that count). Cases are interleaved
+over rounds (order rotated) and the median is reported with the spread; the load average is recorded before and after.
 
 ``--revisions before=REV after=REV`` compares git revisions of riemod (exported with ``git
 archive``) in alternating worker processes, round by round, with this file's cases.
@@ -257,8 +257,8 @@ def _measure(fn, args, variant: Any = contextlib.nullcontext) -> dict:
 _GROUPS = (  # (group, files): a kernel belongs to the first group with a file in its stack
     ("validity check (apply_if_valid, all_finite)", ("_util.py", "transforms.py:apply_if_valid")),
     ("Woodbury step: solves, estimates, failure branch", ("woodbury.py", "spectral.py")),
-    ("optax chain, composed metric, mass policy", ("metric.py", "masses.py", "geometry.py",
-                                                   "transforms.py", "numerics.py", "_combining.py")),
+    ("optax chain, composed metric, mass policy",
+     ("metric.py", "masses.py", "geometry.py", "transforms.py", "numerics.py", "_combining.py")),
     ("model, loss, curvature (factors, Gram)", ("factors.py", "measure.py", "metrics.py",
                                                "functional.py", "_tape.py", "adapter.py",
                                                "structure.py", "bench_plain_function.py",
@@ -597,7 +597,8 @@ _NOTES = [
     "compiles one LLVM module per distinct kernel and reuses it for identical fusions, so the "
     "per-block solve, estimate and failure-branch kernels of blocks with one `d` were already "
     "compiled once (compile_kernels.md, `--kernels` with both revisions: 197 compiled + 225 "
-    "reused on main, 202 + 112 batched). The batched path is therefore not landed. The `no failure branches` variant does "
+    "reused on main, 202 + 112 batched). The batched path is therefore not landed. The `no "
+    "failure branches` variant does "
     "not apply to the batched revision (its step does not go through `_with_factor`).",
     "- Where the time goes (compile_kernels.md): tracing and lowering are about a tenth of the "
     "step's compile CPU (lower s column); the LLVM seconds of the compiled kernels (summed over "
@@ -621,7 +622,8 @@ _NOTES = [
     "- Across runs (compile_cache.md): with JAX's persistent compilation cache a second process "
     "loads Adam's step in 0.01 s and riemod's step without the validity check in 0.11 s "
     "(compile wall), but the default step is compiled afresh every run, because JAX does not "
-    "write programs with host callbacks to the cache (jax/_src/compiler.py, `_cache_write`) and the validity check raises its "
+    "write programs with host callbacks to the cache (jax/_src/compiler.py, `_cache_write`) and "
+    "the validity check raises its "
     "refusal from a `pure_callback` in its failure branch. Raising it without a host callback "
     "(riemod/transforms.py, not this benchmark's code) would make a cached riemod step as cheap to "
     "start as Adam's from the second run on.",
@@ -646,7 +648,8 @@ def _write_kernels(out: Path, cases: list[str], revisions: dict[str, str]) -> No
            "compiled kernel for an identical one (same fused computation, same shapes); compile "
            "time follows the compiled kernels. Each kernel is grouped by the first riemod source "
            "in its stack (XLA's `ir_compiler` log; `python -m benchmarks.bench_compile --kernels "
-           "CASE ... [--revisions LABEL=REV ...]`). LLVM seconds are summed over XLA's compile threads and include the "
+           "CASE ... [--revisions LABEL=REV ...]`). LLVM seconds are summed over XLA's compile "
+           "threads and include the "
            f"logging. Machine: 2-core CPU ({machine.get('cpu_model')}), git {machine.get('git')}, "
            f"load average {[round(v, 1) for v in load_before]}.", ""]
   for case, groups in found.items():
