@@ -19,7 +19,8 @@ For each: trace + lowering seconds, XLA compile seconds (wall and this process's
 which a busy machine disturbs less), the StableHLO op count and its while loops, conditionals and
 custom calls (LAPACK), and the kernels of the optimised program with how many are distinct (XLA:CPU
 compiles each distinct kernel once, and compile time follows that count). Cases are interleaved
-over rounds (order rotated) and the median is reported with the spread; the load average is recorded before and after.
+over rounds (order rotated) and the median is reported with the spread; the load average is
+recorded before and after.
 
 ``--revisions before=REV after=REV`` compares git revisions of riemod (exported with ``git
 archive``) in alternating worker processes, round by round, with this file's cases.
