@@ -11,7 +11,7 @@ from riemod import certify, composer, conservation, metrics, nn, sampling
 from riemod.composer import ComposedMetric, Geometry, GeometryState, masses
 from riemod.curvature import Curvature, ModuleCurvature, value_grad_and_curvature
 from riemod.linesearch import GridLinesearchState, scale_by_grid_linesearch
-from riemod.damping import LevenbergMarquardtState, levenberg_marquardt
+from riemod.certify.guard import LevenbergMarquardtState, levenberg_marquardt
 from riemod.nn import MetricDeclaration
 from riemod.state import find_state
 from riemod.transforms import (ActionState, MetricState, StepRefusedError, ValidStepState,

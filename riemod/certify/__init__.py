@@ -11,7 +11,8 @@
 4. the stability bound with measured constants (:mod:`riemod.certify.bound`).
 
 :func:`guarded` wraps a natural-gradient transform with Levenberg-Marquardt mass adaptation and
-step rejection (:mod:`riemod.certify.guard`). :func:`controlled` wraps riemod's step with a
+step rejection; :func:`levenberg_marquardt` adapts the mass from the step actually taken (line
+search included), without rejection (both in :mod:`riemod.certify.guard`). :func:`controlled` wraps riemod's step with a
 certified learning rate, a fixed fraction of the edge of stability ``2 / lam_max(G^{-1} H_GN)``
 measured every few steps (:mod:`riemod.certify.controller`); :func:`certified_natural_gradient`
 and :func:`certified_layerwise_natural_gradient` are the aliases that need no learning rate.
@@ -31,7 +32,8 @@ from riemod.certify.contraction import (Contraction, cascade_weights, composed_r
                                         max_stable_learning_rate, spectrum)
 from riemod.certify.controller import (ControllerState, certified_layerwise_natural_gradient,
                                        certified_natural_gradient, controlled)
-from riemod.certify.guard import GuardState, guarded
+from riemod.certify.guard import (GuardState, LevenbergMarquardtState, guarded,
+                                  levenberg_marquardt)
 from riemod.certify.lanczos import LanczosResult, generalized_lanczos, top_ritz_pair
 from riemod.certify.lipschitz import (LipschitzSummary, ModuleLipschitz, network_lipschitz,
                                       param_lipschitz, state_lipschitz)
@@ -39,10 +41,10 @@ from riemod.certify.report import CertificateReport
 
 __all__ = [
     "ActionTerms", "CertificateReport", "Contraction", "ControllerState", "FORMULA", "GuardState",
-    "LanczosResult", "LipschitzSummary", "ModuleLipschitz", "StabilityBound", "action_terms",
+    "LanczosResult", "LevenbergMarquardtState", "LipschitzSummary", "ModuleLipschitz", "StabilityBound", "action_terms",
     "cascade_weights", "certified_layerwise_natural_gradient", "certified_natural_gradient",
     "certify", "composed_rate", "contraction_factor", "contraction_of", "controlled",
-    "coupling_norm", "generalized_lanczos", "guarded", "max_stable_learning_rate",
+    "coupling_norm", "generalized_lanczos", "guarded", "levenberg_marquardt", "max_stable_learning_rate",
     "network_lipschitz", "param_lipschitz", "path_action", "spectrum", "stability_bound",
     "state_lipschitz", "top_ritz_pair",
 ]
