@@ -105,6 +105,46 @@ def _with_mass_scale(opt_state: Any, scale: jax.Array) -> Any:
   return jax.tree.map(visit, opt_state, is_leaf=lambda n: isinstance(n, MetricState))
 
 
+def _check_rule(geometry, lower, upper, increase, decrease, min_scale, max_scale) -> None:
+  """Refuses a Levenberg-Marquardt rule that cannot work, naming the argument."""
+  if not isinstance(geometry, Geometry):
+    raise TypeError(f"geometry={geometry!r}: pass the riemod.Geometry of the inner transform.")
+  if not 0 <= lower < upper:
+    raise ValueError(f"lower={lower!r}, upper={upper!r}: need 0 <= lower < upper, e.g. 0.25 "
+                     "and 0.75.")
+  if not increase > 1 > decrease > 0:
+    raise ValueError(f"increase={increase!r}, decrease={decrease!r}: need increase > 1 > "
+                     "decrease > 0, e.g. 2 and 0.5.")
+  if not 0 < min_scale <= 1 <= max_scale < float("inf"):
+    raise ValueError(f"min_scale={min_scale!r}, max_scale={max_scale!r}: need 0 < min_scale <= "
+                     "1 <= max_scale (finite); the mass scale starts at 1.")
+
+
+def _init_inner(inner: optax.GradientTransformation, params: Any, name: str) -> Any:
+  state = inner.init(params)
+  if find_state(state, MetricState) is None:
+    raise ValueError(f"{name}(...) wraps a transform with riemod.scale_by_metric inside (e.g. "
+                     "riemod.layerwise_natural_gradient); this one has none.")
+  return state
+
+
+def _require(name: str, curvature, params, value, value_fn) -> None:
+  if curvature is None:
+    raise ValueError(f"{name}(...) needs curvature= (from riemod.value_grad_and_curvature).")
+  if params is None or value is None or value_fn is None:
+    raise ValueError(f"{name}(...) needs params, value= (the loss at params) and value_fn= "
+                     "(params -> loss on the same batch) to measure the actual reduction; e.g. "
+                     "tx.update(grads, state, params, curvature=c, value=loss, "
+                     "value_fn=loss_of_params).")
+
+
+def _moved_scale(ratio, scale, lower, upper, increase, decrease, min_scale, max_scale):
+  """The Levenberg-Marquardt rule: more damping for a poor model, less for a good one."""
+  new_scale = jnp.where(ratio < lower, scale * increase,
+                        jnp.where(ratio > upper, scale * decrease, scale))
+  return jnp.clip(new_scale, min_scale, max_scale).astype(scale.dtype)
+
+
 def guarded(
     inner: optax.GradientTransformation,
     geometry: Geometry,
@@ -147,31 +187,18 @@ def guarded(
     >>> int(state.rejected_steps)
     0
   """
-  if not isinstance(geometry, Geometry):
-    raise TypeError(f"geometry={geometry!r}: pass the riemod.Geometry of the inner transform.")
-  if not (0 <= lower < upper) or not (increase > 1 > decrease > 0):
-    raise ValueError("Need 0 <= lower < upper and increase > 1 > decrease > 0 (LM rule).")
-  if not 0 < min_scale <= 1 <= max_scale:
-    raise ValueError("Need 0 < min_scale <= 1 <= max_scale.")
+  rule = (lower, upper, increase, decrease, min_scale, max_scale)
+  _check_rule(geometry, *rule)
 
   def init_fn(params):
-    state = inner.init(params)
-    if find_state(state, MetricState) is None:
-      raise ValueError("guarded(...) wraps a transform with riemod.scale_by_metric inside (e.g. "
-                       "riemod.layerwise_natural_gradient); this one has none.")
+    state = _init_inner(inner, params, "guarded")
     dtype = jnp.result_type(float)
     return GuardState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
                       jnp.full((), jnp.nan, dtype), state)
 
   def update_fn(updates, state, params=None, *, curvature=None, value=None,
                 value_fn: Callable[[Any], jax.Array] | None = None, **extra_args):
-    if curvature is None:
-      raise ValueError("guarded(...) needs curvature= (from riemod.value_grad_and_curvature).")
-    if params is None or value is None or value_fn is None:
-      raise ValueError("guarded(...) needs params, value= (the loss at params) and value_fn= "
-                       "(params -> loss on the same batch) to measure the actual reduction; "
-                       "e.g. tx.update(grads, state, params, curvature=c, value=loss, "
-                       "value_fn=loss_of_params).")
+    _require("guarded", curvature, params, value, value_fn)
     scale = find_state(state.inner_state, MetricState).geometry.mass_scale
     step, inner_state = inner.update(updates, state.inner_state, params, curvature=curvature,
                                      value=value, **extra_args)
@@ -186,9 +213,7 @@ def guarded(
                       -jnp.inf).astype(dtype)
     ratio = jnp.where(jnp.isfinite(new_value), ratio, -jnp.inf).astype(dtype)
     accept = ratio >= reject_below
-    new_scale = jnp.where(ratio < lower, scale * increase,
-                          jnp.where(ratio > upper, scale * decrease, scale))
-    new_scale = jnp.clip(new_scale, min_scale, max_scale).astype(scale.dtype)
+    new_scale = _moved_scale(ratio, scale, *rule)
     step = jax.tree.map(lambda s: jnp.where(accept, s, jnp.zeros_like(s)), step)
     inner_state = jax.tree.map(lambda new, old: jnp.where(accept, new, old), inner_state,
                                state.inner_state)
@@ -230,7 +255,8 @@ def levenberg_marquardt(
     min_scale: float = 1.0,
     max_scale: float = 1e4,
 ) -> optax.GradientTransformationExtraArgs:
-  """Adapts the mass scale from the reduction ratio of the step taken (see the module docstring, "judged on the step taken").
+  """Adapts the mass scale from the reduction ratio of the step taken (module docs: "Judged on
+  the step taken").
 
   The defaults are the setting documented for the energy natural gradient on the Poisson PINN
   (``benchmarks/task_engd_poisson.py``): ``Geometry(mass=1e-12, cutoff=1e-14)`` with the ENGD grid
@@ -276,37 +302,18 @@ def levenberg_marquardt(
     >>> round(float(riemod.find_state(state, riemod.MetricState).geometry.mass_scale), 6)
     0.1
   """
-  if not isinstance(geometry, Geometry):
-    raise TypeError(f"geometry={geometry!r}: pass the riemod.Geometry of the inner transform.")
-  if not 0 <= lower < upper:
-    raise ValueError(f"lower={lower!r}, upper={upper!r}: need 0 <= lower < upper, e.g. 0.01 "
-                     "and 0.5.")
-  if not increase > 1 > decrease > 0:
-    raise ValueError(f"increase={increase!r}, decrease={decrease!r}: need increase > 1 > "
-                     "decrease > 0, e.g. 10 and 0.1.")
-  if not 0 < min_scale <= 1 <= max_scale < float("inf"):
-    raise ValueError(f"min_scale={min_scale!r}, max_scale={max_scale!r}: need 0 < min_scale <= "
-                     "1 <= max_scale (finite); the mass scale starts at 1.")
+  rule = (lower, upper, increase, decrease, min_scale, max_scale)
+  _check_rule(geometry, *rule)
 
   def init_fn(params):
-    state = inner.init(params)
-    if find_state(state, MetricState) is None:
-      raise ValueError("levenberg_marquardt(...) wraps a transform with riemod.scale_by_metric "
-                       "inside (e.g. riemod.natural_gradient); this one has none.")
+    state = _init_inner(inner, params, "levenberg_marquardt")
     dtype = jnp.result_type(float)
     zero = jnp.zeros((), jnp.int32)
     return LevenbergMarquardtState(jnp.full((), jnp.nan, dtype), zero, zero, state)
 
   def update_fn(updates, state, params=None, *, curvature=None, value=None,
                 value_fn: Callable[[Any], jax.Array] | None = None, **extra_args):
-    if curvature is None:
-      raise ValueError("levenberg_marquardt(...) needs curvature= (from "
-                       "riemod.value_grad_and_curvature).")
-    if params is None or value is None or value_fn is None:
-      raise ValueError("levenberg_marquardt(...) needs params, value= (the loss at params) and "
-                       "value_fn= (params -> loss on the same batch) to measure the decrease: "
-                       "tx.update(grads, state, params, curvature=c, value=loss, "
-                       "value_fn=loss_of_params).")
+    _require("levenberg_marquardt", curvature, params, value, value_fn)
     scale = find_state(state.inner_state, MetricState).geometry.mass_scale
     step, inner_state = inner.update(updates, state.inner_state, params, curvature=curvature,
                                      value=value, value_fn=value_fn, **extra_args)
@@ -321,9 +328,7 @@ def levenberg_marquardt(
     best = jnp.where(descent, slope * slope / (2 * jnp.where(descent, curv, 1)), 1)
     actual = jnp.asarray(value).reshape(()) - jnp.asarray(new_value).reshape(())
     ratio = jnp.where(descent & jnp.isfinite(actual), actual / best, -jnp.inf).astype(dtype)
-    new_scale = jnp.where(ratio < lower, scale * increase,
-                          jnp.where(ratio > upper, scale * decrease, scale))
-    new_scale = jnp.clip(new_scale, min_scale, max_scale).astype(scale.dtype)
+    new_scale = _moved_scale(ratio, scale, *rule)
     return step, LevenbergMarquardtState(
         ratio, state.increased_steps + (new_scale > scale).astype(jnp.int32),
         state.decreased_steps + (new_scale < scale).astype(jnp.int32),
