@@ -115,3 +115,28 @@ def test_a_count_that_overran_its_limit_is_a_failed_row_even_if_every_alarm_was_
   args = argparse.Namespace(timeout=0.05, tau=None, points=1, seed=0)
   row = laws._count_or_failure("linear", (1, 2, 1), False, "gradient", args)
   assert row["count"] is None and row["error"] == "stopped after 0.05 s"
+
+
+def _growing_count(chunks: list):
+  def count(*args, **kwargs):
+    for _ in range(60):                       # up to 600 MB, 10 MB every 10 ms
+      chunks.append(bytearray(10 * 2**20))
+      time.sleep(0.01)
+    return dict(count=1)
+  return count
+
+
+def test_a_count_that_outgrows_max_memory_is_stopped(monkeypatch, capsys, tmp_path):
+  # A deep linear network's count once grew to 24 GB and was killed by the system; past
+  # --max-memory it is a failed row (sweep) or an error naming the option (single count).
+  chunks = []
+  monkeypatch.setattr(laws, "count_one", _growing_count(chunks))
+  limit = (laws._resident_bytes() + 100 * 2**20) / 2**30
+  args = argparse.Namespace(timeout=0, max_memory=limit, tau=None, points=1, seed=0)
+  row = laws._count_or_failure("linear", (1, 2, 1), False, "gradient", args)
+  assert row["count"] is None and row["error"] == f"stopped at {limit:g} GB of memory"
+  assert len(chunks) < 60
+  chunks.clear()
+  status = laws.main(["--arch", "linear", "--dims", "1,2,1", "--max-memory", f"{limit:.6f}",
+                      "--out", str(tmp_path)])
+  assert status == 1 and "--max-memory" in capsys.readouterr().err and len(chunks) < 60

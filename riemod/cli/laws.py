@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -127,6 +128,9 @@ def _configure(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--timeout", type=float, default=30.0,
                       help="sweep: seconds per network before its count is stopped and reported as failed (0: "
                            "no limit)")
+  parser.add_argument("--max-memory", type=float, default=8.0,
+                      help="GB of resident memory at which a count is stopped (a sweep reports the network "
+                           "as failed; 0: no limit)")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -267,45 +271,74 @@ def run_sweep(args) -> int:
 
 
 class _CountTimeout(BaseException):
-  """Raised by the --timeout alarm. A BaseException, like KeyboardInterrupt, so that library code's
-  ``except Exception`` handlers let it through."""
+  """Raised when a count passes ``--timeout`` or ``--max-memory`` (the message says which). A
+  BaseException, like KeyboardInterrupt, so that library code's ``except Exception`` handlers let
+  it through."""
+
+
+def _resident_bytes() -> int:
+  """This process's resident memory now (0 where ``/proc`` is not available)."""
+  try:
+    with open("/proc/self/statm") as handle:
+      return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except (OSError, ValueError, IndexError):
+    return 0
+
+
+@contextlib.contextmanager
+def _limits(timeout: float | None, max_memory_gb: float | None):
+  """Stops the enclosed count with :class:`_CountTimeout` past ``timeout`` seconds or
+  ``max_memory_gb`` GiB of resident memory (``None`` or 0: no limit), checked by a repeating alarm.
+
+  Repeating: an alarm that lands where Python ignores exceptions (a garbage-collection callback
+  such as JAX's _xla_gc_callback: seen in a test run) is raised again shortly after; and the
+  memory check must run while the count grows (a deep linear network's gradient-flow count grew
+  to 24 GB in 2.4 minutes and was killed by the system instead of answering).
+  """
+  import signal  # pylint: disable=g-import-not-at-top
+  timed = bool(timeout and timeout > 0)
+  sized = bool(max_memory_gb and max_memory_gb > 0)
+  if not hasattr(signal, "SIGALRM") or not (timed or sized):
+    yield
+    return
+  started = time.perf_counter()
+
+  def check(*_):
+    if timed and time.perf_counter() - started >= timeout:
+      raise _CountTimeout(f"stopped after {timeout:g} s")
+    if sized and _resident_bytes() > max_memory_gb * 2**30:
+      raise _CountTimeout(f"stopped at {max_memory_gb:g} GB of memory")
+
+  interval = min(max(timeout, 0.01), 1.0) if timed else 1.0
+  interval = min(interval, 0.25) if sized else interval
+  previous = signal.signal(signal.SIGALRM, check)
+  signal.setitimer(signal.ITIMER_REAL, min(timeout, interval) if timed else interval, interval)
+  try:
+    yield
+  finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 def _count_or_failure(arch, dims, bias, flow, args) -> dict:
-  """``count_one``, or a row with ``count=None`` and the reason when it fails or passes ``--timeout``."""
-  import signal  # pylint: disable=g-import-not-at-top
+  """``count_one``, or a row with ``count=None`` and the reason when it fails or passes ``--timeout``
+  or ``--max-memory``."""
   started = time.perf_counter()
-  alarm = hasattr(signal, "SIGALRM") and args.timeout and args.timeout > 0
-
-  def expire(*_):
-    raise _CountTimeout()
-
-  if alarm:
-    previous = signal.signal(signal.SIGALRM, expire)
-    # Repeating: an alarm that lands where Python ignores exceptions (a garbage-collection
-    # callback such as JAX's _xla_gc_callback: seen in a test run) is raised again shortly after.
-    signal.setitimer(signal.ITIMER_REAL, args.timeout, min(max(args.timeout, 0.01), 1.0))
   try:
-    try:
+    with _limits(args.timeout, getattr(args, "max_memory", None)):
       row = count_one(arch, dims, bias, flow, tau=args.tau, points=args.points, seed=args.seed)
-    finally:
-      if alarm:
-        signal.setitimer(signal.ITIMER_REAL, 0)
     # The alarm can be lost (raised inside a callback whose exceptions Python ignores, seen twice in CI,
     # and a repeat can come after a short count ends), so the limit is also checked on the clock: a
     # count that overran it is a failed row whether or not the alarm interrupted it.
     if args.timeout and args.timeout > 0 and time.perf_counter() - started > args.timeout:
-      raise _CountTimeout()
+      raise _CountTimeout(f"stopped after {args.timeout:g} s")
     return row
   except (ValueError, MemoryError, _CountTimeout) as err:
-    reason = f"stopped after {args.timeout:g} s" if isinstance(err, _CountTimeout) else type(err).__name__
+    reason = str(err) if isinstance(err, _CountTimeout) else type(err).__name__
     size = sum(a * b for a, b in zip(dims[:-1], dims[1:])) + (sum(dims[1:]) if bias else 0)
     return dict(arch=arch, dims=list(dims), bias=bool(bias), flow=flow, parameters=size, count=None,
                 closed_form=closed_form(arch, dims, bias, flow), agrees=None, ambiguous=False, error=reason,
                 count_seconds=time.perf_counter() - started)
-  finally:
-    if alarm:
-      signal.signal(signal.SIGALRM, previous)
 
 
 def run(args) -> int:
@@ -329,7 +362,15 @@ def run(args) -> int:
   if args.degree < 0:
     print(f"error: --degree {args.degree} must be >= 1 (or 0 to skip finding)", file=sys.stderr)
     return 2
-  payload = count_one(args.arch, args.dims, args.bias, flow, tau=args.tau, points=args.points, seed=args.seed)
+  try:
+    with _limits(None, args.max_memory):
+      payload = count_one(args.arch, args.dims, args.bias, flow, tau=args.tau, points=args.points,
+                          seed=args.seed)
+  except _CountTimeout as err:
+    print(f"error: the count of {args.arch} {'-'.join(map(str, args.dims))} ({flow} flow) {err}: "
+          "its bracket terms outgrew the limit; raise --max-memory (0: no limit) or count a "
+          "smaller network", file=sys.stderr)
+    return 1
   found, find_seconds = None, 0.0
   if args.degree >= 1:
     started = time.perf_counter()
