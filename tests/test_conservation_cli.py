@@ -127,7 +127,7 @@ def _growing_count(chunks: list):
 
 
 def test_a_count_that_outgrows_max_memory_is_stopped(monkeypatch, capsys, tmp_path):
-  # A deep linear network's count once grew to 24 GB and was killed by the system; past
+  # A deep linear network's count can grow until the system kills the process; past
   # --max-memory it is a failed row (sweep) or an error naming the option (single count).
   chunks = []
   monkeypatch.setattr(laws, "count_one", _growing_count(chunks))

@@ -157,7 +157,8 @@ def riemod_step(tx, prob: Problem):
   metric = riemod.metrics.identity()
   # The line search's loss is the paper's, written directly: the same value as
   # 0.5 mean(r^2), but residuals() evaluates both branches of its where (the Laplacian at the
-  # boundary points too), which made the 31-candidate search ~25% slower.
+  # boundary points too), which made the 31-candidate search slower (the step-time ratio to the
+  # authors' method before and after: benchmarks/results/engd-poisson.md).
   loss_of = lambda p: loss(p, prob)
 
   @jax.jit

@@ -292,8 +292,8 @@ def _limits(timeout: float | None, max_memory_gb: float | None):
 
   Repeating: an alarm that lands where Python ignores exceptions (a garbage-collection callback
   such as JAX's _xla_gc_callback: seen in a test run) is raised again shortly after; and the
-  memory check must run while the count grows (a deep linear network's gradient-flow count grew
-  to 24 GB in 2.4 minutes and was killed by the system instead of answering).
+  memory check must run while the count grows (a deep linear network's gradient-flow count with a
+  narrow bottleneck, 8-2-7-8-1, grows until the system kills the process instead of answering).
   """
   import signal  # pylint: disable=g-import-not-at-top
   timed = bool(timeout and timeout > 0)
