@@ -7,7 +7,8 @@ messages, and the tests below judge them. The reference is always the same step 
 the whole batch, and the sharded parameters and optimizer state (with the step report) are read
 back from every device, not from one. With the layerwise structure the blocks are factored on
 different devices: a five-block network checks the step and, in the compiled program, that no
-factorisation runs on every device and each runs in its owner's branch only. The float64 steps
+factorisation runs on every device and each runs in its owner's branch only; with the one-block
+structure every device assembles only its d / devices rows of the kernel. The float64 steps
 of every frontend and structure and the refusals run by default; float32, the
 per-device curvature_batch, per-device models and jax.jit on a sharded float32 batch are marked
 slow (a second subprocess, ``make test-slow``).
@@ -71,6 +72,26 @@ def factorisations(hlo: str, devices: int) -> dict:
   (``"every_device"``), and those in each branch of a ``devices``-way conditional (the switch on
   the device's index, ``"per_branch"``). Calls under other conditionals (the jitter retries,
   which run only when a plain factorisation fails) are not counted."""
+  return _placed(hlo, devices, lambda line: "potrf" in line and "custom-call" in line)
+
+
+def kernel_dots(hlo: str, rows: int, devices: int) -> dict:
+  """The dot products of a compiled program whose result is ``rows x rows`` (``"whole"``: a
+  kernel assembled in full) or ``rows / devices x rows`` (``"slab"``: one device's share of it),
+  counted where every device runs them (outside conditionals, as :func:`factorisations`)."""
+  import re
+
+  def shaped(shape):
+    pattern = re.compile(r"= f(?:32|64)\[" + ",".join(map(str, shape)) + r"\]\S* dot\(")
+    return lambda line: pattern.search(line) is not None
+
+  return {"whole": _placed(hlo, devices, shaped((rows, rows)))["every_device"],
+          "slab": _placed(hlo, devices, shaped((rows // devices, rows)))["every_device"]}
+
+
+def _placed(hlo: str, devices: int, matches) -> dict:
+  """Instructions ``matches(line)`` selects: ``{"every_device": reachable from the entry without
+  entering a conditional, "per_branch": per branch of each devices-way conditional}``."""
   import re
   bodies, name = {}, None
   for line in hlo.splitlines():
@@ -88,7 +109,7 @@ def factorisations(hlo: str, devices: int) -> dict:
     conditionals' branches met on the way)."""
     plain, switches = 0, []
     for line in bodies[comp]:
-      if "potrf" in line and "custom-call" in line:
+      if matches(line):
         plain += 1
       branches = re.search(r"branch_computations=\{([^}]*)\}", line)
       if branches:
@@ -232,37 +253,43 @@ def _worker(part: str) -> dict:  # noqa: C901 (one linear script of independent 
         worst = max(worst, rel(u[np.isfinite(u)], v[np.isfinite(v)]))
     return worst
 
-  references = {}
+  references, reference_text = {}, {}
+
+  def ahead(jitted):
+    """``(call, texts)``: ``jitted`` compiled ahead of time once per argument signature (with
+    jax_enable_x64 a float32 state's report starts in float64), so its program text is at hand
+    (``texts``, in order of compilation)."""
+    compiled, texts = {}, []
+
+    def call(*args):
+      key = str([(jnp.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(args)])
+      if key not in compiled:
+        compiled[key] = jitted.lower(*args).compile()
+        texts.append(compiled[key].as_text())
+      return compiled[key](*args)
+
+    return call, texts
 
   def reference(frontend, structure, dtype, policy=None):
     """One device on the whole batch: ``[(params, loss, curvature, state) after step i]``."""
     if (frontend, structure, dtype, policy) not in references:
       params, state, d, step_one = make_step(frontend, structure, dtype, policy=policy)
-      one, trajectory = jax.jit(step_one), []
+      (one, texts), trajectory = ahead(jax.jit(step_one)), []
       for _ in range(STEPS):
         params, state, loss, curv = one(params, state, d)
         trajectory.append((params, loss, curv, state))
       references[frontend, structure, dtype, policy] = trajectory
+      reference_text[frontend, structure, dtype, policy] = texts[0]
     return references[frontend, structure, dtype, policy]
 
   def run_both(frontend, structure, dtype, check_vma=True, hlo=None, policy=None):
-    """The worst differences to one device over STEPS steps; the compiled program's text goes
-    into ``out[hlo]`` when ``hlo`` names a key."""
+    """The worst differences to one device over STEPS steps. When ``hlo`` names a key, the
+    compiled program's factorisations go into ``out[hlo]`` and its kernel-shaped dot products
+    (with the one-device program's) into ``worst["kernel_dots"]``."""
     trajectory = reference(frontend, structure, dtype, policy)
     params, state, d, step_many = make_step(frontend, structure, dtype, axis_name="batch",
                                             policy=policy)
-    jitted, compiled = sharded(step_many, check_vma), {}
-
-    def many(*args):
-      """The jitted step, compiled ahead of time once per argument signature (with jax_enable_x64
-      a float32 state's report starts in float64), so its program text is at hand."""
-      key = str([(jnp.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(args)])
-      if key not in compiled:
-        compiled[key] = jitted.lower(*args).compile()
-        if hlo is not None and hlo not in out:
-          out[hlo] = factorisations(compiled[key].as_text(), DEVICES)
-      return compiled[key](*args)
-
+    many, texts = ahead(sharded(step_many, check_vma))
     pm, sm = params, state
     worst = {"params": 0.0, "loss": 0.0, "spread": 0.0, "curvature": 0.0, "state": 0.0}
     for i, (p1, l1, c1, s1) in enumerate(trajectory):
@@ -277,6 +304,11 @@ def _worker(part: str) -> dict:  # noqa: C901 (one linear script of independent 
       if i == 0:  # every array of the curvature (rows, features, coordinates), element-wise
         worst["curvature"] = tree_rel(cm, c1)
         worst["num_rows"] = [cm.num_rows, c1.num_rows]
+    if hlo is not None:
+      out[hlo] = factorisations(texts[0], DEVICES)
+      one = reference_text[frontend, structure, dtype, policy]
+      worst["kernel_dots"] = {"sharded": kernel_dots(texts[0], c1.num_rows, DEVICES),
+                              "one_device": kernel_dots(one, c1.num_rows, 1)["whole"]}
     return worst
 
   # 3. Refusals: messages, or None when nothing was raised.
@@ -442,6 +474,65 @@ def test_two_blocks_on_four_devices_and_one_block_everywhere(measured, frontend)
   found = measured[f"factorisations/{frontend}/layerwise"]
   assert found["every_device"] == 0 and found["per_branch"] == [[1, 1, 0, 0]], found
   assert measured[f"factorisations/{frontend}/full"] == {"every_device": 1, "per_branch": []}
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_one_block_kernel_is_assembled_in_slabs(measured, frontend):
+  """structure="full" (steps equal one device's: test_shard_map_step_equals_one_device): every
+  device computes a d / devices x d slab of the kernel for each dot the one-device program
+  spends on the whole d x d kernel, and no whole-kernel dot runs on every device (the jitter
+  retry's rebuild, under its conditional, is not counted)."""
+  dots = measured[f"step/{frontend}/full/float64"]["kernel_dots"]
+  assert dots["one_device"] >= 2, dots  # one per module at least (NNX, Linen: 2 dense layers)
+  assert dots["sharded"] == {"whole": 0, "slab": dots["one_device"]}, dots
+
+
+def test_kernel_slab_is_those_samples_rows_of_the_kernel():
+  """``gram(inv_mass, samples=(start, size))`` equals those samples' rows (for every factor row)
+  of ``K D^-1 K^T`` formed from the materialised rows, for every factor type and kernel path,
+  scalar and per-parameter masses, with ``start`` traced. In this process."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from riemod.curvature.factors import DenseFactor, EmbedFactor, RowsFactor
+  from riemod.nn.structure import DenseStructure, EmbedStructure
+
+  rng = np.random.RandomState(0)
+  r, b, size = 3, 8, 2
+  normal = lambda *shape: jnp.asarray(rng.randn(*shape), jnp.float32)
+
+  def dense(positions, fan_in, fan_out, bias_weight=None):
+    return DenseFactor(normal(b, positions, fan_in), normal(r, b, positions, fan_out),
+                       DenseStructure((fan_in, fan_out), True),
+                       None if bias_weight is None else jnp.float32(bias_weight))
+
+  def embed(positions, vocabulary):
+    return EmbedFactor(normal(r, b, positions, 3),
+                       jnp.asarray(rng.randint(0, vocabulary, (b, positions))),
+                       EmbedStructure(vocabulary, 3))
+
+  factors = {  # the branches of each gram: by cost, by the vocabulary's size against B P
+      "dense": dense(1, 4, 5, 1.3), "dense/positions": dense(2, 9, 9),
+      "dense/position rows": dense(6, 2, 2),
+      "rows": RowsFactor({"w": normal(r, b, 4, 2), "c": normal(r, b, 2)}),
+      "embed/table": embed(5, 6), "embed/present ids": embed(8, 100), "embed/pairs": embed(2, 50)}
+  worst = {}
+  for name, factor in factors.items():
+    for per_parameter in (False, True):
+      shapes = factor.leaf_shapes
+      masses = {k: (jnp.asarray(rng.rand(*shapes[k]) + 0.5, jnp.float32) if per_parameter
+                    else jnp.float32(0.7)) for k in factor.leaf_names}
+      rows, d = factor.rows(), factor.num_rows
+      dense_kernel = sum((rows[k].reshape(d, -1) * jnp.reshape(masses[k], (1, -1)))
+                         @ rows[k].reshape(d, -1).T for k in factor.leaf_names)
+      slab = jax.jit(lambda start: factor.gram(masses, samples=(start, size)))
+      error = 0.0
+      for start in (0, 2, b - size):
+        expected = dense_kernel.reshape(r, b, d)[:, start:start + size].reshape(r * size, d)
+        error = max(error, float(jnp.max(jnp.abs(slab(start) - expected))))
+      worst[name, per_parameter] = error / float(jnp.max(jnp.abs(dense_kernel)))
+  assert max(worst.values()) <= 1e-5, worst
 
 
 def test_curvature_used_outside_its_shard_map_is_solved_in_place():

@@ -240,8 +240,9 @@ def _spread_steps(metric: ComposedMetric, rhs: Any, prev_leaves, momentum) -> di
   rows, so block ``b`` is factored and solved only on the device :func:`_mesh.assign` gives it
   (balanced by :func:`_mesh.factorisation_flops`) and the directions and diagnostics are summed
   over the devices (one all-reduce of parameter-sized pieces). The factor ``compose`` made is
-  then unused by the step and compiled away. The one-block structure, and truncated or Nystrom
-  blocks, stay replicated.
+  then unused by the step and compiled away. A single block is factored on every device (its
+  sample-space kernel assembled in slabs over the devices, see :func:`compose`); truncated or
+  Nystrom blocks stay replicated.
   """
   axes = metric.curvature.axis_name
   if (not _mesh.bound(axes) or metric.structure != "layerwise" or len(metric.blocks) < 2
@@ -315,12 +316,21 @@ def compose(curvature: Curvature, scales: list[Any], *, mass: jax.Array, mass_sc
               if m.kind == "riemannian" and m.factor is not None]
   groups = [(i,) for i in solvable] if structure == "layerwise" else (
       [tuple(solvable)] if solvable else [])
-  blocks = tuple(factorize([curvature.modules[i].factor for i in members],
-                           [inverse_masses[i] for i in members], space=space,
-                           refinement_steps=refinement_steps, cutoff=cutoff, rank=rank,
-                           oversampling=oversampling,
-                           key=None if key is None else jax.random.fold_in(key, b))
-                 for b, members in enumerate(groups))
+  if len(groups) == 1 and cutoff is None and space != "nystrom" and _mesh.bound(
+      curvature.axis_name):
+    # One block inside the shard_map its rows were gathered in: nothing to spread, but every
+    # device assembles only its samples' slab of the kernel (the factorisation stays replicated).
+    members = groups[0]
+    blocks = (factorize_block([curvature.modules[i].factor for i in members],
+                              [inverse_masses[i] for i in members], space, refinement_steps,
+                              axes=curvature.axis_name),)
+  else:
+    blocks = tuple(factorize([curvature.modules[i].factor for i in members],
+                             [inverse_masses[i] for i in members], space=space,
+                             refinement_steps=refinement_steps, cutoff=cutoff, rank=rank,
+                             oversampling=oversampling,
+                             key=None if key is None else jax.random.fold_in(key, b))
+                   for b, members in enumerate(groups))
   return ComposedMetric(curvature, inverse_masses, blocks, tuple(scales), mass_ok, tuple(groups),
                         structure)
 

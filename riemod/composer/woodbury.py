@@ -17,6 +17,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
+from riemod.curvature import _mesh
 from riemod.curvature.factors import Factor
 
 Params = dict  # one module's {leaf name: array}
@@ -489,7 +490,8 @@ class BlockFactorization:
     return self.solve(rhs)[0]
 
 def factorize_block(factors: Sequence[Factor], inv_masses: Sequence[Params],
-                    space: str = "auto", refinement_steps: int = 0) -> BlockFactorization:
+                    space: str = "auto", refinement_steps: int = 0,
+                    axes: tuple = ()) -> BlockFactorization:
   """Factors one block of modules that share a kernel.
 
   Args:
@@ -500,6 +502,11 @@ def factorize_block(factors: Sequence[Factor], inv_masses: Sequence[Params],
     refinement_steps: iterative refinement of every small solve against the operator (see
       :class:`BlockFactorization`); one step recovers most of the digits an ill-conditioned
       solve loses to round-off while ``cond * eps`` stays well below 1.
+    axes: mapped axes the factors' rows were gathered over (``curvature.axis_name``): inside
+      the ``shard_map`` binding them, every device assembles only its samples' slab of the
+      sample-space kernel and the slabs are all-gathered
+      (:func:`riemod.curvature._mesh.assembled_kernel`); the factorisation stays replicated.
+      ``()``: assembled in place.
 
   Example:
     >>> import jax.numpy as jnp
@@ -516,15 +523,18 @@ def factorize_block(factors: Sequence[Factor], inv_masses: Sequence[Params],
     raise ValueError(f"refinement_steps={refinement_steps!r}: use an int >= 0 (0: none, 1 "
                      "usually suffices).")
   factors, inv_masses = tuple(factors), tuple(inv_masses)
-  build, space = _block_plan(factors, inv_masses, space)
+  build, space = _block_plan(factors, inv_masses, space, axes)
   chol = _cholesky(build(0.0))
   return BlockFactorization(factors, inv_masses, chol, _finite_factor(chol), space,
                             refinement_steps)
 
 
-def _block_plan(factors, inv_masses, space: str):
+def _block_plan(factors, inv_masses, space: str, axes: tuple = ()):
   """``(build, space)``: the solve space of a block and a function ``shift -> matrix + shift I``
-  of the matrix it factors (capacitance in sample space, ``G`` in parameter space)."""
+  of the matrix it factors (capacitance in sample space, ``G`` in parameter space). With mapped
+  ``axes`` the sample-space kernel is assembled in slabs over their devices (the failure path's
+  rebuild, :meth:`BlockFactorization._jittered_factor`, passes none: no collective runs inside
+  its conditional)."""
   rows = {f.num_rows for f in factors}
   if len(rows) != 1:
     raise ValueError(f"The modules of one block have different numbers of factor rows {rows}.")
@@ -543,6 +553,6 @@ def _block_plan(factors, inv_masses, space: str):
       return k.T @ k + jnp.diag(1.0 / inv_d + shift)
   else:
     def build(shift):
-      kernel = sum(f.gram(m) for f, m in zip(factors, inv_masses))
+      kernel = _mesh.assembled_kernel(factors, inv_masses, axes)
       return (1.0 + shift) * jnp.eye(d, dtype=kernel.dtype) + kernel
   return build, space

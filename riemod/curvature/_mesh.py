@@ -247,3 +247,37 @@ def spread(axes: tuple, costs: list[float], thunks: list) -> list:
 
   results = jax.lax.switch(jax.lax.axis_index(axes), [branch(j) for j in range(devices)])
   return jax.lax.psum(results, axes)
+
+
+# --- the one-block kernel assembled in slabs over the devices of the batch axis -------------------
+
+
+def assembled_kernel(factors, inv_masses, axes: tuple) -> jax.Array:
+  """``sum_a K_a D_a^{-1} K_a^T`` (``d x d``), each device of ``axes`` assembling only its slab.
+
+  Every device holds every row (gathered by ``value_grad_and_curvature``), but the kernel's rows
+  of sample ``s`` need only ``s``'s rows against all: device ``j`` computes the rows of the
+  ``j``-th of ``devices`` equal chunks of the samples (``d / devices`` kernel rows, for every
+  factor row ``r``; ``1 / devices`` of the assembly's FLOPs), and one all-gather puts the slabs
+  together, so every device holds the same kernel (and factors it, replicated). Outside a
+  ``shard_map`` binding ``axes``, with one device, or with a sample count the devices do not
+  divide: the whole kernel, assembled in place.
+
+  Args:
+    factors: the block's factors (all with the same ``R x B`` rows).
+    inv_masses: per factor ``{leaf name: 1 / mass}``.
+    axes: the mapped axes the rows were gathered over (``curvature.axis_name``).
+  """
+  whole = lambda: sum(f.gram(m) for f, m in zip(factors, inv_masses))
+  if not bound(axes) or size(axes) < 2:
+    return whole()
+  devices, samples = size(axes), factors[0].num_samples
+  if samples % devices:
+    return whole()
+  own = samples // devices
+  start = jax.lax.axis_index(axes) * own
+  slab = sum(f.gram(m, samples=(start, own)) for f, m in zip(factors, inv_masses))
+  d = slab.shape[-1]
+  # (R * own, d) r-major: the slabs interleave per factor row, so gather along the sample axis.
+  slab = slab.reshape(d // samples, own, d)
+  return gather(slab, axes, axis=1).reshape(d, d)

@@ -31,6 +31,26 @@ def _scalar(inv_mass) -> bool:
   return jnp.ndim(inv_mass) == 0
 
 
+def _take(array: jax.Array, samples: tuple | None, axis: int) -> jax.Array:
+  """The samples ``start .. start + size - 1`` of ``array`` along ``axis`` (all for ``None``;
+  ``start`` may be traced, ``size`` is static)."""
+  if samples is None:
+    return array
+  start, size = samples
+  return jax.lax.dynamic_slice_in_dim(array, start, size, axis)
+
+
+def _row_slab(rows: Leaves, num_samples: int, samples: tuple | None) -> Leaves:
+  """Materialised rows ``{name: (R * B, ...)}`` (r-major) restricted to ``samples``."""
+  if samples is None:
+    return rows
+  out = {}
+  for name, k in rows.items():
+    k = k.reshape((-1, num_samples) + k.shape[1:])
+    out[name] = _take(k, samples, 1).reshape((-1,) + k.shape[2:])
+  return out
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DenseFactor:
@@ -54,6 +74,10 @@ class DenseFactor:
     return self.cotangents.shape[0] * self.cotangents.shape[1]
 
   @property
+  def num_samples(self) -> int:
+    return self.cotangents.shape[1]
+
+  @property
   def leaf_names(self) -> tuple[str, ...]:
     return ("bias", "kernel") if self.structure.has_bias else ("kernel",)
 
@@ -66,35 +90,44 @@ class DenseFactor:
     rows = self.cotangents.sum(axis=2)  # (R, B, out)
     return rows if self.bias_weight is None else rows * self.bias_weight
 
-  def gram(self, inv_mass: Leaves) -> jax.Array:
-    """``K D^{-1} K^T`` as ``(d, d)``; Gram-Hadamard when the masses are scalars per leaf."""
+  def gram(self, inv_mass: Leaves, samples: tuple | None = None) -> jax.Array:
+    """``K D^{-1} K^T`` as ``(d, d)``; Gram-Hadamard when the masses are scalars per leaf.
+
+    ``samples=(start, size)``: only the rows of those samples (for every factor row ``r``)
+    against all rows, ``(R * size, d)`` r-major, at ``size / B`` of the cost: one device's slab
+    of the kernel (``start`` may be traced).
+    """
     if not all(_scalar(inv_mass[name]) for name in self.leaf_names):
       rows = self.rows()
-      return _gram_of_rows(rows, inv_mass)
+      return _gram_of_rows(rows, inv_mass, _row_slab(rows, self.num_samples, samples))
     x, c = self.features, self.cotangents
     r, b, p, _ = c.shape
+    x_left, c_left = _take(x, samples, 0), _take(c, samples, 1)
+    s = c_left.shape[1]
     if p == 1:
       # Two plain matmuls; rows are (r, b) r-major, so the sample weight tiles R x R times.
       flat_c = c.reshape(r * b, -1)
-      weight = (x[:, 0] @ x[:, 0].T) * inv_mass["kernel"]
+      weight = (x_left[:, 0] @ x[:, 0].T) * inv_mass["kernel"]
       if self.structure.has_bias:
         weight = weight + inv_mass["bias"] * (1.0 if self.bias_weight is None
                                               else self.bias_weight ** 2)
-      return (flat_c @ flat_c.T) * jnp.tile(weight, (r, r))
+      return (c_left.reshape(r * s, -1) @ flat_c.T) * jnp.tile(weight, (r, r))
     else:
       fan_in, fan_out = self.structure.fan_in, self.structure.fan_out
       # Position-summed Hadamard costs d^2 P^2 (in + out); materialised rows cost d P in out
       # to form and d^2 in out to multiply.
       if self.num_rows * p * p * (fan_in + fan_out) <= (p + self.num_rows) * fan_in * fan_out:
-        kernel = inv_mass["kernel"] * jnp.einsum("bpi,cqi,rbpf,ucqf->rbuc", x, x, c, c,
-                                                 optimize=True)
+        kernel = inv_mass["kernel"] * jnp.einsum("bpi,cqi,rbpf,ucqf->rbuc", x_left, x, c_left,
+                                                 c, optimize=True)
       else:
-        flat = jnp.einsum("bpi,rbpf->rbif", x, c).reshape(r * b, -1)
-        kernel = (inv_mass["kernel"] * (flat @ flat.T)).reshape(r, b, r, b)
+        flat = jnp.einsum("bpi,rbpf->rbif", x, c)
+        left = _take(flat, samples, 1).reshape(r * s, -1)
+        kernel = (inv_mass["kernel"] * (left @ flat.reshape(r * b, -1).T)).reshape(r, s, r, b)
       if self.structure.has_bias:
         cb = self._bias_rows()
-        kernel = kernel + inv_mass["bias"] * jnp.einsum("rbf,qcf->rbqc", cb, cb)
-    return kernel.reshape(r * b, r * b)
+        kernel = kernel + inv_mass["bias"] * jnp.einsum("rbf,qcf->rbqc", _take(cb, samples, 1),
+                                                        cb)
+    return kernel.reshape(r * s, r * b)
 
   @property
   def leaf_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -149,6 +182,10 @@ class RowsFactor:
     return first.shape[0] * first.shape[1]
 
   @property
+  def num_samples(self) -> int:
+    return next(iter(self.leaf_rows.values())).shape[1]
+
+  @property
   def leaf_names(self) -> tuple[str, ...]:
     return tuple(sorted(self.leaf_rows))
 
@@ -159,8 +196,10 @@ class RowsFactor:
   def rows(self) -> dict[str, jax.Array]:
     return {k: v.reshape((-1,) + v.shape[2:]) for k, v in self.leaf_rows.items()}
 
-  def gram(self, inv_mass: Leaves) -> jax.Array:
-    return _gram_of_rows(self.rows(), inv_mass)
+  def gram(self, inv_mass: Leaves, samples: tuple | None = None) -> jax.Array:
+    """``K D^{-1} K^T``; with ``samples``, those samples' rows only (see :meth:`DenseFactor.gram`)."""
+    rows = self.rows()
+    return _gram_of_rows(rows, inv_mass, _row_slab(rows, self.num_samples, samples))
 
   @property
   def leaf_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -180,12 +219,14 @@ class RowsFactor:
             for name, rows in self.rows().items()}
 
 
-def _gram_of_rows(rows: Leaves, inv_mass: Leaves) -> jax.Array:
+def _gram_of_rows(rows: Leaves, inv_mass: Leaves, left: Leaves | None = None) -> jax.Array:
+  """``left D^{-1} rows^T`` (``left``: some of the rows, default all)."""
   total = None
   for name, k in rows.items():
     flat = k.reshape(k.shape[0], -1)
-    scaled = flat * jnp.reshape(inv_mass[name], (1, -1)) if not _scalar(inv_mass[name]) else (
-        flat * inv_mass[name])
+    own = flat if left is None else left[name].reshape(left[name].shape[0], -1)
+    scaled = own * jnp.reshape(inv_mass[name], (1, -1)) if not _scalar(inv_mass[name]) else (
+        own * inv_mass[name])
     term = scaled @ flat.T
     total = term if total is None else total + term
   return total
@@ -216,6 +257,10 @@ class EmbedFactor:
     return self.cotangents.shape[0] * self.cotangents.shape[1]
 
   @property
+  def num_samples(self) -> int:
+    return self.cotangents.shape[1]
+
+  @property
   def leaf_names(self) -> tuple[str, ...]:
     return ("embedding",)
 
@@ -231,8 +276,9 @@ class EmbedFactor:
     """The factor of ``K S`` for a per-entry scale ``S`` of the table, ``(V, features)``."""
     return EmbedFactor(self.cotangents * scale[self.ids], self.ids, self.structure)
 
-  def gram(self, inv_mass: Leaves) -> jax.Array:
-    """``K D^{-1} K^T`` as ``(d, d)``."""
+  def gram(self, inv_mass: Leaves, samples: tuple | None = None) -> jax.Array:
+    """``K D^{-1} K^T`` as ``(d, d)``; with ``samples``, those samples' rows only (see
+    :meth:`DenseFactor.gram`)."""
     inv = inv_mass["embedding"]
     c = self.cotangents
     r, b, p, f = c.shape
@@ -248,11 +294,13 @@ class EmbedFactor:
         index = jnp.searchsorted(present, self.ids)
       sample = jnp.arange(b)[:, None]
       compact = lambda v: jnp.zeros((r, b, slots, f), v.dtype).at[:, sample, index].add(v)
-      kernel = jnp.einsum("rbuf,scuf->rbsc", compact(left), compact(c))
+      kernel = jnp.einsum("rbuf,scuf->rbsc", _take(compact(left), samples, 1), compact(c))
     else:
-      same = (self.ids[:, :, None, None] == self.ids[None, None]).astype(c.dtype)
-      kernel = jnp.einsum("rbpf,ucqf,bpcq->rbuc", left, c, same, optimize=True)
-    return kernel.reshape(r * b, r * b)
+      same = (_take(self.ids, samples, 0)[:, :, None, None] == self.ids[None, None]).astype(
+          c.dtype)
+      kernel = jnp.einsum("rbpf,ucqf,bpcq->rbuc", _take(left, samples, 1), c, same,
+                          optimize=True)
+    return kernel.reshape(-1, r * b)
 
   def matvec(self, v: Leaves) -> jax.Array:
     """``K v`` for a parameter dict ``v``: ``(..., d)``."""
