@@ -29,6 +29,11 @@ step compiled for one device in the same process; forced host devices share the 
 so the times show the overhead of a scheme on one CPU, not a speed-up.
 
 Run: ``python -m benchmarks.bench_multidevice`` -> ``results/multidevice.{json,md}``.
+
+The one-block structure (``--one-block``, :func:`one_block`): ``riemod.natural_gradient`` with
+``structure="full"`` on the same models, the ``d x d`` kernel assembled by every device
+(``replicated``) or in slabs of ``d / devices`` rows, one per device, joined by an all-gather
+(``sharded``); the Cholesky factorisation is replicated in both.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEVICE_COUNTS = (2, 4, 8)
@@ -140,44 +146,66 @@ def blocks(name: str) -> list[dict]:
   return out
 
 
+def _steps(name: str, devices: int, tx):
+  """``(params, state, x, y, one, mapped)`` for MODELS[name] on ``devices`` devices: ``one``
+  the jitted one-device step, ``mapped(spread)`` the jitted ``shard_map`` step (``spread=False``
+  drops the curvature's axes, so every device factors and assembles everything)."""
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh
+  from jax.sharding import PartitionSpec as P
+
+  assert jax.device_count() == devices, jax.devices()
+  mesh = Mesh(np.array(jax.devices()), ("batch",))
+  params, x, y, step, _ = _model(name)
+  samples = MODELS[name][4]
+  one = jax.jit(lambda p, s, x, y: step(p, s, x, y, tx, None, samples))
+
+  def mapped(spread):
+    return jax.jit(jax.shard_map(
+        lambda p, s, x, y: step(p, s, x, y, tx, "batch", samples // devices, spread),
+        mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")), out_specs=(P(), P(), P())))
+
+  return params, tx.init(params), x, y, one, mapped
+
+
+def _compiled(programs: dict) -> tuple[dict, Any]:
+  """``({recipe: {"collectives"}}, diff)``: every program's collectives from its compiled HLO,
+  and ``diff(a, b)``, the largest relative difference of the parameters after one step."""
+  import jax
+  import numpy as np
+
+  recipes, results = {}, {}
+  for recipe, (fn, args) in programs.items():
+    recipes[recipe] = {"collectives": collectives(fn.lower(*args).compile().as_text())}
+    results[recipe] = jax.tree.map(np.asarray, fn(*args)[0])
+  diff = lambda a, b: max(float(np.max(np.abs(u - v)) / np.max(np.abs(v)))
+                          for u, v in zip(jax.tree.leaves(results[a]), jax.tree.leaves(results[b])))
+  return recipes, diff
+
+
 def _child(devices: int) -> dict:
   import jax
   import numpy as np
-  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
   import riemod
   from benchmarks.harness import time_interleaved
   from riemod.curvature import _mesh
 
-  assert jax.device_count() == devices, jax.devices()
-  mesh = Mesh(np.array(jax.devices()), ("batch",))
   out = {}
   for name in MODELS:
-    params, x, y, step, _ = _model(name)
-    samples = MODELS[name][4]
     tx = riemod.layerwise_natural_gradient(0.1, mass=0.1, momentum=0.8, on_nonfinite="ignore")
-    state = tx.init(params)
-    one = jax.jit(lambda p, s, x, y: step(p, s, x, y, tx, None, samples))
+    params, state, x, y, one, mapped = _steps(name, devices, tx)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
     placed = jax.device_put((x, y), NamedSharding(mesh, P("batch")))
-
-    def mapped(spread):
-      return jax.jit(jax.shard_map(
-          lambda p, s, x, y: step(p, s, x, y, tx, "batch", samples // devices, spread),
-          mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")), out_specs=(P(), P(), P())))
-
     programs = {"one_device": (one, (params, state, x, y)),
                 "jit": (one, (params, state, *placed)),
                 "replicated": (mapped(False), (params, state, x, y)),
                 "spread": (mapped(True), (params, state, x, y))}
-    row = {"recipes": {}}
-    results = {}
-    for recipe, (fn, args) in programs.items():
-      hlo = fn.lower(*args).compile().as_text()
-      row["recipes"][recipe] = {"collectives": collectives(hlo)}
-      results[recipe] = jax.tree.map(np.asarray, fn(*args)[0])
-    diff = lambda a, b: max(float(np.max(np.abs(u - v)) / np.max(np.abs(v)))
-                            for u, v in zip(jax.tree.leaves(results[a]), jax.tree.leaves(results[b])))
+    recipes, diff = _compiled(programs)
+    row = {"recipes": recipes}
     row["recipes"]["jit"]["max_relative_difference"] = {"to": "one_device",
                                                         "value": diff("jit", "one_device")}
     row["recipes"]["spread"]["max_relative_difference"] = {"to": "replicated",
@@ -195,6 +223,117 @@ def _child(devices: int) -> dict:
     row["parameter_bytes"] = 4 * sum(b["n"] for b in found)
     out[name] = row
   return {"devices": devices, "models": out, "load_before_after": [os.getloadavg()[0]]}
+
+
+def assembly_flops(name: str) -> dict:
+  """The one-block kernel's analytic cost for MODELS[name], in multiply-adds: every dense layer's
+  Gram-Hadamard product (cotangent Gram ``d^2 fan_out``, feature Gram ``B^2 fan_in``, their
+  product ``d^2``) and the Cholesky factorisation of the ``d x d`` capacitance (``d^3 / 3``).
+  A device assembling a slab does ``1 / devices`` of the assembly."""
+  sizes, _, _, metric_name, samples = MODELS[name]
+  rows = samples * (sizes[-1] if metric_name in ("softmax_fisher", "identity") else 1)
+  assembly = sum(rows ** 2 * b + samples ** 2 * a + rows ** 2
+                 for a, b in zip(sizes[:-1], sizes[1:]))
+  return {"d": rows, "samples": samples, "assembly": float(assembly),
+          "cholesky": rows ** 3 / 3}
+
+
+def _child_one_block(devices: int) -> dict:
+  import numpy as np
+
+  import riemod
+  from benchmarks.harness import time_interleaved
+
+  out = {}
+  for name in MODELS:
+    samples = MODELS[name][4]
+    tx = riemod.natural_gradient(0.1, geometry=riemod.Geometry(mass=0.1, structure="full"),
+                                 momentum=0.8, on_nonfinite="ignore")
+    # mapped(False) drops the curvature's axes: every device assembles the whole kernel.
+    params, state, x, y, one, mapped = _steps(name, devices, tx)
+    # One device measures the curvature on its first `samples` samples; the mapped steps on the
+    # first samples // devices of every shard: those go first in the one-device batch, so all
+    # three steps use the same samples.
+    shard, m = BATCH // devices, samples // devices
+    lead = np.concatenate([np.arange(j * shard, j * shard + m) for j in range(devices)])
+    order = np.concatenate([lead, np.setdiff1d(np.arange(BATCH), lead)])
+    programs = {"one_device": (one, (params, state, x[order], y[order])),
+                "replicated": (mapped(False), (params, state, x, y)),
+                "sharded": (mapped(True), (params, state, x, y))}
+    recipes, diff = _compiled(programs)
+    row = {"recipes": recipes}
+    row["max_relative_difference"] = {"sharded_vs_replicated": diff("sharded", "replicated"),
+                                      "sharded_vs_one_device": diff("sharded", "one_device")}
+    # Ratios against the replicated step of the same round: what the slabs change.
+    timed = time_interleaved(programs, rounds=5, burst=5, reference="replicated")
+    for recipe, entry in timed.items():
+      row["recipes"][recipe].update(entry)
+    flops = assembly_flops(name)
+    row["flops_per_device"] = {"replicated": flops["assembly"],
+                               "sharded": flops["assembly"] / devices,
+                               "cholesky": flops["cholesky"], "d": flops["d"]}
+    out[name] = row
+  return {"devices": devices, "models": out, "load_before_after": [os.getloadavg()[0]]}
+
+
+def one_block() -> None:
+  """The one-block rows: replicated against sharded kernel assembly on 2, 4, 8 devices.
+
+  Run: ``python -m benchmarks.bench_multidevice --one-block`` ->
+  ``results/multidevice_one_block.{json,md}``.
+  """
+  _measure("--child-one-block", "multidevice_one_block", one_block_report)
+
+
+def one_block_report(rows: list[dict]) -> str:
+  """The results page from the rows of ``multidevice_one_block.json``."""
+  loads = [f"{l:.1f}" for row in rows for l in row["load_before_after"]]
+  text = (
+      "# Multi-device step, one-block structure: kernel assembled in slabs vs replicated\n\n"
+      "`riemod.natural_gradient` with `structure=\"full\"`, SPRING momentum 0.8, mass 0.1, "
+      "float32, batch 128, plain functions with `riemod.nn.dense`, on forced host devices of a "
+      "2-core CPU. 'replicated': every device assembles the whole `d x d` kernel; 'sharded': "
+      "every device assembles the rows of its `1/devices` of the curvature's samples and one "
+      "all-gather joins them. Both factor the kernel on every device. 'assembly MMAC per "
+      "device': analytic multiply-adds of the Gram-Hadamard products (`d^2 fan_out + B^2 "
+      "fan_in + d^2` per layer; the Cholesky's `d^3/3` is given beside). Collectives and bytes "
+      "from the compiled HLO (result sizes; each device receives `(n-1)/n` of an all-gather). "
+      "Step times: medians of 5 interleaved rounds of 5 steps; 'vs replicated': the median "
+      "over rounds of the step's time over the replicated step's in the same round, with its "
+      "range. The devices share two cores, so a replicated step does the assembly once per "
+      "device on the same two cores and a sharded one once in all: the times measure total "
+      "work and overhead, not a speed-up. Load averages (1 min) around the runs: "
+      f"{', '.join(loads)}.\n"
+      "Reproduce: `python -m benchmarks.bench_multidevice --one-block`.\n")
+  for name, (sizes, _, loss, metric, samples) in MODELS.items():
+    first = rows[0]["models"][name]["flops_per_device"]
+    diffs = [row["models"][name]["max_relative_difference"] for row in rows]
+    text += (
+        f"\n## {name}: {'-'.join(map(str, sizes))}, {loss}, {metric} on {samples} samples, "
+        f"d = {first['d']}\n\n"
+        f"Cholesky per device (replicated in both): {first['cholesky'] / 1e6:.1f} MMAC. "
+        "Parameters after one step, max relative difference: sharded vs replicated "
+        f"{max(d['sharded_vs_replicated'] for d in diffs):.1e}, sharded vs one device "
+        f"{max(d['sharded_vs_one_device'] for d in diffs):.1e}.\n\n"
+        "| devices | assembly | assembly MMAC per device | all-gathers | KiB all-gathered "
+        "| all-reduces | KiB all-reduced | step time (ms) | vs replicated |\n"
+        "|---|---|---|---|---|---|---|---|---|\n")
+    for row in rows:
+      model = row["models"][name]
+      one = model["recipes"]["one_device"]
+      text += f"| {row['devices']} | one device | {first['replicated'] / 1e6:.1f} | 0 | 0 | 0 | 0 | " \
+              f"{1e3 * one['median_seconds']:.1f} | {one['ratio']:.2f} " \
+              f"({one['ratio_spread'][0]:.2f}-{one['ratio_spread'][1]:.2f}) |\n"
+      for recipe in ("replicated", "sharded"):
+        r = model["recipes"][recipe]
+        c = r["collectives"]
+        text += (
+            f"| {row['devices']} | {recipe} | {model['flops_per_device'][recipe] / 1e6:.1f} | "
+            f"{c['all-gather']['count']} | {c['all-gather']['bytes'] / 1024:.1f} | "
+            f"{c['all-reduce']['count']} | {c['all-reduce']['bytes'] / 1024:.1f} | "
+            f"{1e3 * r['median_seconds']:.1f} | {r['ratio']:.2f} "
+            f"({r['ratio_spread'][0]:.2f}-{r['ratio_spread'][1]:.2f}) |\n")
+  return text
 
 
 def _table(rows: list[dict], name: str) -> str:
@@ -217,7 +356,9 @@ def _table(rows: list[dict], name: str) -> str:
   return "\n".join(lines)
 
 
-def main() -> None:
+def _measure(flag: str, stem: str, page) -> None:
+  """Runs ``flag``'s child once per device count (the host device count is fixed when JAX
+  starts) and writes ``results/{stem}.json`` and the page ``page(rows)`` as ``{stem}.md``."""
   from benchmarks.harness import machine_info, write_json
 
   rows = []
@@ -225,7 +366,7 @@ def main() -> None:
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     load = os.getloadavg()[0]
-    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_multidevice", "--child",
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_multidevice", flag,
                            str(devices)], env=env, capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     if done.returncode:
@@ -234,11 +375,15 @@ def main() -> None:
     row["load_before_after"] = [load] + row["load_before_after"] + [os.getloadavg()[0]]
     rows.append(row)
     print(f"{devices} devices done", file=sys.stderr)
-  write_json(RESULTS / "multidevice.json", {"machine": machine_info(), "rows": rows,
-                                            "config": {"models": MODELS, "batch": BATCH}})
-  text = report(rows)
-  (RESULTS / "multidevice.md").write_text(text)
+  write_json(RESULTS / f"{stem}.json", {"machine": machine_info(), "rows": rows,
+                                        "config": {"models": MODELS, "batch": BATCH}})
+  text = page(rows)
+  (RESULTS / f"{stem}.md").write_text(text)
   print(text)
+
+
+def main() -> None:
+  _measure("--child", "multidevice", report)
 
 
 def report(rows: list[dict]) -> str:
@@ -323,6 +468,10 @@ def assembly() -> None:
 if __name__ == "__main__":
   if len(sys.argv) == 3 and sys.argv[1] == "--child":
     print(json.dumps(_child(int(sys.argv[2]))))
+  elif len(sys.argv) == 3 and sys.argv[1] == "--child-one-block":
+    print(json.dumps(_child_one_block(int(sys.argv[2]))))
+  elif sys.argv[1:] == ["--one-block"]:
+    one_block()
   elif sys.argv[1:] == ["--assembly"]:
     assembly()
   else:
