@@ -61,15 +61,22 @@ NAME = "tuning_free"
 TASKS = ("digits-mlp", "digits-autoencoder", "engd-poisson")
 SEEDS = (0, 1, 2)
 # The controller's own defaults (riemod.certify.controlled's signature), recorded in the results.
-CONTROLLER = {k: v.default for k, v in inspect.signature(riemod.certify.controlled).parameters.items()
-              if k in ("fraction", "every", "warmup", "recheck_rise", "num_steps")}
-# Controller settings compared on the tuning seeds (digits-mlp): the first release's defaults, and
-# the current ones, which were chosen from this comparison.
-CONTROLLER_GRID = ({"every": 10, "recheck_rise": 1.5}, {"every": 10, "recheck_rise": 2.0},
-                   {"every": 20, "recheck_rise": 2.0},
-                   {"every": 20, "recheck_rise": 2.0, "num_steps": 3},
-                   {"every": 20, "recheck_rise": 2.0, "fraction": 0.7},
-                   {"every": 20, "recheck_rise": 2.0, "fraction": 0.7, "warmup": 5})
+CONTROLLER = {k: v.default for k, v in inspect.signature(
+    riemod.certify.certified_layerwise_natural_gradient).parameters.items()
+              if k in ("fraction", "every", "warmup", "recheck_rise", "num_steps", "memory",
+                       "momentum")}
+# Controller settings compared on the tuning seeds (digits-mlp), each written out in full: the
+# first release's defaults, the previous ones, and the current ones (momentum 0.8, memory 0.8,
+# every 30), which were chosen from this comparison, with their neighbours.
+_OLD = {"recheck_rise": 2.0, "momentum": None, "memory": 0.0}
+CONTROLLER_GRID = ({"every": 10, "recheck_rise": 1.5, "momentum": None, "memory": 0.0},
+                   dict(_OLD, every=20),
+                   dict(_OLD, every=20, memory=0.8),
+                   dict(_OLD, every=20, momentum=0.8),
+                   dict(_OLD, every=20, momentum=0.8, memory=0.8),
+                   dict(_OLD, every=30, momentum=0.8, memory=0.8),
+                   dict(_OLD, every=30, momentum=0.5, memory=0.8),
+                   dict(_OLD, every=40, momentum=0.8, memory=0.8))
 TUNING_SEEDS = (100, 101, 102, 103)
 # The threshold each task's time is measured to: the task's own (digits-mlp), the issue 6 target
 # level (autoencoder), and an L2 level the tuned ENGD setting reaches on 3/3 seeds (PINN).
@@ -116,7 +123,8 @@ def certified_trainer(mlp_task, name: str, hyper: dict, seed: int, *, fixed_lr=N
   cache = mlp_task._cache
   if key not in cache:
     policy = riemod_config.mass_policy(hyper.get("mass_policy") or "constant")
-    geometry = riemod.Geometry(mass_policy=policy)
+    geometry = riemod.Geometry(mass_policy=policy, **({"mass": hyper["mass"]} if "mass" in hyper
+                                                      else {}))
     if fixed_lr is None:
       tx = riemod.certify.certified_layerwise_natural_gradient(geometry=geometry, **controller)
     else:
@@ -269,6 +277,11 @@ def run_digits(task: str, quick: bool, seeds, adaptive: bool = False) -> dict:
     if adaptive:
       trainers.append(certified_trainer(mlp_task, "riemod-certified-adaptive",
                                         dict(metric_keys, mass_policy="adaptive"), seed))
+    if tuned.get("mass_policy", "constant").startswith("kronecker"):
+      # The tuned run's mass policy declared, everything else at the certified defaults.
+      trainers.append(certified_trainer(
+          mlp_task, "riemod-certified-kronecker",
+          dict(metric_keys, mass_policy=tuned["mass_policy"], mass=tuned["mass"]), seed))
     trainers[0].name = "riemod-tuned"
     for t in trainers:
       r = _train(t, spec.num_steps, thresholds, spec.time_budget_s)
@@ -458,9 +471,10 @@ def write_markdown(out: Path) -> None:
            "Median over seeds 0, 1, 2. Seconds count step time only (evaluation excluded), "
            "to the threshold named per task. `riemod-tuned`: the task's tuned riemod; "
            "`riemod-certified`: `riemod.certify.certified_(layerwise_)natural_gradient` with "
-           "no learning rate and `riemod.Geometry()` defaults (mass 1e-2, no momentum, no clip, "
-           "no line search; the task's output metric and curvature batch); "
-           "`-adaptive`: the same with `riemod.masses.adaptive()`. Controller: "
+           "no learning rate, its default SPRING momentum 0.8 and `riemod.Geometry()` defaults "
+           "(mass 1e-2, no clip, no line search; the task's output metric and curvature batch); "
+           "`-adaptive`: the same with `riemod.masses.adaptive()`; `-kronecker`: the same with "
+           "the tuned run's Kronecker mass policy and mass declared. Controller: "
            f"`{CONTROLLER}`. kfac-jax rows: its adaptive mode, from "
            "`benchmarks/results/kfac_<task>.json` (an earlier run in its own environment, not "
            "re-run here; its step times are not comparable across loads).", ""]

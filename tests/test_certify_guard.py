@@ -101,6 +101,33 @@ def test_failed_certificate_rejects_the_step_and_raises_the_mass():
   assert float(loss_of(p)) < start
 
 
+def _set_momentum(state, value):
+  def visit(node):
+    if isinstance(node, riemod.MetricState):
+      return node._replace(momentum=jax.tree.map(lambda m: jnp.full_like(m, value), node.momentum))
+    return node
+  return jax.tree.map(visit, state, is_leaf=lambda n: isinstance(n, riemod.MetricState))
+
+
+def test_a_rejected_step_restarts_spring_momentum():
+  """The buffer enters the next direction as G^{-1} mu D phi -> mu phi as the mass grows, so the
+  guard's larger mass could not shorten a retried step that carries it: a rejection zeroes it,
+  an accepted step keeps its own."""
+  f, x, loss_fn, params, loss_of = _problem(weight=6.0)
+  for lr, rejected in ((1.5, True), (0.1, False)):
+    geometry = riemod.Geometry(mass=1e-3)
+    tx = guarded(riemod.layerwise_natural_gradient(lr, geometry=geometry, momentum=0.9), geometry)
+    state = _set_momentum(tx.init(params), 0.01)
+    _, state, update = _step(tx, f, x, loss_fn, loss_of)(params, state)
+    buffer = np.asarray(riemod.find_state(state, riemod.MetricState).momentum["w"])
+    assert (int(state.rejected_steps) == 1) == rejected
+    if rejected:
+      np.testing.assert_array_equal(buffer, 0.0)
+      np.testing.assert_array_equal(np.asarray(update["w"]), 0.0)
+    else:   # the step's own direction, which the buffer entered
+      assert np.all(buffer != 0.0) and np.all(buffer != 0.01)
+
+
 def test_guard_needs_value_and_value_fn():
   f, x, loss_fn, params, loss_of = _problem()
   tx = _guarded(0.5, 0.1)

@@ -228,6 +228,91 @@ def test_diverging_learning_rate_is_brought_back():
     assert float(st.learning_rate) == pytest.approx(1e-3)
 
 
+def _step_map_radius(geometry, learning_rate, momentum, f, x, loss_fn, params):
+  """Spectral radius of riemod's step map ``(w, phi) -> (w', phi')`` (affine here: a model
+  linear in its parameters on a fixed batch), from its Jacobian."""
+  flat, unravel = ravel_pytree(params)
+  n = flat.shape[0]
+  tx = riemod.layerwise_natural_gradient(learning_rate, geometry=geometry, momentum=momentum,
+                                         on_nonfinite="ignore", max_loss_growth=None)
+
+  def step_map(z):
+    p, state = unravel(z[:n]), tx.init(unravel(z[:n]))
+    if momentum is not None:
+      state = _with_momentum(state, unravel(z[n:]))
+    _, g, curv = riemod.value_grad_and_curvature(f, x, loss_fn, riemod.metrics.identity(),
+                                                 params=p)
+    u, state = tx.update(g, state, p, curvature=curv)
+    phi = riemod.find_state(state, riemod.MetricState).momentum
+    return jnp.concatenate([z[:n] + ravel_pytree(u)[0]]
+                           + ([] if momentum is None else [ravel_pytree(phi)[0]]))
+
+  z = flat if momentum is None else jnp.concatenate([flat, jnp.zeros_like(flat)])
+  jac = np.asarray(jax.jacfwd(step_map)(z))
+  return np.max(np.abs(np.linalg.eigvals(jac)))
+
+
+def _with_momentum(state, phi):
+  def visit(node):
+    return node._replace(momentum=phi) if isinstance(node, riemod.MetricState) else node
+  return jax.tree.map(visit, state, is_leaf=lambda n: isinstance(n, riemod.MetricState))
+
+
+def test_spring_momentum_is_stable_below_the_certified_edge():
+  """The certified rate needs no change for SPRING momentum: every eigenvalue ``z`` of the step
+  map (eigenvector ``x``) solves ``z^2 - z (1 + mu a - lr b) + mu a = 0`` with
+  ``a = x*Dx / x*Gx`` in [0, 1] and ``b = x*Hx / x*Gx <= lam_max(G^-1 H)``: heavy ball with
+  momentum ``mu a``, inside the unit disc whenever ``lr b < 2``. Checked on riemod's own step
+  map with the layerwise ``G``, which does not commute with ``H``."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(B, 3)) * np.array([3.0, 1.0, 0.3]))
+    t = jnp.asarray(rng.normal(size=(B, 2)))
+    # Two dense modules (two layerwise blocks), the model linear in its parameters.
+    f = lambda p, v: riemod.nn.dense(p["a"], v) + riemod.nn.dense(p["b"], jnp.tanh(v))
+    loss_fn = lambda y: 0.5 * jnp.mean(jnp.sum((y - t) ** 2, -1))
+    params = {k: {"kernel": jnp.asarray(rng.normal(size=(3, 2)))} for k in "ab"}
+    geometry = riemod.Geometry(mass=0.3)   # a mass of the order of the Gram's eigenvalues
+    _, g, curv = riemod.value_grad_and_curvature(f, x, loss_fn, riemod.metrics.identity(),
+                                                 params=params)
+    g_dense = _dense_g(geometry, curv, geometry.init(params), params)
+    h = _dense_h(f, x, loss_fn, params)
+    assert np.linalg.norm(g_dense @ h - h @ g_dense) > 0.1 * np.linalg.norm(h)  # not commuting
+    lam = scipy.linalg.eigh(h, g_dense, eigvals_only=True)[-1]
+    for mu in (None, 0.5, 0.9, 0.99):
+      radius = _step_map_radius(geometry, 0.99 * 2 / lam, mu, f, x, loss_fn, params)
+      assert radius < 1.0, (mu, radius)
+    # The edge is real: just past it the plain step diverges ...
+    assert _step_map_radius(geometry, 1.05 * 2 / lam, None, f, x, loss_fn, params) > 1.0
+    # ... and so does momentum past the heavy-ball edge 2 (1 + mu) / lam.
+    assert _step_map_radius(geometry, 1.05 * 2 * 1.5 / lam, 0.5, f, x, loss_fn, params) > 1.0
+
+
+def test_memory_keeps_the_rate_of_the_sharpest_recent_batch():
+  """With ``memory``, the rate is set from ``max(new estimate, memory * previous reference)``: a
+  flat batch after a sharp one does not raise the rate past what the sharp one allowed."""
+  with jax.enable_x64(True):
+    f, x, loss_fn, params = _least_squares()
+    n = ravel_pytree(params)[0].shape[0]
+    lams = []
+    for scale in (3.0, 1.0):   # the same model on a sharp batch (3x the inputs), then a flat one
+      h = _dense_h(f, scale * x, loss_fn, params)
+      _, _, curv = riemod.value_grad_and_curvature(f, scale * x, loss_fn,
+                                                   riemod.metrics.identity(), params=params)
+      geometry = riemod.Geometry(mass=100.0)   # so that lam_max follows the batch's scale
+      lams.append(scipy.linalg.eigh(h, _dense_g(geometry, curv, geometry.init(params), params),
+                                    eigvals_only=True)[-1])
+    assert lams[1] < 0.5 * lams[0]
+    for memory, reference in ((0.0, lams[1]), (0.5, max(lams[1], 0.5 * lams[0]))):
+      tx = certified_layerwise_natural_gradient(100.0, every=1, num_steps=n, memory=memory)
+      state = tx.init(params)
+      for scale in (3.0, 1.0):   # parameters kept: the curvature is that of each batch
+        _, state, *_ = _update(tx, state, f, scale * x, loss_fn, params)
+      np.testing.assert_allclose(float(state.lam_max), lams[1], rtol=1e-6)  # the latest estimate
+      np.testing.assert_allclose(float(state.edge_lam), reference, rtol=1e-6)
+      np.testing.assert_allclose(float(state.learning_rate), 2 * 0.5 / reference, rtol=1e-6)
+
+
 def test_full_hessian_option_matches_eigh_on_a_nonlinear_net():
   with jax.enable_x64(True):
     rng = np.random.default_rng(2)

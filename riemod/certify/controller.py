@@ -27,6 +27,18 @@ warm-started from the previous estimate's Ritz vector, kept in the state: the to
 moves slowly between estimates, so a few steps suffice. A Ritz value is a lower estimate of
 ``lam_max``; ``fraction < 1`` is the margin for that and for the change of ``lam_max`` between
 estimates. The estimate runs under ``jax.lax.cond``: steps without one pay only a comparison.
+Each estimate sees one batch, while the rate it sets serves the batches of the next ``every``
+steps; ``memory`` keeps the rate of the sharpest recent batch (the reference is the larger of
+the new estimate and ``memory`` times the previous reference).
+
+**Momentum keeps the edge.** With SPRING momentum ``phi_k = G^{-1}(g_k + mu D phi_{k-1})`` and
+``w_{k+1} = w_k - lr phi_k`` on the quadratic model, every eigenvalue ``z`` of the step map, with
+eigenvector ``x``, solves ``z^2 - z (1 + mu a - lr b) + mu a = 0`` where ``a = x^* D x / x^* G x``
+lies in ``[0, 1]`` and ``b = x^* H x / x^* G x <= lam_max`` (multiply the eigen-equation
+``(z - 1)(z G - mu D) x = -lr z H x`` by ``x^*``). That is heavy ball with momentum
+``mu a`` and step ``lr b``, whose roots lie in the unit disc for ``0 < lr b < 2 (1 + mu a)``. So
+``lr < 2 / lam_max`` certifies the step with any ``mu`` in ``[0, 1)``, although ``G`` and ``H``
+need not commute; the certified aliases use ``momentum=0.8`` by default.
 
 References:
   Pehle & Slotine, *Riemannian Optimization in Modular Systems* (arXiv 2603.03610), sec. 5
@@ -68,6 +80,8 @@ class ControllerState(NamedTuple):
     inner_state: the wrapped transform's state.
     smoothed_value: a moving average of the loss ``value=`` (weight ``1 - SMOOTHING`` on the
       newest; ``NaN`` until a first value), the reference of the loss-rise recheck.
+    edge_lam: the ``lam_max`` the rate is set from: the largest recent estimate, each older one
+      discounted by ``memory`` per estimate since (``NaN`` before the first).
   """
 
   count: jax.Array
@@ -77,6 +91,7 @@ class ControllerState(NamedTuple):
   vector: Any
   inner_state: Any
   smoothed_value: jax.Array
+  edge_lam: jax.Array
 
 
 # The recheck compares the batch loss with a moving average of the batch losses, not with the
@@ -84,8 +99,10 @@ class ControllerState(NamedTuple):
 # previous-batch rule estimated on 174-203 of 600 digits-MLP steps (benchmarks/results/
 # tuning_free.md at 17c7241), 2-3x its schedule, while a step past the edge grows the loss
 # geometrically and passes any fixed multiple of the average within a few steps. The defaults
-# every=20, recheck_rise=2 come from the controller table of benchmarks/task_tuning_free.py
-# (tuning seeds): the same steps to the threshold as every=10, rise 1.5, with fewer estimates.
+# (every=30, recheck_rise=2, memory=0.8, and momentum 0.8 in the certified aliases) come from the
+# controller table of benchmarks/task_tuning_free.py (tuning seeds 100-103, digits MLP): the
+# estimates of single batches scatter widely late in training, and with memory=0 a flat batch's
+# estimate raised the rate until the next batch's loss rose and forced a recheck.
 SMOOTHING = 0.9
 
 
@@ -98,10 +115,11 @@ def controlled(
     geometry: Geometry,
     *,
     fraction: float = 0.5,
-    every: int = 20,
+    every: int = 30,
     warmup: int | None = None,
     recheck_rise: float | None = 2.0,
     num_steps: int = 5,
+    memory: float = 0.8,
     hessian: str = "gauss_newton",
     learning_rate: optax.ScalarOrSchedule | None = None,
     max_learning_rate: float | None = None,
@@ -133,6 +151,9 @@ def controlled(
       step past the edge shows as a rising loss, and the curvature may have grown since the last
       estimate (``None``: off).
     num_steps: Lanczos steps per estimate (>= 1; warm-started, so a few suffice).
+    memory: in ``[0, 1)``: the rate is set from ``max(new estimate, memory * the previous
+      reference)``, so one flat batch does not raise the rate for all the steps to come, whose
+      batches may be as sharp as the earlier ones (0: the latest estimate alone).
     hessian: ``"gauss_newton"`` (default, see the module docs) or ``"full"``.
     learning_rate: ``None`` (default: no learning rate, the certified one) or a number/schedule
       capped at the certified rate.
@@ -175,6 +196,9 @@ def controlled(
     raise ValueError(f"recheck_rise={recheck_rise!r}: a loss ratio > 1 (e.g. 1.5) or None.")
   if not isinstance(num_steps, int) or num_steps < 1:
     raise ValueError(f"num_steps={num_steps!r}: Lanczos steps per estimate, an int >= 1 (e.g. 5).")
+  if not (isinstance(memory, (int, float)) and 0 <= memory < 1):
+    raise ValueError(f"memory={memory!r}: the discount per estimate of earlier estimates, in "
+                     "[0, 1) (0: the latest estimate alone).")
   if hessian not in HESSIANS:
     raise ValueError(f"hessian={hessian!r}: use one of {HESSIANS}.")
   if max_learning_rate is not None and not max_learning_rate > 0:
@@ -190,7 +214,7 @@ def controlled(
     vector = gaussian_like(jax.random.key(seed), params)
     return ControllerState(jnp.zeros((), jnp.int32), jnp.zeros((), dtype),
                            jnp.full((), jnp.nan, dtype), jnp.zeros((), jnp.int32), vector, state,
-                           jnp.full((), jnp.nan, dtype))
+                           jnp.full((), jnp.nan, dtype), jnp.full((), jnp.nan, dtype))
 
   def estimate(params, curvature, inner_state, vector, apply_fn, loss_fn, dtype):
     flat, unravel = ravel_pytree(params)
@@ -240,7 +264,9 @@ def controlled(
     valid = jnp.isfinite(lam) & (lam > 0)
     vector = jax.tree.map(lambda new, old: jnp.where(valid, new, old), vector, state.vector)
     lam = jnp.where(valid, lam, state.lam_max)
-    certified = jnp.where(valid, 2.0 * fraction / jnp.where(valid, lam, 1.0), state.learning_rate)
+    # fmax: the first estimate (reference NaN) is taken as it is.
+    edge = jnp.where(valid & due, jnp.fmax(lam, memory * state.edge_lam), state.edge_lam)
+    certified = jnp.where(valid, 2.0 * fraction / jnp.where(valid, edge, 1.0), state.learning_rate)
     lr = certified
     if learning_rate is not None:
       lr = jnp.minimum(lr, jnp.asarray(_schedule_value(learning_rate, state.count), dtype))
@@ -250,35 +276,37 @@ def controlled(
     step = jax.tree.map(lambda s: (lr * s).astype(s.dtype), step)
     return step, ControllerState(state.count + 1, lr, lam,
                                  state.estimates + due.astype(jnp.int32), vector, inner_state,
-                                 smoothed)
+                                 smoothed, edge)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _certified(structure, builder, mass, geometry, fraction, every, warmup, recheck_rise,
-               num_steps, hessian, learning_rate, max_learning_rate, momentum, on_nonfinite,
-               max_error):
+               num_steps, memory, hessian, learning_rate, max_learning_rate, momentum,
+               on_nonfinite, max_error):
   geometry = alias_geometry(structure, mass, geometry)
   inner = builder(1.0, geometry=geometry, momentum=momentum, on_nonfinite=on_nonfinite,
                   max_error=max_error)
   return controlled(inner, geometry, fraction=fraction, every=every, warmup=warmup,
-                    recheck_rise=recheck_rise, num_steps=num_steps,
+                    recheck_rise=recheck_rise, num_steps=num_steps, memory=memory,
                     hessian=hessian, learning_rate=learning_rate,
                     max_learning_rate=max_learning_rate)
 
 
 def certified_layerwise_natural_gradient(
     mass: optax.ScalarOrSchedule | None = None, *, geometry: Geometry | None = None,
-    fraction: float = 0.5, every: int = 20, warmup: int | None = None,
-    recheck_rise: float | None = 2.0, num_steps: int = 5, hessian: str = "gauss_newton",
+    fraction: float = 0.5, every: int = 30, warmup: int | None = None,
+    recheck_rise: float | None = 2.0, num_steps: int = 5, memory: float = 0.8,
+    hessian: str = "gauss_newton",
     learning_rate: optax.ScalarOrSchedule | None = None, max_learning_rate: float | None = None,
-    momentum: float | None = None, on_nonfinite: str = "error",
+    momentum: float | None = 0.8, on_nonfinite: str = "error",
     max_error: float | None = 1e-2) -> optax.GradientTransformationExtraArgs:
   """:func:`riemod.layerwise_natural_gradient` with no learning rate: the certified one.
 
   ``controlled(layerwise_natural_gradient(1.0, geometry=geometry, ...), geometry, ...)``; the
   arguments are those of the two (``mass=`` is shorthand for ``geometry=riemod.Geometry(mass)``,
-  default 1e-2). ``update`` needs ``curvature=``, ``apply_fn=`` and ``loss_fn=`` (see
+  default 1e-2), with SPRING ``momentum=0.8`` by default (the certified rate holds with momentum;
+  see the module docs). ``update`` needs ``curvature=``, ``apply_fn=`` and ``loss_fn=`` (see
   :func:`controlled`).
 
   Example:
@@ -290,16 +318,17 @@ def certified_layerwise_natural_gradient(
     0.0
   """
   return _certified("layerwise", layerwise_natural_gradient, mass, geometry, fraction, every,
-                    warmup, recheck_rise, num_steps, hessian, learning_rate, max_learning_rate,
-                    momentum, on_nonfinite, max_error)
+                    warmup, recheck_rise, num_steps, memory, hessian, learning_rate,
+                    max_learning_rate, momentum, on_nonfinite, max_error)
 
 
 def certified_natural_gradient(
     mass: optax.ScalarOrSchedule | None = None, *, geometry: Geometry | None = None,
-    fraction: float = 0.5, every: int = 20, warmup: int | None = None,
-    recheck_rise: float | None = 2.0, num_steps: int = 5, hessian: str = "gauss_newton",
+    fraction: float = 0.5, every: int = 30, warmup: int | None = None,
+    recheck_rise: float | None = 2.0, num_steps: int = 5, memory: float = 0.8,
+    hessian: str = "gauss_newton",
     learning_rate: optax.ScalarOrSchedule | None = None, max_learning_rate: float | None = None,
-    momentum: float | None = None, on_nonfinite: str = "error",
+    momentum: float | None = 0.8, on_nonfinite: str = "error",
     max_error: float | None = 1e-2) -> optax.GradientTransformationExtraArgs:
   """:func:`riemod.natural_gradient` (whole-network ``G``) with the certified learning rate.
 
@@ -311,5 +340,5 @@ def certified_natural_gradient(
     >>> state = tx.init({"w": jnp.zeros((3, 2))})
   """
   return _certified("full", natural_gradient, mass, geometry, fraction, every, warmup,
-                    recheck_rise, num_steps, hessian, learning_rate, max_learning_rate, momentum,
-                    on_nonfinite, max_error)
+                    recheck_rise, num_steps, memory, hessian, learning_rate, max_learning_rate,
+                    momentum, on_nonfinite, max_error)
