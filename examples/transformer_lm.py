@@ -11,7 +11,13 @@ context length.
 
 Run: ``python examples/transformer_lm.py [--steps N] [--out DIR]`` (a few minutes on two CPU
 cores). Writes the validation curve and a sample of generated text to
-``DIR/transformer_lm.{json,md}`` (default ``riemod-output/transformer_lm``).
+``DIR/transformer_lm.{json,md}`` (default ``riemod-output/transformer_lm``); ``--optimizer adamw``
+trains the same model on the same batches with AdamW (lr 3e-3) into ``transformer_lm_adamw.*``.
+
+Measured (defaults, seed 0, 600 steps, a shared 2-core CPU at load 2.4-4.8, one run each): riemod
+(lr 0.01, adaptive mass 30, momentum 0.9) reaches validation loss 1.863 at step 300 and 1.658 at
+600; AdamW 1.894 and 1.656. riemod is ahead per step until step 500 (1.664 against 1.697) and level
+at 550-600, but its step costs ~4x AdamW's (447 s against 104 s of step time for the 600 steps).
 """
 
 from __future__ import annotations
