@@ -34,6 +34,10 @@ The one-block structure (``--one-block``, :func:`one_block`): ``riemod.natural_g
 ``structure="full"`` on the same models, the ``d x d`` kernel assembled by every device
 (``replicated``) or in slabs of ``d / devices`` rows, one per device, joined by an all-gather
 (``sharded``); the Cholesky factorisation is replicated in both.
+
+The transformer (``--transformer``, :func:`transformer`): the model of ``examples/transformer_lm.py``,
+small (:data:`TRANSFORMER`), with the example's per-token sampled Fisher and adaptive mass, both
+structures, replicated against spread (layerwise) and sharded (one block).
 """
 
 from __future__ import annotations
@@ -336,6 +340,150 @@ def one_block_report(rows: list[dict]) -> str:
   return text
 
 
+# The transformer of examples/transformer_lm.py, small: (vocabulary, width, heads, depth, context),
+# sequences per batch.
+TRANSFORMER = ((64, 64, 4, 2, 32), 16)
+
+
+def _child_transformer(devices: int) -> dict:
+  """Both structures on examples/transformer_lm.py's model: replicated against spread (layerwise)
+  and against the kernel in slabs (one block)."""
+  import importlib.util
+
+  import jax
+  import numpy as np
+  import optax
+  from flax import nnx
+  from jax.sharding import Mesh
+  from jax.sharding import PartitionSpec as P
+
+  import riemod
+  from benchmarks.harness import time_interleaved
+  from riemod.curvature import _mesh
+
+  spec = importlib.util.spec_from_file_location(
+      "transformer_lm", Path(__file__).resolve().parents[1] / "examples" / "transformer_lm.py")
+  lm = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(lm)
+  (vocab, width, heads, depth, context), batch = TRANSFORMER
+  graphdef, params = nnx.split(lm.CharLM(vocab, width=width, heads=heads, depth=depth,
+                                         context=context))
+  rng = np.random.default_rng(0)
+  x, y = (np.asarray(rng.integers(0, vocab, (batch, context))) for _ in range(2))
+  metric, key = riemod.metrics.sampled_softmax_fisher(1), jax.random.key(0)
+  mesh = Mesh(np.array(jax.devices()), ("batch",))
+  out = {}
+  for structure, scheme in (("layerwise", "spread"), ("full", "sharded")):
+    # The example's geometry (adaptive mass, SPRING momentum), without its schedule and clip.
+    make = riemod.layerwise_natural_gradient if structure == "layerwise" else riemod.natural_gradient
+    tx = make(0.01, geometry=riemod.Geometry(mass=30.0, structure=structure,
+                                             mass_policy=riemod.masses.adaptive(0.99)),
+              momentum=0.9, on_nonfinite="ignore")
+    state = tx.init(params)
+
+    def step(p, s, x, y, axis_name, keep_axes=True):
+      loss, grads, curv = riemod.value_grad_and_curvature(
+          nnx.merge(graphdef, p), x, lambda logits: lm.cross_entropy(logits, y), metric, key=key,
+          axis_name=axis_name)
+      if not keep_axes:  # every device factors (and assembles) everything
+        curv = dataclasses.replace(curv, axis_name=())
+      updates, s = tx.update(grads, s, p, curvature=curv)
+      return optax.apply_updates(p, updates), s, loss
+
+    def mapped(keep_axes):
+      return jax.jit(jax.shard_map(lambda p, s, x, y: step(p, s, x, y, "batch", keep_axes),
+                                   mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")),
+                                   out_specs=(P(), P(), P())))
+
+    programs = {"one_device": (jax.jit(lambda p, s, x, y: step(p, s, x, y, None)),
+                               (params, state, x, y)),
+                "replicated": (mapped(False), (params, state, x, y)),
+                scheme: (mapped(True), (params, state, x, y))}
+    recipes, diff = _compiled(programs)
+    # The sampled Fisher draws with the key folded with the device's index: one device's rows
+    # are other draws, so only the two mapped schemes are compared.
+    row = {"recipes": recipes, "max_relative_difference": diff(scheme, "replicated")}
+    timed = time_interleaved(programs, rounds=5, burst=3, reference="replicated")
+    for recipe, entry in timed.items():
+      row["recipes"][recipe].update(entry)
+    curv = jax.eval_shape(lambda p: riemod.value_grad_and_curvature(
+        nnx.merge(graphdef, p), x, lambda logits: lm.cross_entropy(logits, y), metric,
+        key=key)[2], params)
+    factors = [m.factor for m in curv.modules if m.factor is not None]
+    d = curv.num_rows
+    if structure == "layerwise":
+      costs = [_mesh.factorisation_flops(f.num_params, d, "parameter" if f.num_params < d
+                                         else "sample") for f in factors]
+      owner = _mesh.assign(costs, devices)
+      row["blocks"] = len(costs)
+      row["flops_per_device"] = {
+          "replicated": sum(costs),
+          scheme: max(sum(c for c, o in zip(costs, owner) if o == j) for j in range(devices))}
+    else:
+      # Rows of the d x d kernel each device assembles; the factorisation is replicated.
+      row["kernel_rows_per_device"] = {"replicated": d, scheme: d // devices}
+    row["d"] = d
+    out[structure] = row
+  return {"devices": devices, "models": out, "load_before_after": [os.getloadavg()[0]]}
+
+
+def transformer() -> None:
+  """The transformer rows. Run: ``python -m benchmarks.bench_multidevice --transformer`` ->
+  ``results/multidevice_transformer.{json,md}``."""
+  _measure("--child-transformer", "multidevice_transformer", transformer_report)
+
+
+def transformer_report(rows: list[dict]) -> str:
+  """The results page from the rows of ``multidevice_transformer.json``."""
+  (vocab, width, heads, depth, context), batch = TRANSFORMER
+  loads = [f"{l:.1f}" for row in rows for l in row["load_before_after"]]
+  first = rows[0]["models"]
+  text = (
+      "# Multi-device step: the transformer of examples/transformer_lm.py\n\n"
+      f"`CharLM` with vocabulary {vocab}, width {width}, {heads} heads, {depth} blocks, context "
+      f"{context}; batch {batch} sequences of random ids; per-token sampled softmax Fisher with "
+      f"one probe per sequence (`d = {first['layerwise']['d']}` rows), adaptive mass 30, SPRING "
+      "momentum 0.9, float32, on forced host devices of a 2-core CPU. Layerwise: "
+      f"{first['layerwise']['blocks']} blocks, factored by every device ('replicated') or each "
+      "on one ('spread'; 'factorisation MFLOP per device' analytic as in multidevice.md, the "
+      "most loaded device). One block (`structure=\"full\"`): the kernel assembled whole by "
+      "every device ('replicated') or in slabs of `d / devices` rows ('sharded'), factored by "
+      "every device. Collectives from the compiled HLO. Step times: medians of 5 interleaved "
+      "rounds of 3 steps, 'vs replicated' the median ratio to the replicated step of the same "
+      "structure in the same round (range over rounds). The sampled rows are drawn per device "
+      "(the key folded with the device's index), so the mapped steps are compared with each "
+      "other, not with one device. The devices share two cores: the times measure total work "
+      f"and overhead, not a speed-up. Load averages (1 min) around the runs: {', '.join(loads)}."
+      "\nReproduce: `python -m benchmarks.bench_multidevice --transformer`.\n\n"
+      "| structure | devices | scheme | work per device | all-gathers | KiB all-gathered | "
+      "all-reduces | KiB all-reduced | step time (ms) | vs replicated | parameters vs "
+      "replicated |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+  for structure, scheme in (("layerwise", "spread"), ("full", "sharded")):
+    for row in rows:
+      model = row["models"][structure]
+      for recipe in ("one_device", "replicated", scheme):
+        if recipe == "one_device" and row is not rows[0]:
+          continue
+        r = model["recipes"][recipe]
+        c = r["collectives"]
+        if structure == "layerwise":
+          work = model["flops_per_device"]["replicated" if recipe == "one_device" else recipe]
+          work = f"{work / 1e6:.2f} MFLOP"
+        else:
+          work = model["kernel_rows_per_device"]["replicated" if recipe == "one_device"
+                                                 else recipe]
+          work = f"{work} of {model['d']} kernel rows"
+        same = (f"{model['max_relative_difference']:.1e}" if recipe == scheme else "")
+        devices = 1 if recipe == "one_device" else row["devices"]
+        text += (
+            f"| {structure} | {devices} | {recipe.replace('_', ' ')} | {work} | "
+            f"{c['all-gather']['count']} | {c['all-gather']['bytes'] / 1024:.1f} | "
+            f"{c['all-reduce']['count']} | {c['all-reduce']['bytes'] / 1024:.1f} | "
+            f"{1e3 * r['median_seconds']:.1f} | {r['ratio']:.2f} "
+            f"({r['ratio_spread'][0]:.2f}-{r['ratio_spread'][1]:.2f}) | {same} |\n")
+  return text
+
+
 def _table(rows: list[dict], name: str) -> str:
   lines = [
       "| devices | recipe | factorisation GFLOP per device (max) | all-gathers | KiB all-gathered "
@@ -470,8 +618,12 @@ if __name__ == "__main__":
     print(json.dumps(_child(int(sys.argv[2]))))
   elif len(sys.argv) == 3 and sys.argv[1] == "--child-one-block":
     print(json.dumps(_child_one_block(int(sys.argv[2]))))
+  elif len(sys.argv) == 3 and sys.argv[1] == "--child-transformer":
+    print(json.dumps(_child_transformer(int(sys.argv[2]))))
   elif sys.argv[1:] == ["--one-block"]:
     one_block()
+  elif sys.argv[1:] == ["--transformer"]:
+    transformer()
   elif sys.argv[1:] == ["--assembly"]:
     assembly()
   else:
