@@ -267,6 +267,13 @@ def assembled_kernel(factors, inv_masses, axes: tuple) -> jax.Array:
     factors: the block's factors (all with the same ``R x B`` rows).
     inv_masses: per factor ``{leaf name: 1 / mass}``.
     axes: the mapped axes the rows were gathered over (``curvature.axis_name``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from riemod.curvature.factors import RowsFactor
+    >>> f = RowsFactor({"w": jnp.ones((1, 4, 3))})  # R = 1 factor row, B = 4 samples
+    >>> assembled_kernel([f], [{"w": jnp.asarray(0.5)}], axes=()).tolist()[0]  # not mapped
+    [1.5, 1.5, 1.5, 1.5]
   """
   whole = lambda: sum(f.gram(m) for f, m in zip(factors, inv_masses))
   if not bound(axes) or size(axes) < 2:

@@ -114,9 +114,10 @@ class DenseFactor:
       return (c_left.reshape(r * s, -1) @ flat_c.T) * jnp.tile(weight, (r, r))
     else:
       fan_in, fan_out = self.structure.fan_in, self.structure.fan_out
-      # Position-summed Hadamard costs d^2 P^2 (in + out); materialised rows cost d P in out
-      # to form and d^2 in out to multiply.
-      if self.num_rows * p * p * (fan_in + fan_out) <= (p + self.num_rows) * fan_in * fan_out:
+      # For d' of the d rows (d' = d for the whole kernel): position-summed Hadamard costs
+      # d' d P^2 (in + out); materialised rows cost d P in out to form (all of them: the right
+      # operand) and d' d in out to multiply.
+      if r * s * p * p * (fan_in + fan_out) <= (p + r * s) * fan_in * fan_out:
         kernel = inv_mass["kernel"] * jnp.einsum("bpi,cqi,rbpf,ucqf->rbuc", x_left, x, c_left,
                                                  c, optimize=True)
       else:
