@@ -196,7 +196,7 @@ def main(argv=None):
   parser.add_argument("--optimizer", choices=("riemod", "adamw"), default="riemod",
                       help="riemod, or AdamW (weight decay 0.01) on the same batches for comparison")
   parser.add_argument("--learning-rate", type=float, default=None,
-                      help="learning rate (default: 0.01 for riemod, 3e-3 for AdamW)")
+                      help="learning rate (None: 0.01 for riemod, 3e-3 for AdamW)")
   parser.add_argument("--mass", type=float, default=30.0, help="riemod's (adaptive) mass")
   parser.add_argument("--momentum", type=float, default=0.9, help="riemod's SPRING momentum")
   parser.add_argument("--eval-every", type=int, default=50, help="steps between validations")
