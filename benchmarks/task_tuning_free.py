@@ -360,9 +360,9 @@ def run_pinn(quick: bool, seeds, adaptive: bool = False) -> dict:
   chosen = json.loads((RESULTS / "engd-poisson.json").read_text())["chosen"]
   tuned = dict(chosen["hyperparameters"])
 
-  def certified(name, policy, guard=False):
+  def certified(name, policy, guard=False, **options):
     geometry = riemod.Geometry(structure="full", mass_policy=policy)
-    tx = riemod.certify.certified_natural_gradient(geometry=geometry)
+    tx = riemod.certify.certified_natural_gradient(geometry=geometry, **options)
     if guard:
       tx = riemod.certify.guarded(tx, geometry)
     metric = riemod.metrics.identity()
@@ -388,7 +388,10 @@ def run_pinn(quick: bool, seeds, adaptive: bool = False) -> dict:
   machine = harness.machine_info()
   tuned_trainer = engd.trainer("riemod", tuned, prob, cache)
   trainers = [tuned_trainer, certified("riemod-certified", riemod.masses.constant()),
-              certified("riemod-certified+guard", riemod.masses.constant(), guard=True)]
+              certified("riemod-certified+guard", riemod.masses.constant(), guard=True),
+              # The default momentum against none: Gauss-Newton steps at the certified lr ~ 1.
+              certified("riemod-certified+guard, no momentum", riemod.masses.constant(),
+                        guard=True, momentum=None)]
   if adaptive:
     trainers.append(certified("riemod-certified-adaptive", riemod.masses.adaptive()))
   runs = []

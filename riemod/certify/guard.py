@@ -229,8 +229,7 @@ def guarded(
                                state.inner_state)
     # A rejected step also restarts SPRING momentum: the buffer enters the next direction as
     # G^{-1} mu D phi, which tends to mu phi as the mass grows, so a raised mass alone would not
-    # shorten the retried step (with momentum 0.8 on the PINN of benchmarks/task_tuning_free.py
-    # the guard then rejected 189-199 of 200 steps at its largest mass scale).
+    # shorten the retried step (tests/test_certify_guard.py; docs/benchmarks.md, the PINN).
     inner_state = _restart_momentum(inner_state, accept)
     return step, GuardState(state.rejected_steps + (~accept).astype(jnp.int32),
                             state.adapted_steps + (new_scale != scale).astype(jnp.int32),
