@@ -212,7 +212,8 @@ def _run_digits(args, results: dict, saved: list, out: pathlib.Path):
   certified = _certified_step(trainers["riemod"]["state"])
   print(f"riemod's certified step size at the end: lr = {certified['learning_rate']:.4g} "
         f"= {DEMO_RIEMOD['controller']['fraction']} x 2/lam_max, lam_max(G^-1 H_GN) = "
-        f"{certified['lam_max']:.4g} ({certified['estimates']} estimates in {args.steps} steps; "
+        f"{certified['edge_lam']:.4g} (the sharpest recent estimate; the latest "
+        f"{certified['lam_max']:.4g}; {certified['estimates']} estimates in {args.steps} steps; "
         "no learning rate was given)")
   results.update(settings=dict(riemod=DEMO_RIEMOD, adam=DEMO_ADAM, steps=args.steps,
                                batch=args.batch, seed=args.seed), results=rows,
@@ -393,12 +394,13 @@ def _plot(trainers: dict, path: pathlib.Path) -> pathlib.Path | None:
 
 
 def _certified_step(state) -> dict:
-  """The controller's last learning rate, its ``lam_max`` estimate and the estimates taken."""
+  """The controller's last learning rate, the ``lam_max`` it is set from (``edge_lam``: the
+  sharpest recent estimate), the latest estimate and the estimates taken."""
   import riemod
 
   c = riemod.find_state(state, riemod.certify.ControllerState)
-  return dict(learning_rate=float(c.learning_rate), lam_max=float(c.lam_max),
-              estimates=int(c.estimates))
+  return dict(learning_rate=float(c.learning_rate), edge_lam=float(c.edge_lam),
+              lam_max=float(c.lam_max), estimates=int(c.estimates))
 
 
 def _print_certificate(trainer: dict, x, y, dataset_size: int) -> None:
