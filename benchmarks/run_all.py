@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = {
     "digits-mlp": "benchmarks.task_digits_mlp",
     "digits-autoencoder": "benchmarks.task_digits_autoencoder",
+    "digits-cnn": "benchmarks.task_digits_cnn",
     "poisson-pinn": "benchmarks.task_poisson_pinn",
     "engd-poisson": "benchmarks.task_engd_poisson",
     "poisson5d": "benchmarks.task_poisson5d",
