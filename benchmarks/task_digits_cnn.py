@@ -10,8 +10,10 @@ Every run stops after ``BUDGET_S`` seconds of step time (evaluation excluded), t
 every optimizer: the final values are those at equal wall time. Measured: test accuracy at that
 time, final full-training-set loss, steps and seconds until the training loss first drops below
 0.05 (evaluated every ``EVAL_EVERY`` steps), median step time and the interleaved step-time ratio
-to Adam. Tuning score: the training loss at the end of the budget (the test set is never used to
-choose hyperparameters).
+to Adam. Tuning score: seconds of step time to the training-loss threshold (runs that never reach
+it score ``BUDGET_S * (1 + final loss)``); the test set is never used to choose hyperparameters.
+The final training loss is no score here: within the budget every setting drives it to float32
+round-off (1e-8 to exactly 0.0 in the first full run), so it ranks noise.
 
 Target (issue 13): riemod's test accuracy at equal wall time at least Adam's.
 """
@@ -115,17 +117,22 @@ class CNNTask(mlp.MLPTask):
 def spec(quick: bool = False) -> protocol.TaskSpec:
   budget = 5.0 if quick else BUDGET_S
   task = CNNTask(NUM_STEPS)
+
+  def score(r):
+    hit = r["thresholds"][f"train_loss<{THRESHOLD:g}"]["seconds"]
+    return hit if hit is not None else budget * (1 + r["final"]["train_loss"])
+
   return protocol.TaskSpec(
       name=NAME, num_steps=NUM_STEPS, grids=QUICK_GRIDS if quick else GRIDS,
       make_trainer=task.trainer, thresholds={"train_loss": [THRESHOLD]},
-      score=lambda r: r["final"]["train_loss"], final_keys=["train_loss", "test_accuracy"],
+      score=score, final_keys=["train_loss", "test_accuracy"],
       plots=[("test_accuracy", "seconds"), ("train_loss", "seconds")], eval_every=EVAL_EVERY,
       time_budget_s=budget,
       notes=f"Every run stops after {budget:g} s of step time (equal wall time; the step count "
             f"{NUM_STEPS} is only a cap): the final values are those at equal wall time. "
             "Training loss on the full 1500-sample training set, test accuracy on the 297 "
             f"held-out digits, both evaluated every {EVAL_EVERY} steps (not timed). Tuning score: "
-            "the final training loss. The 8x8 digits stand in for MNIST-1D (not installed, no "
+            f"seconds to training loss < {THRESHOLD:g}. The 8x8 digits stand in for MNIST-1D (not installed, no "
             "network).")
 
 
