@@ -67,6 +67,10 @@ class MLPTask:
     self._cache: dict[str, Any] = {}
     self._eval = jax.jit(lambda p: eval_fn(self.apply, p, self))
 
+  def model(self, seed: int):
+    """The initial model of ``seed`` (subclasses with another architecture override it)."""
+    return build_model(self.sizes, self.activations, seed)
+
   def apply(self, params, x):
     return nnx.merge(self.graphdef, params)(x)
 
@@ -106,7 +110,7 @@ class MLPTask:
   def trainer(self, opt: str, hyper: dict[str, Any], seed: int) -> harness.Trainer:
     tx, step = self._compiled(opt, hyper)
     table = problems.batch_table(seed, self.x_train.shape[0], self.batch_size, self.num_steps)
-    _, params0 = nnx.split(build_model(self.sizes, self.activations, seed))
+    _, params0 = nnx.split(self.model(seed))
     seed_arr = jnp.asarray(seed, jnp.uint32)
 
     def init():

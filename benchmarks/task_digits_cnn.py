@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks import harness, mlp, problems, protocol
+from benchmarks import mlp, problems, protocol
 
 NAME = "digits-cnn"
 THRESHOLD = 0.05
@@ -85,7 +85,7 @@ class CNNTask(mlp.MLPTask):
     self.y_train, self.y_test = jnp.asarray(y_train), jnp.asarray(y_test)
     self.loss, self.targets = mlp.cross_entropy, "labels"
     self.num_steps, self.batch_size = num_steps, batch_size
-    self.graphdef, _ = nnx.split(CNN(nnx.Rngs(0)))
+    self.graphdef, _ = nnx.split(self.model(0))
     self._cache: dict[str, Any] = {}
     self._eval = jax.jit(self._metrics)
 
@@ -94,24 +94,8 @@ class CNNTask(mlp.MLPTask):
     acc = jnp.mean(jnp.argmax(self.apply(params, self.x_test), -1) == self.y_test)
     return {"train_loss": train, "test_accuracy": acc}
 
-  def trainer(self, opt: str, hyper: dict[str, Any], seed: int) -> harness.Trainer:
-    tx, step = self._compiled(opt, hyper)
-    table = problems.batch_table(seed, self.x_train.shape[0], self.batch_size, self.num_steps)
-    _, params0 = nnx.split(CNN(nnx.Rngs(seed)))
-    seed_arr = jnp.asarray(seed, jnp.uint32)
-
-    def init():
-      return params0, tx.init(params0)
-
-    def one_step(state, i):
-      params, opt_state, loss = step(state[0], state[1], table[i % len(table)],
-                                     jnp.asarray(i, jnp.int32), seed_arr)
-      return (params, opt_state), loss
-
-    def evaluate(state):
-      return {k: float(v) for k, v in self._eval(state[0]).items()}
-
-    return harness.Trainer(opt, hyper, init, one_step, evaluate)
+  def model(self, seed: int):
+    return CNN(nnx.Rngs(seed))
 
 
 def spec(quick: bool = False) -> protocol.TaskSpec:

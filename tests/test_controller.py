@@ -28,7 +28,8 @@ B = 16
 
 # --------------------------------------------------------------------------- least squares
 def _least_squares(seed=0):
-  """A linear model with two parameter leaves (so the layerwise G has two blocks): H = H_GN."""
+  """A linear model with two parameter leaves (one generic module, so the layerwise G is one
+  block here; the momentum test builds two dense modules): H = H_GN."""
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.normal(size=(B, 3)) * np.array([3.0, 1.0, 0.3]))
   t = jnp.asarray(rng.normal(size=(B, 2)))
