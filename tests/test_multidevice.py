@@ -8,7 +8,9 @@ the whole batch, and the sharded parameters and optimizer state (with the step r
 back from every device, not from one. With the layerwise structure the blocks are factored on
 different devices: a five-block network checks the step and, in the compiled program, that no
 factorisation runs on every device and each runs in its owner's branch only; with the one-block
-structure every device assembles only its d / devices rows of the kernel. The float64 steps
+structure every device assembles only its d / devices rows of the kernel. The Kronecker mass's
+statistics come from each device's own samples joined by one all-reduce, and each module's factor
+refresh runs on one device (both read off the compiled program). The float64 steps
 of every frontend and structure and the refusals run by default; float32, the
 per-device curvature_batch, per-device models and jax.jit on a sharded float32 batch are marked
 slow (a second subprocess, ``make test-slow``).
@@ -48,8 +50,15 @@ XLA_FLAGS = (f"--xla_force_host_platform_device_count={DEVICES} "
 # is mass * sqrt(v), v the gradient's second moment: at mass 1e-3 three steps differed (measured)
 # by 1.3e-10 relative (round-off of the averaged gradient, amplified by cond(G)); at mass 1 the
 # comparison measures the sharding.
-MASS_POLICIES = (("nnx", "layerwise", "kronecker"), ("linen", "full", "adaptive"))
+MASS_POLICIES = (("nnx", "layerwise", "kronecker"), ("linen", "full", "adaptive"),
+                 ("linen", "full", "kronecker"), ("function", "layerwise", "kronecker2"))
 POLICY_MASS = 1.0
+# The Kronecker mass in the default part: statistics from each device's samples joined by one
+# all-reduce, refreshes spread over the devices; refactored every second step, so the three steps
+# take the refresh (spread, under the refresh's conditional), keep the factors, and refresh again.
+KRONECKER = ("nnx", "layerwise", "kronecker2")
+# NNX's two dense layers: (1 + fan_in, fan_out) of the Kronecker factors, 16 samples of 3 rows.
+KRONECKER_FACTORS = ((5, 6), (7, 3))
 # Five dense layers (fan_in, fan_out): five layerwise blocks of unequal cost on four devices.
 DEEP = ((4, 6), (6, 5), (5, 7), (7, 3), (3, 3))
 # At mass 1e-3 this network's blocks reach cond(G) ~ 2e5 and three steps move the parameters by
@@ -89,9 +98,51 @@ def kernel_dots(hlo: str, rows: int, devices: int) -> dict:
           "slab": _placed(hlo, devices, shaped((rows // devices, rows)))["every_device"]}
 
 
-def _placed(hlo: str, devices: int, matches) -> dict:
+def kronecker_refreshes(hlo: str, devices: int) -> dict:
+  """Cholesky factorisations of the Kronecker factors' sizes (:data:`KRONECKER_FACTORS`; no
+  layerwise block of the NNX net has those sizes), placed as by :func:`factorisations` but also
+  counted inside other conditionals (the refresh runs under ``lax.cond(refresh, ...)``)."""
+  sizes = {n for pair in KRONECKER_FACTORS for n in pair}
+  def matches(line):
+    return "potrf" in line and "custom-call" in line and any(
+        f"= (f64[{n},{n}]" in line for n in sizes)
+  found = _placed(hlo, devices, matches, descend=True)
+  found["per_branch"] = [b for b in found["per_branch"] if any(b)]
+  return found
+
+
+def statistics(hlo: str, devices: int) -> dict:
+  """The Kronecker statistics' dot products (named by their einsums in the HLO metadata) with the
+  number of terms each sums (the product of its contracting dimensions: samples x positions for
+  ``A``, rows x samples x positions for ``S``), and the shapes of the all-reduces every device runs
+  outside conditionals."""
+  import math
+  import re
+  shapes = {m.group(1): [int(n) for n in m.group(2).split(",") if n]
+            for m in re.finditer(r"%([\w.\-]+) = \w+\[([0-9,]*)\]", hlo)}
+  terms = {"inputs": [], "outputs": []}
+  for line in hlo.splitlines():
+    einsum = re.search(r'op_name="[^"]*/(bpi,bpj->ij|rbpf,rbpg->fg)/dot_general', line)
+    if einsum is None or " dot(" not in line:
+      continue
+    lhs = re.search(r" dot\(%([\w.\-]+)", line).group(1)
+    dims = [int(n) for n in re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", line).group(1)
+            .split(",")]
+    key = "inputs" if einsum.group(1).startswith("bpi") else "outputs"
+    terms[key].append(math.prod(shapes[lhs][i] for i in dims))
+  reduced = [re.findall(r"f64\[([0-9,]*)\]", line.split("all-reduce(")[0])
+             for line in _placed(hlo, devices, lambda line: " all-reduce(" in line,
+                                 lines=True)["every_device"]]
+  return {"terms": {k: sorted(v) for k, v in terms.items()},
+          "all_reduced": sorted(shape for found in reduced for shape in found)}
+
+
+def _placed(hlo: str, devices: int, matches, descend: bool = False, lines: bool = False
+            ) -> dict:
   """Instructions ``matches(line)`` selects: ``{"every_device": reachable from the entry without
-  entering a conditional, "per_branch": per branch of each devices-way conditional}``."""
+  entering a conditional, "per_branch": per branch of each devices-way conditional}``.
+  ``descend``: other conditionals' branches count as reachable too (all their branches);
+  ``lines``: the matching lines instead of their counts."""
   import re
   bodies, name = {}, None
   for line in hlo.splitlines():
@@ -104,18 +155,23 @@ def _placed(hlo: str, devices: int, matches) -> dict:
     elif name is not None and line.startswith("  "):
       bodies[name].append(line)
 
-  def count(comp) -> tuple[int, list]:
-    """(plain potrf calls reachable from comp without entering a conditional, the devices-way
+  def count(comp) -> tuple[list, list]:
+    """(matching lines reachable from comp without entering a conditional, the devices-way
     conditionals' branches met on the way)."""
-    plain, switches = 0, []
+    plain, switches = [], []
     for line in bodies[comp]:
       if matches(line):
-        plain += 1
+        plain.append(line)
       branches = re.search(r"branch_computations=\{([^}]*)\}", line)
       if branches:
         names = [b.strip().lstrip("%") for b in branches.group(1).split(",")]
         if len(names) == devices:  # devices > 2: the jitter retries are two-way
           switches.append(names)
+        elif descend:
+          for callee in names:
+            sub_plain, sub_switches = count(callee)
+            plain += sub_plain
+            switches += sub_switches
         continue
       for callee in re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", line):
         sub_plain, sub_switches = count(callee)
@@ -123,9 +179,10 @@ def _placed(hlo: str, devices: int, matches) -> dict:
         switches += sub_switches
     return plain, switches
 
+  size = (lambda found: found) if lines else len
   every, switches = count(entry)
-  per_branch = [[count(b)[0] for b in names] for names in switches]
-  return {"every_device": every, "per_branch": per_branch}
+  per_branch = [[size(count(b)[0]) for b in names] for names in switches]
+  return {"every_device": size(every), "per_branch": per_branch}
 
 
 def _worker(part: str) -> dict:  # noqa: C901 (one linear script of independent checks)
@@ -212,6 +269,7 @@ def _worker(part: str) -> dict:  # noqa: C901 (one linear script of independent 
   def optimizer(structure, mass, policy):
     make = riemod.natural_gradient if structure == "full" else riemod.layerwise_natural_gradient
     policy = {None: riemod.masses.constant, "kronecker": riemod.masses.kronecker,
+              "kronecker2": lambda: riemod.masses.kronecker(update_every=2),
               "adaptive": riemod.masses.adaptive}[policy]()
     # The trajectories are compared, not judged: some grow the loss (1.18 -> 8.65 in 3 steps at
     # mass 1e-3), which the default divergence check would refuse.
@@ -308,6 +366,10 @@ def _worker(part: str) -> dict:  # noqa: C901 (one linear script of independent 
     if hlo is not None:
       out[hlo] = factorisations(texts[0], DEVICES)
       one = reference_text[frontend, structure, dtype, policy]
+      if policy is not None and policy.startswith("kronecker"):
+        worst["kronecker"] = {"refreshes": kronecker_refreshes(texts[0], DEVICES),
+                              "statistics": statistics(texts[0], DEVICES),
+                              "statistics_one_device": statistics(one, 1)}
       worst["kernel_dots"] = {"sharded": kernel_dots(texts[0], c1.num_rows, DEVICES),
                               "one_device": kernel_dots(one, c1.num_rows, 1)["whole"]}
     return worst
@@ -332,6 +394,9 @@ def _worker(part: str) -> dict:  # noqa: C901 (one linear script of independent 
     out["step/deep/layerwise/float64"] = run_both(
         "deep", "layerwise", "float64", hlo="factorisations/deep/layerwise")
     out["assignment/deep"] = list(_deep_assignment())
+    # The Kronecker mass: statistics per device and one all-reduce, refreshes spread.
+    out["step/kronecker"] = run_both(*KRONECKER[:2], "float64", policy=KRONECKER[2],
+                                     hlo="factorisations/kronecker")
     # check_vma=False with axis_name= is the same computation without JAX's type checks.
     out["step/function/layerwise/float64/check_vma=False"] = run_both(
         "function", "layerwise", "float64", check_vma=False,
@@ -616,6 +681,36 @@ def test_curvature_batch_counts_samples_per_device(measured_slow):
   worst = measured_slow["curvature_batch"]
   assert worst["num_rows"] == [3 * 2 * DEVICES] * 2, worst
   assert worst["curvature"] <= TOLERANCE["float64"] and worst["params"] <= TOLERANCE["float64"]
+
+
+def test_kronecker_mass_state_equals_one_device(measured):
+  """The Kronecker moments, roots and inverses (in the optimizer state) and the steps equal one
+  device's over a refresh, a kept step and a refresh (update_every=2), on every device."""
+  _check_step(measured["step/kronecker"], "float64")
+
+
+def test_kronecker_statistics_are_summed_per_device_and_all_reduced(measured):
+  """Every device forms A and S from its own quarter of the samples (each statistic's dot sums
+  1/4 of the terms one device sums), and one all-reduce outside conditionals carries the
+  statistics' shapes (sum x x^T: fan_in^2, sum c c^T: fan_out^2). Replicated statistics
+  (every device summing all 16 samples) fail both."""
+  found = measured["step/kronecker"]["kronecker"]
+  one, many = found["statistics_one_device"]["terms"], found["statistics"]["terms"]
+  assert one == {"inputs": [16, 16], "outputs": [48, 48]}, one  # 16 samples x 3 rows, 2 layers
+  assert many == {k: [n // DEVICES for n in v] for k, v in one.items()}, found
+  reduced = found["statistics"]["all_reduced"]
+  for fan_in, fan_out in KRONECKER_FACTORS:
+    assert f"{fan_in - 1},{fan_in - 1}" in reduced and f"{fan_out},{fan_out}" in reduced, reduced
+
+
+def test_kronecker_refreshes_run_on_their_owners(measured):
+  """Each module's two Cholesky factorisations (A and S) run in its owner's branch of the
+  device switch only, the owners balanced by the factors' cubed sizes; none on every device."""
+  from riemod.curvature import _mesh
+  owner = _mesh.assign([float(a ** 3 + s ** 3) for a, s in KRONECKER_FACTORS], DEVICES)
+  found = measured["step/kronecker"]["kronecker"]["refreshes"]
+  assert found == {"every_device": 0,
+                   "per_branch": [[2 * owner.count(j) for j in range(DEVICES)]]}, found
 
 
 def test_split_batch_without_axis_name_is_refused(measured):

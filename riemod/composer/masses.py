@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from riemod.curvature import _mesh
 from riemod.curvature.factors import DenseFactor, EmbedFactor, RowsFactor
 from riemod.curvature.types import Curvature
 from riemod.nn.adapter import parameter_groups
@@ -324,28 +325,57 @@ class KroneckerMass:
              curvature: Curvature | None = None, count: jax.Array | None = None
              ) -> dict[str, KroneckerMoments]:
     """Folds this step's factors into the moving averages; refactors every ``update_every``
-    steps (``count``: steps folded in, this one included)."""
+    steps (``count``: steps folded in, this one included).
+
+    Inside the ``jax.shard_map`` whose axes the curvature's rows were gathered over
+    (``curvature.axis_name``), every device forms the statistics of its own share of the samples
+    and one all-reduce of the ``(1 + fan_in)^2`` and ``fan_out^2`` matrices joins them, and each
+    module's refresh runs on one device (:func:`riemod.curvature._mesh.spread`, balanced by the
+    factors' cubed sizes) and is shared by one all-reduce. Elsewhere every device computes all.
+    """
     del grads
     if curvature is None or count is None:
       raise ValueError("riemod.masses.kronecker reads its factors off the curvature: call "
                        "geometry.advance(state, grads, curvature) with the step's curvature.")
-    out = dict(moments)
-    for module in curvature.modules:
-      state = self._eligible(module, moments)
-      if state is None:
-        continue
-      factor = module.factor
-      inputs, outputs = _batch_factors(factor)
+    axes = curvature.axis_name
+    if not (_mesh.bound(axes) and _mesh.size(axes) > 1):
+      axes = ()  # one device, or a curvature used outside the shard_map it was measured in
+    eligible = [(module, state) for module in curvature.modules
+                if (state := self._eligible(module, moments)) is not None]
+    if not eligible:
+      return dict(moments)
+    # Each device's share of the sums (all of them without axes), one all-reduce for all modules.
+    partial = [_batch_sums(module.factor, axes) for module, _ in eligible]
+    if axes:
+      partial = jax.lax.psum(partial, axes)
+    averages = []
+    for (module, state), sums in zip(eligible, partial):
+      inputs, outputs = _batch_factors(module.factor, sums)
       inputs = self.decay * state.inputs + (1 - self.decay) * inputs.astype(state.inputs.dtype)
       outputs = self.decay * state.outputs + (1 - self.decay) * outputs.astype(state.outputs.dtype)
-      correction = 1 - self.decay ** count.astype(inputs.dtype)
-      refresh = (count - 1) % self.update_every == 0
-      roots = jax.lax.cond(
-          refresh, lambda: self._factorize(inputs / correction, outputs / correction, state),
-          lambda: (state.inputs_root, state.inputs_inverse, state.outputs_root,
-                   state.outputs_inverse))
+      averages.append((inputs, outputs))
+    correction = 1 - self.decay ** count.astype(averages[0][0].dtype)
+    refresh = (count - 1) % self.update_every == 0
+    thunks = [lambda a=a, s=s, state=state: self._factorize(a / correction, s / correction, state)
+              for (a, s), (_, state) in zip(averages, eligible)]
+
+    def fresh():
+      if not axes:
+        return [thunk() for thunk in thunks]
+      # Cholesky and triangular inverse of both factors: ~(n_in^3 + n_out^3) / 3 each.
+      costs = [float(a.shape[0] ** 3 + s.shape[0] ** 3) for a, s in averages]
+      return _mesh.spread(axes, costs, thunks)
+
+    def kept():
+      return [(state.inputs_root, state.inputs_inverse, state.outputs_root,
+               state.outputs_inverse) for _, state in eligible]
+
+    # `refresh` is the same on every device (the count is replicated): all take one branch.
+    roots = jax.lax.cond(refresh, fresh, kept)
+    out = dict(moments)
+    for (module, _), (inputs, outputs), root in zip(eligible, averages, roots):
       out[str(module.leaf_indices[module.leaf_names.index("kernel")])] = KroneckerMoments(
-          inputs, outputs, *roots)
+          inputs, outputs, *root)
     return out
 
   def _factorize(self, inputs: jax.Array, outputs: jax.Array, old: KroneckerMoments):
@@ -397,19 +427,43 @@ class KroneckerMass:
     return dataclasses.replace(curvature, modules=tuple(modules)), changes
 
 
-def _batch_factors(factor: DenseFactor) -> tuple[jax.Array, jax.Array]:
+def _batch_sums(factor: DenseFactor, axes: tuple = ()) -> tuple[jax.Array, ...]:
+  """``(sum x x^T, sum x, sum c c^T)`` over this device's samples, the first two over the batch's
+  sample-position count already (so that summing over the devices gives the batch's means).
+
+  With ``axes`` (bound, gathered rows: the samples in device order) device ``j`` takes the
+  ``j``-th of ``devices`` equal chunks of the samples, ``1/devices`` of the products; without,
+  all samples. A count the devices do not divide falls back to all samples on device 0 only.
+  """
+  x, c = factor.features, factor.cotangents
+  samples = x.shape[0] * x.shape[1]
+  devices = _mesh.size(axes)
+  if devices > 1:
+    own = x.shape[0] // devices
+    if own * devices == x.shape[0]:
+      start = jax.lax.axis_index(axes) * own
+      x = jax.lax.dynamic_slice_in_dim(x, start, own, axis=0)
+      c = jax.lax.dynamic_slice_in_dim(c, start, own, axis=1)
+    else:
+      first = (jax.lax.axis_index(axes) == 0).astype(x.dtype)
+      x, c = x * first, c * first.astype(c.dtype)
+  second = jnp.einsum("bpi,bpj->ij", x, x) / samples
+  mean = x.sum(axis=(0, 1)) / samples
+  outputs = jnp.einsum("rbpf,rbpg->fg", c, c)
+  return second, mean, outputs
+
+
+def _batch_factors(factor: DenseFactor, sums: tuple[jax.Array, ...] | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
   """This batch's ``A`` (mean over samples and positions of ``[1; x][1; x]^T``) and ``S`` (sum
   over rows, samples and positions of ``c c^T``; the rows carry the batch mean's ``1/sqrt(B)``),
   so that ``A (x) S`` approximates ``K^T K`` (K-FAC; exact up to the cross-position terms and the
-  correlation of inputs and cotangents)."""
-  x, c = factor.features, factor.cotangents
-  samples = x.shape[0] * x.shape[1]
-  second = jnp.einsum("bpi,bpj->ij", x, x) / samples
+  correlation of inputs and cotangents). ``sums``: :func:`_batch_sums` of the whole batch
+  (summed over the devices), computed here when not given."""
+  second, mean, outputs = _batch_sums(factor) if sums is None else sums
   if factor.structure.has_bias:
-    mean = x.sum(axis=(0, 1)) / samples
-    one = jnp.ones((1, 1), x.dtype)
+    one = jnp.ones((1, 1), second.dtype)
     second = jnp.block([[one, mean[None, :]], [mean[:, None], second]])
-  outputs = jnp.einsum("rbpf,rbpg->fg", c, c)
   return second, outputs
 
 
