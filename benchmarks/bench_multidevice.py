@@ -345,11 +345,32 @@ def one_block_report(rows: list[dict]) -> str:
 TRANSFORMER = ((64, 64, 4, 2, 32), 16)
 
 
+def _transformer_setup():
+  """``(lm, graphdef, params, x, y, metric, key)``: :data:`TRANSFORMER`'s model from
+  examples/transformer_lm.py, a batch of random ids, the example's per-token sampled Fisher."""
+  import importlib.util
+
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  import riemod
+
+  spec = importlib.util.spec_from_file_location(
+      "transformer_lm", Path(__file__).resolve().parents[1] / "examples" / "transformer_lm.py")
+  lm = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(lm)
+  (vocab, width, heads, depth, context), batch = TRANSFORMER
+  graphdef, params = nnx.split(lm.CharLM(vocab, width=width, heads=heads, depth=depth,
+                                         context=context))
+  rng = np.random.default_rng(0)
+  x, y = (np.asarray(rng.integers(0, vocab, (batch, context))) for _ in range(2))
+  return lm, graphdef, params, x, y, riemod.metrics.sampled_softmax_fisher(1), jax.random.key(0)
+
+
 def _child_transformer(devices: int) -> dict:
   """Both structures on examples/transformer_lm.py's model: replicated against spread (layerwise)
   and against the kernel in slabs (one block)."""
-  import importlib.util
-
   import jax
   import numpy as np
   import optax
@@ -361,16 +382,7 @@ def _child_transformer(devices: int) -> dict:
   from benchmarks.harness import time_interleaved
   from riemod.curvature import _mesh
 
-  spec = importlib.util.spec_from_file_location(
-      "transformer_lm", Path(__file__).resolve().parents[1] / "examples" / "transformer_lm.py")
-  lm = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(lm)
-  (vocab, width, heads, depth, context), batch = TRANSFORMER
-  graphdef, params = nnx.split(lm.CharLM(vocab, width=width, heads=heads, depth=depth,
-                                         context=context))
-  rng = np.random.default_rng(0)
-  x, y = (np.asarray(rng.integers(0, vocab, (batch, context))) for _ in range(2))
-  metric, key = riemod.metrics.sampled_softmax_fisher(1), jax.random.key(0)
+  lm, graphdef, params, x, y, metric, key = _transformer_setup()
   mesh = Mesh(np.array(jax.devices()), ("batch",))
   out = {}
   for structure, scheme in (("layerwise", "spread"), ("full", "sharded")):
@@ -613,6 +625,274 @@ def assembly() -> None:
   print(text)
 
 
+# --- the Kronecker mass: statistics per device, refreshes spread -----------------------------------
+
+
+def kronecker_flops(name: str, devices: int) -> dict:
+  """Analytic FLOPs of the Kronecker mass for MODELS[name], per device.
+
+  Statistics: ``A`` sums ``m P`` outer products of the inputs (``2 m P fan_in^2``), ``S`` sums
+  ``k m P`` of the pulled-back cotangents (``2 k m P fan_out^2``), ``m`` curvature samples and
+  ``k`` rows per sample; spread, each device sums ``1 / devices`` of them. Refresh: the Cholesky
+  factorisation (``n^3 / 3``) and triangular inverse (``n^3``) of both damped factors,
+  ``n = 1 + fan_in`` and ``fan_out``; spread, the most loaded device's modules under
+  ``_mesh.assign`` (balanced by ``n_in^3 + n_out^3``).
+
+  Example:
+    >>> kronecker_flops("mlp", 2)["refresh"]["spread"] < kronecker_flops("mlp", 2)["refresh"]["replicated"]
+    True
+  """
+  from riemod.curvature import _mesh
+
+  sizes, _, _, metric_name, samples = MODELS[name]
+  k = sizes[-1] if metric_name in ("softmax_fisher", "identity") else 1
+  layers = list(zip(sizes[:-1], sizes[1:]))
+  statistics = sum(2 * samples * a ** 2 + 2 * k * samples * b ** 2 for a, b in layers)
+  factors = [((a + 1) ** 3 + b ** 3) for a, b in layers]
+  owner = _mesh.assign([float(c) for c in factors], devices)
+  refresh = [4 / 3 * c for c in factors]
+  per_device = [sum(r for r, o in zip(refresh, owner) if o == j) for j in range(devices)]
+  return {"statistics": {"replicated": float(statistics), "spread": statistics / devices},
+          "refresh": {"replicated": sum(refresh), "spread": max(per_device)},
+          "owner": list(owner)}
+
+
+def _child_kronecker(devices: int) -> dict:
+  """MODELS with the Kronecker mass (layerwise, SPRING momentum): one device, replicated (the
+  curvature's axes dropped: every device sums every statistic, refreshes every factor and factors
+  every block) and spread (statistics per device + one all-reduce, refreshes and blocks on their
+  owners)."""
+  import riemod
+  from benchmarks.harness import time_interleaved
+  from riemod.curvature import _mesh
+
+  out = {}
+  for name in MODELS:
+    tx = riemod.layerwise_natural_gradient(
+        0.1, geometry=riemod.Geometry(mass=1.0, structure="layerwise",
+                                      mass_policy=riemod.masses.kronecker()),
+        momentum=0.8, on_nonfinite="ignore")
+    params, state, x, y, one, mapped = _steps(name, devices, tx)
+    programs = {"one_device": (one, (params, state, x, y)),
+                "replicated": (mapped(False), (params, state, x, y)),
+                "spread": (mapped(True), (params, state, x, y))}
+    recipes, diff = _compiled(programs)
+    row = {"recipes": recipes, "max_relative_difference": diff("spread", "replicated")}
+    timed = time_interleaved(programs, rounds=5, burst=5, reference="replicated")
+    for recipe, entry in timed.items():
+      row["recipes"][recipe].update(entry)
+    found = blocks(name)
+    owner = _mesh.assign([b["flops"] for b in found], devices)
+    row["kronecker_flops"] = kronecker_flops(name, devices)
+    row["block_flops"] = {
+        "replicated": sum(b["flops"] for b in found),
+        "spread": max(sum(b["flops"] for b, o in zip(found, owner) if o == j)
+                      for j in range(devices))}
+    out[name] = row
+  return {"devices": devices, "models": out, "load_before_after": [os.getloadavg()[0]]}
+
+
+def kronecker() -> None:
+  """The Kronecker-mass rows. Run: ``python -m benchmarks.bench_multidevice --kronecker`` ->
+  ``results/multidevice_kronecker.{json,md}``."""
+  _measure("--child-kronecker", "multidevice_kronecker", kronecker_report)
+
+
+def kronecker_report(rows: list[dict]) -> str:
+  """The results page from the rows of ``multidevice_kronecker.json``."""
+  loads = [f"{l:.1f}" for row in rows for l in row["load_before_after"]]
+  text = (
+      "# Multi-device step with the Kronecker mass: statistics and refreshes spread vs replicated\n"
+      "\n`riemod.layerwise_natural_gradient` with `riemod.masses.kronecker()` (mass 1, "
+      "refreshed every step), SPRING momentum 0.8, float32, batch 128, the models of "
+      "multidevice.md, on forced host devices of a 2-core CPU. 'replicated': the curvature's "
+      "axes dropped, so every device sums the statistics of all samples, refreshes every "
+      "module's factors and factors every block; 'spread': each device sums its samples' "
+      "statistics (one all-reduce joins them), refreshes its modules' factors and factors its "
+      "blocks (one all-reduce shares each). FLOPs per device are analytic "
+      "(`benchmarks.bench_multidevice.kronecker_flops`: statistics `2 m (fan_in^2 + k fan_out^2)` "
+      "per layer, `m` curvature samples, `k` rows each, divided over the devices; refresh "
+      "`4/3 (n_in^3 + n_out^3)` per module, the most loaded device; blocks as in multidevice.md). "
+      "Collectives from the compiled HLO (result sizes). Step times: medians of 5 interleaved "
+      "rounds of 5 steps, 'vs replicated' the median ratio to the replicated step of the same "
+      "round (range over rounds). The devices share two cores: the times measure total work "
+      f"and overhead, not a speed-up. Load averages (1 min) around the runs: {', '.join(loads)}."
+      "\nReproduce: `python -m benchmarks.bench_multidevice --kronecker`.\n")
+  for name, (sizes, _, loss, metric, samples) in MODELS.items():
+    diffs = [row["models"][name]["max_relative_difference"] for row in rows]
+    text += (
+        f"\n## {name}: {'-'.join(map(str, sizes))}, {loss}, {metric} on {samples} samples\n\n"
+        "Spread vs replicated parameters after one step: max relative difference "
+        f"{max(diffs):.1e}. Refresh owners per device count: "
+        + "; ".join(f"{row['devices']}: {row['models'][name]['kronecker_flops']['owner']}"
+                    for row in rows) + ".\n\n"
+        "| devices | scheme | statistics MFLOP per device | refresh MFLOP per device | blocks "
+        "GFLOP per device | all-gathers | KiB all-gathered | all-reduces | KiB all-reduced | "
+        "step time (ms) | vs replicated |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    for row in rows:
+      model = row["models"][name]
+      flops = model["kronecker_flops"]
+      for recipe in ("one_device", "replicated", "spread"):
+        if recipe == "one_device" and row is not rows[0]:
+          continue
+        work = "replicated" if recipe == "one_device" else recipe
+        r = model["recipes"][recipe]
+        c = r["collectives"]
+        text += (
+            f"| {1 if recipe == 'one_device' else row['devices']} | {recipe.replace('_', ' ')} | "
+            f"{flops['statistics'][work] / 1e6:.2f} | {flops['refresh'][work] / 1e6:.2f} | "
+            f"{model['block_flops'][work] / 1e9:.3f} | {c['all-gather']['count']} | "
+            f"{c['all-gather']['bytes'] / 1024:.1f} | {c['all-reduce']['count']} | "
+            f"{c['all-reduce']['bytes'] / 1024:.1f} | {1e3 * r['median_seconds']:.1f} | "
+            f"{r['ratio']:.2f} ({r['ratio_spread'][0]:.2f}-{r['ratio_spread'][1]:.2f}) |\n")
+  return text
+
+
+# --- rows to their owners: what an owner-only exchange would move ----------------------------------
+
+
+def owner_exchange(module_arrays: list[dict], costs: list[float], devices: int) -> dict:
+  """Bytes per device of the layerwise rows: gathered to every device (today) or only to each
+  block's owner by one ``all_to_all`` of per-owner packed buffers.
+
+  ``module_arrays[b]``: ``{key: bytes}`` of the whole-batch arrays block ``b`` needs (layer
+  inputs, pulled-back rows), equal keys for an array several blocks share (attention's query, key
+  and value read one input; XLA gathers it once). Gathered to every device, each device holds the
+  union, ``sum_b s_b`` without repeats. With owners ``o(b) = _mesh.assign(costs)`` device ``j``
+  needs only ``S_j``, the union over the blocks it owns; every device would pack, for each
+  owner, its own samples' share of that owner's arrays (``S_j / devices``) padded to the largest
+  share (``max_j S_j / devices``), and one ``all_to_all`` delivers each owner its ``devices``
+  pieces: ``max_j S_j`` per device (result size; ``(n-1)/n`` of it from the other devices, as for
+  an all-gather).
+
+  Example:
+    >>> owner_exchange([{"x": 40}, {"x": 40, "c": 30}, {"e": 30}], [1.0, 3.0, 2.0], devices=2)
+    {'gathered': 100, 'owner_only': 70, 'per_owner': [70, 70]}
+  """
+  from riemod.curvature import _mesh
+
+  owner = _mesh.assign(costs, devices)
+  union = lambda blocks: sum({k: v for b in blocks for k, v in b.items()}.values())
+  per_owner = [union([a for a, o in zip(module_arrays, owner) if o == j])
+               for j in range(devices)]
+  return {"gathered": union(module_arrays), "owner_only": max(per_owner),
+          "per_owner": per_owner}
+
+
+def _rows_layout(curv) -> tuple[list[dict], list[float], int]:
+  """``(each block's arrays {content hash: bytes}, each block's factorisation cost, bytes of the
+  loss gradient's coordinates)`` of a whole-batch curvature on one device (concrete: arrays that
+  several blocks share are recognised by their contents)."""
+  import hashlib
+
+  import jax
+  import numpy as np
+
+  from riemod.curvature import _mesh
+
+  factors = [m.factor for m in curv.modules if m.factor is not None]
+  d = curv.num_rows
+  costs = [_mesh.factorisation_flops(f.num_params, d, "parameter" if f.num_params < d
+                                     else "sample") for f in factors]
+  arrays = []
+  for f in factors:
+    leaves = [np.ascontiguousarray(a) for a in jax.tree.leaves(f)]
+    arrays.append({hashlib.sha1(a.tobytes()).hexdigest(): a.nbytes for a in leaves})
+  coordinates = 0 if curv.coordinates is None else int(np.asarray(curv.coordinates).nbytes)
+  return arrays, costs, coordinates
+
+
+def _child_owners(devices: int) -> dict:
+  """Today's all-gathered bytes (compiled HLO of the spread layerwise step) and the owner-only
+  exchange's (analytic from the whole-batch curvature's shapes), for MODELS and the transformer."""
+  import jax
+  import numpy as np
+  import optax
+  from flax import nnx
+  from jax.sharding import Mesh
+  from jax.sharding import PartitionSpec as P
+
+  import riemod
+
+  out = {}
+  for name in MODELS:
+    tx = riemod.layerwise_natural_gradient(0.1, mass=0.1, momentum=0.8, on_nonfinite="ignore")
+    params, state, x, y, _, mapped = _steps(name, devices, tx)
+    _, _, _, _, (model, loss, metric) = _model(name)
+    hlo = mapped(True).lower(params, state, x, y).compile().as_text()
+    curv = jax.jit(lambda p: riemod.value_grad_and_curvature(
+        model, x, lambda z: loss(z, y), metric, params=p,
+        curvature_batch=MODELS[name][4])[2])(params)
+    out[name] = {"collectives": collectives(hlo), "layout": _rows_layout(curv)}
+  lm, graphdef, params, x, y, metric, key = _transformer_setup()
+  tx = riemod.layerwise_natural_gradient(
+      0.01, geometry=riemod.Geometry(mass=30.0, structure="layerwise",
+                                     mass_policy=riemod.masses.adaptive(0.99)),
+      momentum=0.9, on_nonfinite="ignore")
+  mesh = Mesh(np.array(jax.devices()), ("batch",))
+
+  def step(p, s, x, y):
+    _, grads, curv = riemod.value_grad_and_curvature(
+        nnx.merge(graphdef, p), x, lambda logits: lm.cross_entropy(logits, y), metric, key=key,
+        axis_name="batch")
+    updates, s = tx.update(grads, s, p, curvature=curv)
+    return optax.apply_updates(p, updates), s
+
+  mapped = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")),
+                                 out_specs=(P(), P())))
+  hlo = mapped.lower(params, tx.init(params), x, y).compile().as_text()
+  curv = jax.jit(lambda p: riemod.value_grad_and_curvature(
+      nnx.merge(graphdef, p), x, lambda logits: lm.cross_entropy(logits, y), metric,
+      key=key)[2])(params)
+  out["transformer"] = {"collectives": collectives(hlo), "layout": _rows_layout(curv)}
+  for row in out.values():
+    arrays, costs, coordinates = row.pop("layout")
+    row["owners"] = owner_exchange(arrays, costs, devices)
+    row["coordinates_bytes"] = coordinates
+    row["blocks"] = len(arrays)
+  return {"devices": devices, "models": out, "load_before_after": [os.getloadavg()[0]]}
+
+
+def owners() -> None:
+  """The rows-to-owners analysis. Run: ``python -m benchmarks.bench_multidevice --owners`` ->
+  ``results/multidevice_owners.{json,md}``."""
+  _measure("--child-owners", "multidevice_owners", owners_report)
+
+
+def owners_report(rows: list[dict]) -> str:
+  """The results page from the rows of ``multidevice_owners.json``."""
+  text = (
+      "# Rows to their owners: today's all-gathers against an owner-only exchange\n\n"
+      "The layerwise step inside `jax.shard_map` (the spread scheme, float32): every device "
+      "all-gathers every module's layer inputs and pulled-back rows, although only a block's "
+      "owner factors it. 'today': the result sizes of the compiled program's all-gathers "
+      "(every device holds them; `(n-1)/n` arrive from the other devices). 'factor arrays': "
+      "the whole batch's factor arrays of all blocks, each distinct array once (arrays shared "
+      "by blocks, like the one input of attention's query, key and value, recognised by their "
+      "contents), plus the loss gradient's coordinates: what today's gathers would be if each "
+      "module sent its factor's arrays. 'owner only': the result size of one `all_to_all` of "
+      "per-owner packed buffers padded to the largest owner's share, `max_j S_j` with `S_j` the "
+      "distinct factor arrays of the blocks device `j` owns (owners from the spread's greedy "
+      "assignment), plus the coordinates, still all-gathered "
+      "(`benchmarks.bench_multidevice.owner_exchange`; analytic, not implemented). 'rows per "
+      "owner': `S_j` of every device. Models: the digits MLP and autoencoder of multidevice.md "
+      "(constant mass 0.1) and the transformer of multidevice_transformer.md. Compile only, no "
+      "timing.\nReproduce: `python -m benchmarks.bench_multidevice --owners`.\n\n"
+      "| model | blocks | devices | today (KiB) | factor arrays (KiB) | owner only (KiB) | "
+      "owner only / today | rows per owner (KiB) |\n|---|---|---|---|---|---|---|---|\n")
+  for name in rows[0]["models"]:
+    for row in rows:
+      model = row["models"][name]
+      today = model["collectives"]["all-gather"]["bytes"]
+      found, coordinates = model["owners"], model["coordinates_bytes"]
+      owner_only = found["owner_only"] + coordinates
+      per_owner = ", ".join(f"{b / 1024:.0f}" for b in found["per_owner"])
+      text += (f"| {name} | {model['blocks']} | {row['devices']} | {today / 1024:.1f} | "
+               f"{(found['gathered'] + coordinates) / 1024:.1f} | {owner_only / 1024:.1f} | "
+               f"{owner_only / today:.2f} | {per_owner} |\n")
+  return text
+
+
 if __name__ == "__main__":
   if len(sys.argv) == 3 and sys.argv[1] == "--child":
     print(json.dumps(_child(int(sys.argv[2]))))
@@ -620,6 +900,14 @@ if __name__ == "__main__":
     print(json.dumps(_child_one_block(int(sys.argv[2]))))
   elif len(sys.argv) == 3 and sys.argv[1] == "--child-transformer":
     print(json.dumps(_child_transformer(int(sys.argv[2]))))
+  elif len(sys.argv) == 3 and sys.argv[1] == "--child-kronecker":
+    print(json.dumps(_child_kronecker(int(sys.argv[2]))))
+  elif len(sys.argv) == 3 and sys.argv[1] == "--child-owners":
+    print(json.dumps(_child_owners(int(sys.argv[2]))))
+  elif sys.argv[1:] == ["--kronecker"]:
+    kronecker()
+  elif sys.argv[1:] == ["--owners"]:
+    owners()
   elif sys.argv[1:] == ["--one-block"]:
     one_block()
   elif sys.argv[1:] == ["--transformer"]:
