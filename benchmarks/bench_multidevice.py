@@ -426,11 +426,8 @@ def _child_transformer(devices: int) -> dict:
     if structure == "layerwise":
       costs = [_mesh.factorisation_flops(f.num_params, d, "parameter" if f.num_params < d
                                          else "sample") for f in factors]
-      owner = _mesh.assign(costs, devices)
       row["blocks"] = len(costs)
-      row["flops_per_device"] = {
-          "replicated": sum(costs),
-          scheme: max(sum(c for c, o in zip(costs, owner) if o == j) for j in range(devices))}
+      row["flops_per_device"] = {"replicated": sum(costs), scheme: largest_load(costs, devices)}
     else:
       # Rows of the d x d kernel each device assembles; the factorisation is replicated.
       row["kernel_rows_per_device"] = {"replicated": d, scheme: d // devices}
@@ -648,13 +645,24 @@ def kronecker_flops(name: str, devices: int) -> dict:
   k = sizes[-1] if metric_name in ("softmax_fisher", "identity") else 1
   layers = list(zip(sizes[:-1], sizes[1:]))
   statistics = sum(2 * samples * a ** 2 + 2 * k * samples * b ** 2 for a, b in layers)
-  factors = [((a + 1) ** 3 + b ** 3) for a, b in layers]
-  owner = _mesh.assign([float(c) for c in factors], devices)
-  refresh = [4 / 3 * c for c in factors]
-  per_device = [sum(r for r, o in zip(refresh, owner) if o == j) for j in range(devices)]
+  refresh = [4 / 3 * ((a + 1) ** 3 + b ** 3) for a, b in layers]
   return {"statistics": {"replicated": float(statistics), "spread": statistics / devices},
-          "refresh": {"replicated": sum(refresh), "spread": max(per_device)},
-          "owner": list(owner)}
+          "refresh": {"replicated": sum(refresh), "spread": largest_load(refresh, devices)},
+          "owner": list(_mesh.assign(refresh, devices))}
+
+
+def largest_load(costs: list[float], devices: int) -> float:
+  """The most loaded device's summed ``costs`` under ``_mesh.assign`` (the spread's work per
+  device).
+
+  Example:
+    >>> largest_load([8.0, 1.0, 5.0, 4.0], devices=2)
+    9.0
+  """
+  from riemod.curvature import _mesh
+
+  owner = _mesh.assign(costs, devices)
+  return max(sum(c for c, o in zip(costs, owner) if o == j) for j in range(devices))
 
 
 def _child_kronecker(devices: int) -> dict:
@@ -664,7 +672,6 @@ def _child_kronecker(devices: int) -> dict:
   owners)."""
   import riemod
   from benchmarks.harness import time_interleaved
-  from riemod.curvature import _mesh
 
   out = {}
   for name in MODELS:
@@ -681,13 +688,9 @@ def _child_kronecker(devices: int) -> dict:
     timed = time_interleaved(programs, rounds=5, burst=5, reference="replicated")
     for recipe, entry in timed.items():
       row["recipes"][recipe].update(entry)
-    found = blocks(name)
-    owner = _mesh.assign([b["flops"] for b in found], devices)
+    costs = [b["flops"] for b in blocks(name)]
     row["kronecker_flops"] = kronecker_flops(name, devices)
-    row["block_flops"] = {
-        "replicated": sum(b["flops"] for b in found),
-        "spread": max(sum(b["flops"] for b, o in zip(found, owner) if o == j)
-                      for j in range(devices))}
+    row["block_flops"] = {"replicated": sum(costs), "spread": largest_load(costs, devices)}
     out[name] = row
   return {"devices": devices, "models": out, "load_before_after": [os.getloadavg()[0]]}
 
