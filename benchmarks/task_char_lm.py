@@ -23,8 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import statistics
-import time
+import os
 from pathlib import Path
 
 import jax
@@ -150,44 +149,165 @@ def equal_steps(payload: dict) -> list[str]:
   return lines
 
 
-def scaling(out: Path, repeats: int = 5) -> dict:
-  """Step time and compiled memory against batch size (context 64) and context (batch 32)."""
+SCALING_BATCHES = (8, 16, 32, 64)  # at context CONTEXT
+SCALING_CONTEXTS = (16, 32, 64, 128)  # at batch BATCH
+
+
+def log_log_slope(xs, ys) -> float:
+  """Least-squares slope of ``log y`` against ``log x`` (1: linear, 2: quadratic)."""
+  return float(np.polyfit(np.log(np.asarray(xs, float)), np.log(np.asarray(ys, float)), 1)[0])
+
+
+def scaling(out: Path, batches=SCALING_BATCHES, contexts=SCALING_CONTEXTS, rounds: int = 7,
+            burst: int = 5) -> dict:
+  """Step time and XLA's memory plan of riemod's and AdamW's step against batch size (at context
+  ``CONTEXT``) and context (at batch ``BATCH``), with the log-log slopes and one plot.
+
+  Per setting both compiled steps (the chosen riemod setting and AdamW, ``GRIDS``' first
+  entries) are timed in interleaved bursts on the same batch (:func:`harness.time_interleaved`),
+  so the ratio is robust to load; memory is XLA's buffer assignment of the compiled step
+  (arguments and temporaries, ``memory_analysis()``), not the process's RSS.
+  """
   rows = []
-  settings = [(b, CONTEXT) for b in (8, 16, 32, 64)] + [(BATCH, t) for t in (16, 32, 128)]
+  settings = [(b, CONTEXT) for b in batches] + [(BATCH, t) for t in contexts if (BATCH, t) not in
+                                                [(b, CONTEXT) for b in batches]]
   for batch, context in settings:
-    task = CharLMTask(num_steps=repeats + 1, batch=batch, context=context)
-    for opt, hyper in (("adam", GRIDS["adam"][0]), ("riemod", GRIDS["riemod"][0])):
-      tx, step = task.compiled(opt, hyper)
-      _, params = nnx.split(task._model(0))
-      state = tx.init(params)
-      x, y = map(jnp.asarray, task.lm.windows(task.train, np.arange(batch) * 1000, context))
-      compiled = step.lower(params, state, x, y, jax.random.key(0)).compile()
-      memory = compiled.memory_analysis()
-      times = []
-      for i in range(repeats + 1):
-        t = time.perf_counter()
-        params, state, loss = step(params, state, x, y, jax.random.key(i))
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - t)
+    task = CharLMTask(num_steps=1, batch=batch, context=context)
+    _, params = nnx.split(task._model(0))
+    x, y = map(jnp.asarray, task.lm.windows(task.train, np.arange(batch) * 1000, context))
+    fns, memory = {}, {}
+    for opt in ("adam", "riemod"):
+      tx, step = task.compiled(opt, GRIDS[opt][0])
+      args = (params, tx.init(params), x, y, jax.random.key(0))
+      stats = step.lower(*args).compile().memory_analysis()
+      memory[opt] = {"argument_bytes": stats.argument_size_in_bytes,
+                     "output_bytes": stats.output_size_in_bytes,
+                     "alias_bytes": stats.alias_size_in_bytes,
+                     "temp_bytes": stats.temp_size_in_bytes}
+      fns[opt] = (step, args)
+    load = list(os.getloadavg())
+    timed = harness.time_interleaved(fns, rounds=rounds, burst=burst, reference="adam")
+    for opt in ("adam", "riemod"):
       rows.append({"optimizer": opt, "batch": batch, "context": context,
-                   "median_step_seconds": statistics.median(times[1:]),
-                   "argument_bytes": memory.argument_size_in_bytes,
-                   "temp_bytes": memory.temp_size_in_bytes,
-                   "loadavg": list(__import__("os").getloadavg())})
-      print(rows[-1], flush=True)
-  payload = {"rows": rows, "machine": harness.machine_info()}
-  (out / "char-lm_scaling.json").write_text(json.dumps(payload, indent=1))
-  lines = ["# char-lm: step time and memory against batch size and context", "",
-           f"Machine: {payload['machine']['cpu_model']}, {payload['machine']['cpu_count']} cores, "
-           f"load {payload['machine']['loadavg']} (shared machine: times are noisy). Memory is "
-           "XLA's buffer assignment of the compiled step (arguments + temporaries), not RSS.", "",
-           "| optimizer | batch | context | step ms | arguments MB | temporaries MB |",
-           "|---|---:|---:|---:|---:|---:|"]
-  lines += [f"| {r['optimizer']} | {r['batch']} | {r['context']} | "
-            f"{r['median_step_seconds'] * 1e3:.0f} | {r['argument_bytes'] / 2**20:.1f} | "
-            f"{r['temp_bytes'] / 2**20:.1f} |" for r in rows]
-  (out / "char-lm_scaling.md").write_text("\n".join(lines) + "\n")
+                   "median_step_seconds": timed[opt]["median_seconds"],
+                   "ratio_to_adamw": timed[opt]["ratio"],
+                   "ratio_spread": timed[opt]["ratio_spread"], **memory[opt],
+                   "loadavg_start": load, "loadavg_end": list(os.getloadavg())})
+      print({k: rows[-1][k] for k in ("optimizer", "batch", "context", "median_step_seconds",
+                                       "temp_bytes", "loadavg_end")}, flush=True)
+  payload = {"rows": rows, "rounds": rounds, "burst": burst,
+             "grids": {opt: GRIDS[opt][0] for opt in ("adam", "riemod")},
+             "machine": harness.machine_info()}
+  payload["slopes"] = scaling_slopes(rows)
+  harness.write_json(out / "char-lm_scaling.json", payload)
+  scaling_report(out, payload)
   return payload
+
+
+def _series(rows, opt, axis):
+  fixed = ("context", CONTEXT) if axis == "batch" else ("batch", BATCH)
+  return sorted((r for r in rows if r["optimizer"] == opt and r[fixed[0]] == fixed[1]),
+                key=lambda r: r[axis])
+
+
+def scaling_slopes(rows: list[dict]) -> list[dict]:
+  """Log-log slopes of step time, temporaries and peak (arguments + temporaries) per optimizer
+  against batch and context, and of riemod's temporaries above AdamW's (what riemod adds)."""
+  slopes = []
+  for axis in ("batch", "context"):
+    for opt in ("adam", "riemod"):
+      sel = _series(rows, opt, axis)
+      if len(sel) < 2:
+        continue
+      xs = [r[axis] for r in sel]
+      slopes.append({"optimizer": opt, "against": axis, "range": [xs[0], xs[-1]],
+                     "step_time": log_log_slope(xs, [r["median_step_seconds"] for r in sel]),
+                     "temp_bytes": log_log_slope(xs, [r["temp_bytes"] for r in sel]),
+                     "peak_bytes": log_log_slope(
+                         xs, [r["argument_bytes"] + r["temp_bytes"] for r in sel])})
+    adam, riemod = _series(rows, "adam", axis), _series(rows, "riemod", axis)
+    if len(riemod) >= 2 and [r[axis] for r in adam] == [r[axis] for r in riemod]:
+      xs = [r[axis] for r in riemod]
+      slopes.append({"optimizer": "riemod - adam", "against": axis, "range": [xs[0], xs[-1]],
+                     "step_time": log_log_slope(xs, [r["median_step_seconds"] -
+                                                     a["median_step_seconds"]
+                                                     for r, a in zip(riemod, adam)]),
+                     "temp_bytes": log_log_slope(xs, [r["temp_bytes"] - a["temp_bytes"]
+                                                      for r, a in zip(riemod, adam)]),
+                     "peak_bytes": None})
+  return slopes
+
+
+def scaling_report(out: Path, payload: dict) -> None:
+  """``char-lm_scaling.md`` and ``char-lm_scaling.png`` from the sweep's payload."""
+  rows, slopes = payload["rows"], payload["slopes"]
+  rounds, burst = payload["rounds"], payload["burst"]
+  _scaling_plot(out / "char-lm_scaling.png", rows)
+  loads = [x for r in rows for x in (r["loadavg_start"][0], r["loadavg_end"][0])]
+  name = {"adam": "AdamW", "riemod": "riemod", "riemod - adam": "riemod above AdamW"}
+  lines = ["# char-lm: step time and memory against batch size and context", "",
+           f"Model of `char-lm` (width {WIDTH}, {DEPTH} blocks); riemod `{GRIDS['riemod'][0]}` "
+           "(layerwise, adaptive mass, per-token sampled softmax Fisher, one probe per sequence: "
+           f"d = batch rows per block), AdamW `{GRIDS['adam'][0]}`. Machine: "
+           f"{payload['machine']['cpu_model']}, {payload['machine']['cpu_count']} cores, shared "
+           f"(1-minute load {min(loads):.1f}-{max(loads):.1f} during the sweep): times are "
+           f"medians of {rounds} interleaved rounds of {burst} steps per optimizer and setting; "
+           "the ratio (median over rounds of riemod's burst median over AdamW's) is the robust "
+           "number. Memory is XLA's buffer assignment of the compiled step "
+           "(`memory_analysis()`: arguments, i.e. parameters, optimizer state and batch, and "
+           "temporaries), not RSS; peak = arguments + temporaries. Command: "
+           "`OPENBLAS_NUM_THREADS=1 nice -n 5 python -m benchmarks.task_char_lm --scaling`.", "",
+           "| optimizer | batch | context | step ms | riemod / AdamW (spread) | arguments MB | "
+           "temporaries MB | peak MB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    ratio = (f"{r['ratio_to_adamw']:.2f} ({r['ratio_spread'][0]:.2f}-{r['ratio_spread'][1]:.2f})"
+             if r["optimizer"] == "riemod" else "1")
+    lines.append(f"| {name[r['optimizer']]} | {r['batch']} | {r['context']} | "
+                 f"{r['median_step_seconds'] * 1e3:.1f} | {ratio} | "
+                 f"{r['argument_bytes'] / 2**20:.1f} | {r['temp_bytes'] / 2**20:.1f} | "
+                 f"{(r['argument_bytes'] + r['temp_bytes']) / 2**20:.1f} |")
+  lines += ["", "Log-log slopes (least squares over the settings; 1 = linear):", "",
+            "| optimizer | against | range | step time | temporaries | peak |",
+            "|---|---|---|---:|---:|---:|"]
+  lines += [f"| {name[s['optimizer']]} | {s['against']} | {s['range'][0]}-{s['range'][1]} | "
+            f"{s['step_time']:.2f} | {s['temp_bytes']:.2f} | "
+            + ("-" if s["peak_bytes"] is None else f"{s['peak_bytes']:.2f}") + " |"
+            for s in slopes]
+  lines += ["", "Plot: [char-lm_scaling.png](char-lm_scaling.png) (log-log; solid: step time, "
+            "dashed: temporaries)."]
+  (out / "char-lm_scaling.md").write_text("\n".join(lines) + "\n")
+
+
+def _scaling_plot(path: Path, rows: list[dict]) -> None:
+  """Two log-log panels (against batch, against context): step time and temporaries."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for ax, axis, fixed in ((axes[0], "batch", ("context", CONTEXT)),
+                          (axes[1], "context", ("batch", BATCH))):
+    memory_ax = ax.twinx()
+    for colour, opt, label in (("C0", "adam", "AdamW"), ("C1", "riemod", "riemod")):
+      sel = _series(rows, opt, axis)
+      xs = [r[axis] for r in sel]
+      ax.plot(xs, [1e3 * r["median_step_seconds"] for r in sel], "o-", color=colour,
+              label=f"{label} step ms")
+      memory_ax.plot(xs, [r["temp_bytes"] / 2**20 for r in sel], "s--", color=colour,
+                     label=f"{label} temporaries MB")
+    for a in (ax, memory_ax):
+      a.set_xscale("log", base=2)
+      a.set_yscale("log")
+    ax.set_xlabel(f"{axis} ({fixed[0]} {fixed[1]})")
+    ax.set_ylabel("step time (ms)")
+    memory_ax.set_ylabel("XLA temporaries (MB)")
+    lines = ax.get_legend_handles_labels()
+    more = memory_ax.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper left")
+  fig.suptitle("char-lm step against batch size and context (log-log)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def main(argv=None):
@@ -196,11 +316,16 @@ def main(argv=None):
   parser.add_argument("--untuned", action="store_true",
                       help="the first setting of each grid on the reported seeds (no tuning runs)")
   parser.add_argument("--scaling", action="store_true", help="only the batch/context sweep")
+  parser.add_argument("--batches", default=",".join(map(str, SCALING_BATCHES)),
+                      help="--scaling: batch sizes at the task's context (default: %(default)s)")
+  parser.add_argument("--contexts", default=",".join(map(str, SCALING_CONTEXTS)),
+                      help="--scaling: contexts at the task's batch size (default: %(default)s)")
   parser.add_argument("--out", type=Path, default=harness.DEFAULT_RESULTS)
   args = parser.parse_args(argv)
   args.out.mkdir(parents=True, exist_ok=True)
   if args.scaling:
-    scaling(args.out)
+    scaling(args.out, [int(b) for b in args.batches.split(",") if b],
+            [int(t) for t in args.contexts.split(",") if t])
     return
   options = protocol.QUICK if args.quick else dict(timing_rounds=3, timing_burst=5) if (
       args.untuned) else {}
