@@ -391,7 +391,9 @@ def pinn_parts(config: dict):
 
   def full(p, s):
     loss, grads, curv = curvature(p)
-    updates, s = tx.update(grads, s, p, curvature=curv, value=loss)
+    # value_fn: the loss on the batch, for a configuration with a line search (ENGD's grid).
+    updates, s = tx.update(grads, s, p, curvature=curv, value=loss,
+                           value_fn=lambda q: P.half_mean_square(P.residual_fn(q, batch)))
     return optax.apply_updates(p, updates), s
 
   def jacobian(p):
@@ -438,8 +440,8 @@ def main(argv=None):
   parser.add_argument("--task", default="digits-mlp", choices=TASKS)
   parser.add_argument("--config", type=json.loads, default=None,
                       help="riemod configuration as JSON (default: the task's tuned one)")
-  parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
-  parser.add_argument("--burst", type=int, default=None, help="calls per part and round")
+  parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (None: 7; char-lm and poisson-pinn 5)")
+  parser.add_argument("--burst", type=int, default=None, help="calls per part and round (None: 20; char-lm and poisson-pinn 3)")
   parser.add_argument("--out", type=Path, default=harness.DEFAULT_RESULTS,
                       help="folder for profile_<task>.{json,md}; created if missing")
   args = parser.parse_args(argv)
