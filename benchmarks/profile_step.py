@@ -440,8 +440,10 @@ def main(argv=None):
   parser.add_argument("--task", default="digits-mlp", choices=TASKS)
   parser.add_argument("--config", type=json.loads, default=None,
                       help="riemod configuration as JSON (default: the task's tuned one)")
-  parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (None: 7; char-lm and poisson-pinn 5)")
-  parser.add_argument("--burst", type=int, default=None, help="calls per part and round (None: 20; char-lm and poisson-pinn 3)")
+  parser.add_argument("--rounds", type=int, default=None,
+                      help="interleaved rounds (None: 7; char-lm and poisson-pinn 5)")
+  parser.add_argument("--burst", type=int, default=None,
+                      help="calls per part and round (None: 20; char-lm and poisson-pinn 3)")
   parser.add_argument("--out", type=Path, default=harness.DEFAULT_RESULTS,
                       help="folder for profile_<task>.{json,md}; created if missing")
   args = parser.parse_args(argv)
