@@ -26,7 +26,10 @@ For the diagonal policies ``S`` is a per-parameter scale (``S^T = S``, ``D = mas
   bias entry: ``K S`` is again a dense factor (features ``L_A^{-1} [1; x]``, cotangents
   ``L_S^{-1} c``) and the Gram-Hadamard kernel is kept. The step is K-FAC's memory plus this
   batch's exact curvature; with no batch rows it is the damped K-FAC step
-  ``A^{-1} G S^{-1} / mass``. Modules without dense structure keep the constant mass.
+  ``A^{-1} G S^{-1} / mass``. ``A (x) S`` carries the curvature's own units, so ``mass`` is
+  a relative weight here and its default is 1 (:attr:`KroneckerMass.default_mass`). Modules
+  without dense structure keep a constant mass in the constant policy's unit,
+  ``D = mass * 1e-2`` (the constant policy's default 1e-2 at the default mass 1).
 
 References:
   Pehle & Slotine, *Riemannian Optimization in Modular Systems* (arXiv 2603.03610), sec. 3 (a
@@ -42,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +131,9 @@ def _identity_changes(curvature: Curvature) -> list[Any]:
 class ConstantMass:
   """``D = mass`` for every module that declares none (the geometry's default policy)."""
 
+  # The geometry's mass when none is given: D = 1e-2 I, in the units of K^T K.
+  default_mass: ClassVar[float] = 1e-2
+
   def init(self, params: Any) -> None:
     del params
     return None
@@ -152,6 +158,8 @@ class AdaptiveMass:
     eps: added to ``sqrt(v)`` (keeps ``D`` positive where gradients vanish), > 0.
   """
 
+  # D = 1e-2 (sqrt(v) + eps): outside the rows' range Adam's scaling at rate lr / 1e-2.
+  default_mass: ClassVar[float] = 1e-2
   decay: float = 0.99
   eps: float = 1e-8
 
@@ -254,6 +262,11 @@ class KroneckerMass:
       between the mass keeps the last factors while the moving averages keep updating.
   """
 
+  # A (x) S approximates K^T K itself, so the mass is a relative weight: 1 weighs the
+  # remembered curvature as much as this batch's exact rows. At the constant policy's 1e-2 the
+  # digits autoencoder's first steps were refused by the precision check (estimated error
+  # 0.010-0.019 > 1e-2) and at 1 they train (benchmarks/task_tuning_free.py).
+  default_mass: ClassVar[float] = 1.0
   decay: float = 0.95
   damping: float = 1e-3
   update_every: int = 1
@@ -364,7 +377,12 @@ class KroneckerMass:
         return [thunk() for thunk in thunks]
       # Cholesky and triangular inverse of both factors: ~(n_in^3 + n_out^3) / 3 each.
       costs = [float(a.shape[0] ** 3 + s.shape[0] ** 3) for a, s in averages]
-      return _mesh.spread(axes, costs, thunks)
+      # Roots and inverses are lower triangular: only their n (n + 1) / 2 entries are shared.
+      lower = lambda n: jnp.tril_indices(n)
+      pack = lambda thunk: lambda: [m[lower(m.shape[0])] for m in thunk()]
+      shared = _mesh.spread(axes, costs, [pack(thunk) for thunk in thunks])
+      return [tuple(jnp.zeros_like(m).at[lower(m.shape[0])].set(v) for m, v in zip(old, new))
+              for old, new in zip(kept(), shared)]
 
     def kept():
       return [(state.inputs_root, state.inputs_inverse, state.outputs_root,
@@ -404,8 +422,17 @@ class KroneckerMass:
     for module in curvature.modules:
       state = self._eligible(module, moments)
       if state is None:
-        modules.append(module)
-        changes.append(None)
+        if module.mass is not None or module.kind != "riemannian":
+          modules.append(module)
+          changes.append(None)
+          continue
+        # No Kronecker factors here: the constant policy's unit, D = mass * 1e-2 (so at the
+        # default mass 1 such a module gets the constant policy's default mass 1e-2, not 1).
+        # As a change of variables: S = sqrt(default / constant default) on every leaf.
+        scale = math.sqrt(self.default_mass / ConstantMass.default_mass)
+        modules.append(dataclasses.replace(module, factor=_uniformly_scaled(module.factor,
+                                                                             scale)))
+        changes.append(DiagonalChange({name: jnp.asarray(scale) for name in module.leaf_names}))
         continue
       factor = module.factor
       dtype = factor.features.dtype
@@ -425,6 +452,17 @@ class KroneckerMass:
       changes.append(KroneckerChange(state.inputs_root, state.inputs_inverse, state.outputs_root,
                                      state.outputs_inverse, factor.structure))
     return dataclasses.replace(curvature, modules=tuple(modules)), changes
+
+
+def _uniformly_scaled(factor: Any, scale: float) -> Any:
+  """The factor of ``K S`` for ``S = scale I``."""
+  if isinstance(factor, DenseFactor):
+    return dataclasses.replace(factor, cotangents=factor.cotangents * scale)
+  if isinstance(factor, RowsFactor):
+    return RowsFactor({name: rows * scale for name, rows in factor.leaf_rows.items()})
+  if isinstance(factor, EmbedFactor):
+    return dataclasses.replace(factor, cotangents=factor.cotangents * scale)
+  raise TypeError(f"riemod.masses.kronecker: no uniform scaling for a {type(factor).__name__}.")
 
 
 def _batch_sums(factor: DenseFactor, axes: tuple = ()) -> tuple[jax.Array, ...]:
