@@ -651,6 +651,24 @@ def kronecker_flops(name: str, devices: int) -> dict:
           "owner": list(_mesh.assign(refresh, devices))}
 
 
+def kronecker_bytes(name: str, itemsize: int = 4) -> dict:
+  """Bytes each all-reduce of the spread Kronecker mass carries for MODELS[name] (result sizes).
+
+  ``statistics``: per dense layer ``sum x x^T`` (``fan_in^2``), ``sum x`` (``fan_in``) and
+  ``sum c c^T`` (``fan_out^2``), every step; ``refresh``: the lower triangles of both damped
+  factors' Cholesky roots and inverses (``2 (n (n + 1) / 2)`` for ``n = 1 + fan_in`` and
+  ``fan_out``), on refresh steps only.
+
+  Example:
+    >>> kronecker_bytes("mlp")["statistics"]
+    280208
+  """
+  layers = list(zip(MODELS[name][0][:-1], MODELS[name][0][1:]))
+  statistics = sum(a * a + a + b * b for a, b in layers)
+  refresh = sum((a + 1) * (a + 2) + b * (b + 1) for a, b in layers)
+  return {"statistics": itemsize * statistics, "refresh": itemsize * refresh}
+
+
 def largest_load(costs: list[float], devices: int) -> float:
   """The most loaded device's summed ``costs`` under ``_mesh.assign`` (the spread's work per
   device).
@@ -723,10 +741,16 @@ def kronecker_report(rows: list[dict]) -> str:
       "\nReproduce: `python -m benchmarks.bench_multidevice --kronecker`.\n")
   for name, (sizes, _, loss, metric, samples) in MODELS.items():
     diffs = [row["models"][name]["max_relative_difference"] for row in rows]
+    sent = kronecker_bytes(name)
     text += (
         f"\n## {name}: {'-'.join(map(str, sizes))}, {loss}, {metric} on {samples} samples\n\n"
         "Spread vs replicated parameters after one step: max relative difference "
-        f"{max(diffs):.1e}. Refresh owners per device count: "
+        f"{max(diffs):.1e}. The spread's all-reduces, beyond the gradient's: the solved steps "
+        "(parameter-sized, as in multidevice.md), the statistics "
+        f"({sent['statistics'] / 1024:.1f} KiB, every step; XLA combines them with the "
+        "gradient's) and the refreshed factors' triangles "
+        f"({sent['refresh'] / 1024:.1f} KiB, on refresh steps; analytic, "
+        "`kronecker_bytes`). Refresh owners per device count: "
         + "; ".join(f"{row['devices']}: {row['models'][name]['kronecker_flops']['owner']}"
                     for row in rows) + ".\n\n"
         "| devices | scheme | statistics MFLOP per device | refresh MFLOP per device | blocks "
