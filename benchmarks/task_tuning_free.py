@@ -9,13 +9,17 @@ files):
 * ``riemod-certified``: :func:`riemod.certify.certified_layerwise_natural_gradient` (the PINN:
   :func:`riemod.certify.certified_natural_gradient`) with riemod's defaults for everything a user
   would otherwise tune: no learning rate (the controller's ``fraction * 2 / lam_max(G^{-1} H_GN)``,
-  defaults, recorded in the results), ``riemod.Geometry()`` (mass 1e-2, constant), no momentum,
-  no clipping, no line search, ``on_nonfinite``/``max_error`` defaults. Kept from the task: the
+  defaults, recorded in the results), the aliases' default geometry
+  (:func:`riemod.certify.certified_geometry`: the Kronecker mass at its default mass 1, ``1e-2 I``
+  on modules without dense structure), their default SPRING momentum 0.8, no clipping, no line
+  search, ``on_nonfinite``/``max_error`` defaults. Kept from the task: the
   output metric and curvature batch (they set what the curvature costs, not the step).
 * ``riemod-certified+guard`` (the PINN): the same wrapped in :func:`riemod.certify.guarded` at its
   defaults (Levenberg-Marquardt mass adaptation and step rejection from the measured reduction
   ratio): on a full-batch least-squares loss the Gauss-Newton edge is ``lr = 1`` whatever the mass,
   so the controller alone cannot shorten a step the nonlinearity punishes; the guard can.
+* ``riemod-certified-constant`` (digits tasks): the same with the constant mass 1e-2
+  (``riemod.Geometry()``), the aliases' default before the Kronecker mass.
 * ``riemod-certified-adaptive`` (with ``--adaptive``): the same with ``riemod.masses.adaptive()``.
 
 Measured: stable seeds (not diverged, not climbed back; a run that raises counts as unstable),
@@ -58,7 +62,10 @@ import riemod
 from benchmarks import harness, problems, riemod_config
 
 NAME = "tuning_free"
-TASKS = ("digits-mlp", "digits-autoencoder", "engd-poisson")
+TASKS = ("digits-mlp", "digits-autoencoder", "digits-cnn", "char-lm", "engd-poisson")
+# digits-cnn reaches its threshold in < 1 s; its task's 20 s budget is for accuracy at equal time.
+TIME_BUDGET_S = {"digits-cnn": 5.0}
+LM_EVAL_EVERY = 10  # the validation loss costs ~a step; every step would double the wall time
 SEEDS = (0, 1, 2)
 # The controller's own defaults (riemod.certify.controlled's signature), recorded in the results.
 CONTROLLER = {k: v.default for k, v in inspect.signature(
@@ -81,6 +88,7 @@ TUNING_SEEDS = (100, 101, 102, 103)
 # The threshold each task's time is measured to: the task's own (digits-mlp), the issue 6 target
 # level (autoencoder), and an L2 level the tuned ENGD setting reaches on 3/3 seeds (PINN).
 THRESHOLD = {"digits-mlp": ("train_loss", 0.05), "digits-autoencoder": ("train_loss", 0.5),
+             "digits-cnn": ("train_loss", 0.05), "char-lm": ("val_loss", 2.2),
              "engd-poisson": ("l2", 1e-5)}
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -101,9 +109,10 @@ def tuned_config(task: str, module) -> dict:
 
 # --------------------------------------------------------------------------- digits tasks
 def _digits_task(task: str, quick: bool):
-  from benchmarks import task_digits_autoencoder, task_digits_mlp
+  from benchmarks import task_digits_autoencoder, task_digits_cnn, task_digits_mlp
 
-  module = task_digits_mlp if task == "digits-mlp" else task_digits_autoencoder
+  module = {"digits-mlp": task_digits_mlp, "digits-autoencoder": task_digits_autoencoder,
+            "digits-cnn": task_digits_cnn}[task]
   spec = module.spec(quick)
   return module, spec, spec.make_trainer.__self__  # the MLPTask behind the trainer factory
 
@@ -115,16 +124,16 @@ def certified_trainer(mlp_task, name: str, hyper: dict, seed: int, *, fixed_lr=N
   other than the defaults)."""
   from flax import nnx
 
-  from benchmarks import mlp
-
   controller = controller or {}
   key = ("certified", json.dumps(hyper, sort_keys=True), fixed_lr,
          json.dumps(controller, sort_keys=True))
   cache = mlp_task._cache
   if key not in cache:
-    policy = riemod_config.mass_policy(hyper.get("mass_policy") or "constant")
-    geometry = riemod.Geometry(mass_policy=policy, **({"mass": hyper["mass"]} if "mass" in hyper
-                                                      else {}))
+    # No mass policy named: the certified aliases' own default geometry.
+    geometry = (riemod.certify.certified_geometry("layerwise", hyper.get("mass"))
+                if "mass_policy" not in hyper else riemod.Geometry(
+                    mass=hyper.get("mass"),
+                    mass_policy=riemod_config.mass_policy(hyper["mass_policy"])))
     if fixed_lr is None:
       tx = riemod.certify.certified_layerwise_natural_gradient(geometry=geometry, **controller)
     else:
@@ -147,7 +156,7 @@ def certified_trainer(mlp_task, name: str, hyper: dict, seed: int, *, fixed_lr=N
   tx, step = cache[key]
   table = problems.batch_table(seed, mlp_task.x_train.shape[0], mlp_task.batch_size,
                                mlp_task.num_steps)
-  _, params0 = nnx.split(mlp.build_model(mlp_task.sizes, mlp_task.activations, seed))
+  _, params0 = nnx.split(mlp_task.model(seed))
   seed_arr = jnp.asarray(seed, jnp.uint32)
 
   def one_step(state, i):
@@ -181,10 +190,10 @@ def _controller_summary(state) -> dict:
   return out
 
 
-def _train(trainer, num_steps, thresholds, time_budget_s):
+def _train(trainer, num_steps, thresholds, time_budget_s, eval_every: int = 1):
   """One run; a run that raises (a refused step, a crash) is recorded as unstable."""
   try:
-    r = harness.run_training(trainer, num_steps, thresholds=thresholds,
+    r = harness.run_training(trainer, num_steps, thresholds=thresholds, eval_every=eval_every,
                              time_budget_s=time_budget_s)
   except Exception as error:  # noqa: BLE001 - recorded with its reason
     reason = _reason(error)
@@ -277,14 +286,12 @@ def run_digits(task: str, quick: bool, seeds, adaptive: bool = False) -> dict:
     if adaptive:
       trainers.append(certified_trainer(mlp_task, "riemod-certified-adaptive",
                                         dict(metric_keys, mass_policy="adaptive"), seed))
-    if tuned.get("mass_policy", "constant").startswith("kronecker"):
-      # The tuned run's mass policy declared, everything else at the certified defaults.
-      trainers.append(certified_trainer(
-          mlp_task, "riemod-certified-kronecker",
-          dict(metric_keys, mass_policy=tuned["mass_policy"], mass=tuned["mass"]), seed))
+    # The certified aliases' previous default geometry, riemod.Geometry() (constant mass 1e-2).
+    trainers.append(certified_trainer(mlp_task, "riemod-certified-constant",
+                                      dict(metric_keys, mass_policy="constant"), seed))
     trainers[0].name = "riemod-tuned"
     for t in trainers:
-      r = _train(t, spec.num_steps, thresholds, spec.time_budget_s)
+      r = _train(t, spec.num_steps, thresholds, TIME_BUDGET_S.get(task, spec.time_budget_s))
       r["seed"] = seed
       hit = r["thresholds"].get(_key(task), {})
       _log(f"{task} {t.name} seed {seed}: final {r['final'].get(THRESHOLD[task][0])}, "
@@ -294,7 +301,7 @@ def run_digits(task: str, quick: bool, seeds, adaptive: bool = False) -> dict:
   # Controller overhead: from seed 0's trained certified state, the step with and without an
   # estimate against the same inner step at the controller's final fixed learning rate.
   overhead = {}
-  for name in ("riemod-certified", "riemod-certified-adaptive"):
+  for name in ("riemod-certified", "riemod-certified-constant", "riemod-certified-adaptive"):
     run = next((r for r in runs if r["optimizer"] == name and r["seed"] == seeds[0]
                 and "_state" in r), None)
     if run is None or not run.get("controller"):
@@ -304,10 +311,12 @@ def run_digits(task: str, quick: bool, seeds, adaptive: bool = False) -> dict:
                              fixed_lr=run["controller"]["learning_rate"])
     mine = certified_trainer(mlp_task, name, hyper, seeds[0])
     cost = estimate_cost(twin, mine, run["_state"], 5 if quick else 21)
-    counts = [r["controller"]["estimates"] for r in runs if r["optimizer"] == name
-              and r.get("controller")]
+    mine_runs = [r for r in runs if r["optimizer"] == name and r.get("controller")]
+    counts = [r["controller"]["estimates"] for r in mine_runs]
     cost["estimates"] = counts
-    cost["whole_run"] = [whole_run_overhead(cost, c, spec.num_steps) for c in counts]
+    # Over the steps each run took (a time budget can stop a run before num_steps).
+    cost["steps"] = [r["controller"]["count"] for r in mine_runs]
+    cost["whole_run"] = [whole_run_overhead(cost, c, n) for c, n in zip(counts, cost["steps"])]
     overhead[name] = cost
     _log(f"{task} {name}: estimate cost {cost['ratio_to_fixed']}, whole run {cost['whole_run']}")
   tuning = [] if quick or task != "digits-mlp" else tune_controller(mlp_task, metric_keys, spec,
@@ -360,8 +369,11 @@ def run_pinn(quick: bool, seeds, adaptive: bool = False) -> dict:
   chosen = json.loads((RESULTS / "engd-poisson.json").read_text())["chosen"]
   tuned = dict(chosen["hyperparameters"])
 
-  def certified(name, policy, guard=False, **options):
-    geometry = riemod.Geometry(structure="full", mass_policy=policy)
+  def certified(name, policy=None, guard=False, **options):
+    # policy None: the certified aliases' default geometry (the Kronecker mass, which keeps the
+    # constant 1e-2 on this plain function's parameters: they have no dense structure).
+    geometry = (riemod.certify.certified_geometry("full") if policy is None else
+                riemod.Geometry(structure="full", mass_policy=policy))
     tx = riemod.certify.certified_natural_gradient(geometry=geometry, **options)
     if guard:
       tx = riemod.certify.guarded(tx, geometry)
@@ -387,11 +399,10 @@ def run_pinn(quick: bool, seeds, adaptive: bool = False) -> dict:
 
   machine = harness.machine_info()
   tuned_trainer = engd.trainer("riemod", tuned, prob, cache)
-  trainers = [tuned_trainer, certified("riemod-certified", riemod.masses.constant()),
-              certified("riemod-certified+guard", riemod.masses.constant(), guard=True),
+  trainers = [tuned_trainer, certified("riemod-certified"),
+              certified("riemod-certified+guard", guard=True),
               # The default momentum against none: Gauss-Newton steps at the certified lr ~ 1.
-              certified("riemod-certified+guard, no momentum", riemod.masses.constant(),
-                        guard=True, momentum=None)]
+              certified("riemod-certified+guard, no momentum", guard=True, momentum=None)]
   if adaptive:
     trainers.append(certified("riemod-certified-adaptive", riemod.masses.adaptive()))
   runs = []
@@ -415,6 +426,65 @@ def run_pinn(quick: bool, seeds, adaptive: bool = False) -> dict:
           "num_steps": iterations, "tuned": dict(tuned, line_search=engd.LINE_SEARCH),
           "controller": CONTROLLER, "runs": runs, "overhead": {}, "kfac": None,
           "machine": machine, "loadavg_end": list(os.getloadavg())}
+
+
+# --------------------------------------------------------------------------- char-LM
+def run_char_lm(quick: bool, seeds) -> dict:
+  """The character-level transformer LM (``benchmarks/task_char_lm.py``): its tuned riemod (the
+  adaptive mass, a warm-up, a clip) against the certified alias at its defaults, under the task's
+  step-time budget; validation loss evaluated every ``LM_EVAL_EVERY`` steps (not timed)."""
+  from flax import nnx
+
+  from benchmarks import task_char_lm as lm_task
+
+  task = lm_task.CharLMTask(2000)
+  chosen = json.loads((RESULTS / "char-lm.json").read_text())["chosen"]["riemod"]
+  tuned = dict(chosen["hyperparameters"])
+  lm, graphdef = task.lm, task.graphdef
+  metric = riemod.metrics.sampled_softmax_fisher(1)
+  tx = riemod.certify.certified_layerwise_natural_gradient()
+
+  @jax.jit
+  def step(params, opt_state, x, y, key):
+    loss_fn = lambda logits: lm.cross_entropy(logits, y)
+    loss, grads, curvature = riemod.value_grad_and_curvature(nnx.merge(graphdef, params), x,
+                                                             loss_fn, metric, key=key)
+    updates, opt_state = tx.update(grads, opt_state, params, curvature=curvature, value=loss,
+                                   apply_fn=lambda p: nnx.merge(graphdef, p)(x), loss_fn=loss_fn)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  def certified_trainer_lm(seed):
+    starts = lm.batch_starts(len(task.train), task.num_steps, task.batch, task.context, seed)
+    _, params0 = nnx.split(task._model(seed))
+
+    def one_step(state, i):
+      x, y = map(jnp.asarray, lm.windows(task.train, starts[i % len(starts)], task.context))
+      params, opt_state, loss = step(state[0], state[1], x, y,
+                                     jax.random.fold_in(jax.random.key(seed), i))
+      return (params, opt_state), loss
+
+    return harness.Trainer("riemod-certified", {}, lambda: (params0, tx.init(params0)), one_step,
+                           lambda st: {"val_loss": float(task.validation(st[0]))})
+
+  budget = 10.0 if quick else lm_task.BUDGET_S
+  thresholds = {THRESHOLD["char-lm"][0]: [THRESHOLD["char-lm"][1]]}
+  machine = harness.machine_info()
+  runs = []
+  for seed in seeds:
+    tuned_trainer = task.trainer("riemod", tuned, seed)
+    tuned_trainer.name = "riemod-tuned"
+    for trainer in (tuned_trainer, certified_trainer_lm(seed)):
+      r = _train(trainer, task.num_steps, thresholds, budget, eval_every=LM_EVAL_EVERY)
+      r["seed"] = seed
+      r.pop("_state", None)
+      hit = r["thresholds"].get(_key("char-lm"), {})
+      _log(f"char-lm {trainer.name} seed {seed}: final {r['final'].get('val_loss')}, to "
+           f"threshold {hit.get('steps')} steps / {hit.get('seconds')} s, "
+           f"controller {r.get('controller')}")
+      runs.append(r)
+  return {"task": "char-lm", "threshold": THRESHOLD["char-lm"], "num_steps": task.num_steps,
+          "time_budget_s": budget, "tuned": tuned, "controller": CONTROLLER, "runs": runs,
+          "overhead": {}, "kfac": None, "machine": machine, "loadavg_end": list(os.getloadavg())}
 
 
 # --------------------------------------------------------------------------- report
@@ -474,10 +544,12 @@ def write_markdown(out: Path) -> None:
            "Median over seeds 0, 1, 2. Seconds count step time only (evaluation excluded), "
            "to the threshold named per task. `riemod-tuned`: the task's tuned riemod; "
            "`riemod-certified`: `riemod.certify.certified_(layerwise_)natural_gradient` with "
-           "no learning rate, its default SPRING momentum 0.8 and `riemod.Geometry()` defaults "
-           "(mass 1e-2, no clip, no line search; the task's output metric and curvature batch); "
-           "`-adaptive`: the same with `riemod.masses.adaptive()`; `-kronecker`: the same with "
-           "the tuned run's Kronecker mass policy and mass declared. Controller: "
+           "no learning rate and every default: SPRING momentum 0.8, the default geometry "
+           "`riemod.certify.certified_geometry()` (the Kronecker mass at mass 1; `1e-2 I` on "
+           "modules without dense structure), no clip, no line search; the task's output metric "
+           "and curvature batch; `-constant`: the same with `riemod.Geometry()` (constant mass "
+           "1e-2, the default before the Kronecker mass); `-adaptive`: the same with "
+           "`riemod.masses.adaptive()`. Controller: "
            f"`{CONTROLLER}`. kfac-jax rows: its adaptive mode, from "
            "`benchmarks/results/kfac_<task>.json` (an earlier run in its own environment, not "
            "re-run here; its step times are not comparable across loads).", ""]
@@ -521,7 +593,8 @@ def write_markdown(out: Path) -> None:
           f"{harness.fmt(r['controlled, estimate'])}x (spread "
           f"{harness.fmt(spread['controlled, estimate'][0])}-"
           f"{harness.fmt(spread['controlled, estimate'][1])}). With {o['estimates']} estimates "
-          f"(warm-up, schedule and rechecks) in {payload['num_steps']} steps the controller adds "
+          f"(warm-up, schedule and rechecks) in {o.get('steps', payload['num_steps'])} steps "
+          "the controller adds "
           + ", ".join(f"{harness.fmt(100 * w)}%" for w in o["whole_run"])
           + " to a run (per seed; target 10%).")
     tuning = payload.get("controller_tuning") or []
@@ -568,8 +641,12 @@ def main(argv=None) -> None:
       subprocess.run(cmd, check=True)
       continue
     _log(f"{task}: start")
-    payload = run_pinn(args.quick, seeds, args.adaptive) if task == "engd-poisson" else \
-        run_digits(task, args.quick, seeds, args.adaptive)
+    if task == "engd-poisson":
+      payload = run_pinn(args.quick, seeds, args.adaptive)
+    elif task == "char-lm":
+      payload = run_char_lm(args.quick, seeds)
+    else:
+      payload = run_digits(task, args.quick, seeds, args.adaptive)
     payload["summary"] = summarise(payload)
     harness.write_json(args.out / f"{NAME}_{task}.json", payload)
     write_markdown(args.out)

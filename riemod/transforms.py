@@ -444,9 +444,10 @@ def apply_if_valid(inner: optax.GradientTransformation, policy: str = "error", *
 
 
 def alias_geometry(structure: str, mass, geometry: Geometry | None) -> Geometry:
-  """The geometry an alias steps with: ``geometry``, or ``Geometry(mass)`` (default 1e-2)."""
+  """The geometry an alias steps with: ``geometry``, or ``Geometry(mass)`` (``None``: the
+  constant policy's default, 1e-2)."""
   if geometry is None:
-    return Geometry(mass=1e-2 if mass is None else mass, structure=structure)
+    return Geometry(mass=mass, structure=structure)
   if not isinstance(geometry, Geometry):
     raise TypeError(f"geometry={geometry!r}: pass a riemod.Geometry(...) (or mass= alone).")
   if mass is not None:

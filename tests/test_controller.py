@@ -74,7 +74,7 @@ def test_lam_max_and_learning_rate_match_eigh_full_metric_by_definition():
     h = _dense_h(f, x, loss_fn, params)
     np.testing.assert_allclose(h, jac.T @ jac / B, atol=1e-12)   # linear model: H = H_GN
     expected = scipy.linalg.eigh(h, g_dense, eigvals_only=True)[-1]
-    tx = certified_natural_gradient(MASS, fraction=0.4, num_steps=flat.shape[0])
+    tx = certified_natural_gradient(geometry=riemod.Geometry(MASS, structure="full"), fraction=0.4, num_steps=flat.shape[0])
     u, state, _, g, curv = _update(tx, tx.init(params), f, x, loss_fn, params)
     np.testing.assert_allclose(float(state.lam_max), expected, rtol=1e-6)
     np.testing.assert_allclose(float(state.learning_rate), 0.4 * 2 / expected, rtol=1e-6)
@@ -142,7 +142,7 @@ def test_warm_start_reaches_eigh_with_two_lanczos_steps():
 def test_estimates_every_k_steps_and_jit_equals_eager():
   with jax.enable_x64(True):
     f, x, loss_fn, params = _least_squares()
-    tx = certified_layerwise_natural_gradient(MASS, every=3, warmup=0, num_steps=4)
+    tx = certified_layerwise_natural_gradient(geometry=riemod.Geometry(MASS), every=3, warmup=0, num_steps=4)
 
     def run(step_fn, n):
       p, state = params, tx.init(params)
@@ -163,14 +163,30 @@ def test_estimates_every_k_steps_and_jit_equals_eager():
     assert lams[0] == lams[1] == lams[2] and lams[3] == lams[4] == lams[5]
     for a, b in zip(jax.tree.leaves((p_eager, s_eager)), jax.tree.leaves((p_jit, s_jit))):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
-    # The warm-up (default: `every` steps) estimates at each of its steps, then every `every`.
-    tx = certified_layerwise_natural_gradient(MASS, every=3, num_steps=4)
+    # An explicit warm-up estimates at each of its steps, then every `every`.
+    tx = certified_layerwise_natural_gradient(geometry=riemod.Geometry(MASS), every=3, warmup=3,
+                                              num_steps=4)
     assert int(run(step, 7)[1].estimates) == 5     # steps 0, 1, 2, 3, 6
+
+
+def test_default_warmup_estimates_at_doubling_steps():
+  """warmup=None: steps 0, 1, 3, 7, 15 below `every` (count + 1 a power of two), then every
+  `every`; fails with the old every-step warm-up (10 + 1 estimates) or none (2)."""
+  f, x, loss_fn, params = _least_squares()
+  tx = certified_layerwise_natural_gradient(geometry=riemod.Geometry(MASS), every=20,
+                                            recheck_rise=None, num_steps=2)
+  stepper = _stepper(tx, f, x, loss_fn)
+  state, counts = tx.init(params), []
+  for _ in range(22):
+    state = stepper(state, params)[1]
+    counts.append(int(state.estimates))
+  due = [i for i in range(22) if counts[i] > (counts[i - 1] if i else 0)]
+  assert due == [0, 1, 3, 7, 15, 20]
 
 
 def test_a_rising_loss_is_estimated_at_once():
   f, x, loss_fn, params = _least_squares()
-  tx = certified_layerwise_natural_gradient(MASS, every=100, warmup=0, num_steps=3)
+  tx = certified_layerwise_natural_gradient(geometry=riemod.Geometry(MASS), every=100, warmup=0, num_steps=3)
   loss, g, curv = riemod.value_grad_and_curvature(f, x, loss_fn, riemod.metrics.identity(),
                                                   params=params)
   step = jax.jit(lambda state, value: tx.update(
@@ -187,7 +203,7 @@ def test_a_rising_loss_is_estimated_at_once():
   np.testing.assert_allclose(float(state.smoothed_value),
                              0.9 * (0.9 * (0.9 * (0.9 * 0.95 + 0.09) + 0.05) + 0.09) + 0.2,
                              rtol=1e-6)                      # float32 arithmetic
-  no_recheck = certified_layerwise_natural_gradient(MASS, every=100, warmup=0,
+  no_recheck = certified_layerwise_natural_gradient(geometry=riemod.Geometry(MASS), every=100, warmup=0,
                                                     recheck_rise=None)
   state = no_recheck.init(params)
   for value in (1.0, 3.5):
@@ -305,7 +321,7 @@ def test_memory_keeps_the_rate_of_the_sharpest_recent_batch():
                                     eigvals_only=True)[-1])
     assert lams[1] < 0.5 * lams[0]
     for memory, reference in ((0.0, lams[1]), (0.5, max(lams[1], 0.5 * lams[0]))):
-      tx = certified_layerwise_natural_gradient(100.0, every=1, num_steps=n, memory=memory)
+      tx = certified_layerwise_natural_gradient(geometry=riemod.Geometry(100.0), every=1, num_steps=n, memory=memory)
       state = tx.init(params)
       for scale in (3.0, 1.0):   # parameters kept: the curvature is that of each batch
         _, state, *_ = _update(tx, state, f, scale * x, loss_fn, params)
@@ -328,7 +344,7 @@ def test_full_hessian_option_matches_eigh_on_a_nonlinear_net():
     g_dense = jac.T @ jac / 8 + MASS * np.eye(n)
     h = _dense_h(f, x, loss_fn, params)
     for hessian, matrix in (("full", h), ("gauss_newton", jac.T @ jac / 8)):
-      tx = certified_natural_gradient(MASS, num_steps=n, hessian=hessian)
+      tx = certified_natural_gradient(geometry=riemod.Geometry(MASS, structure="full"), num_steps=n, hessian=hessian)
       _, state, *_ = _update(tx, tx.init(params), f, x, loss_fn, params)
       expected = scipy.linalg.eigh(matrix, g_dense, eigvals_only=True)[-1]
       np.testing.assert_allclose(float(state.lam_max), expected, rtol=1e-6)

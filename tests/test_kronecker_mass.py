@@ -334,7 +334,7 @@ def test_state_round_trip_jit_and_optimizer():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
-def test_generic_modules_keep_the_constant_mass_and_curvature_is_required(x64):
+def test_generic_modules_keep_a_constant_mass_in_the_constant_unit_and_curvature_is_required(x64):
   geometry = _geometry("layerwise")
   params = {"w": jnp.ones((3,))}
   f = lambda p, xs: jnp.sin(xs @ p["w"])[:, None]
@@ -346,11 +346,16 @@ def test_generic_modules_keep_the_constant_mass_and_curvature_is_required(x64):
   with pytest.raises(ValueError, match="curvature"):
     geometry.advance(state, grads)
   state = geometry.advance(state, grads, curv)
-  const = riemod.Geometry(mass=MASS, structure="layerwise")
-  np.testing.assert_allclose(
-      np.asarray(geometry.compose(curv, state).solve(grads)["w"]),
-      np.asarray(const.compose(curv, const.advance(const.init(params), grads)).solve(grads)["w"]),
-      rtol=1e-12)
+  # The constant policy's unit: D = mass * 1e-2 I (A (x) S is relative, a constant mass is not).
+  # Dense reference: G = J^T J / B + mass * 1e-2 I for the identity metric on the batch mean.
+  jac = np.asarray(jax.jacrev(lambda w: f({"w": w}, x)[:, 0])(params["w"]))  # (B, 3)
+  unit = riemod.masses.ConstantMass.default_mass / riemod.masses.KroneckerMass.default_mass
+  g_mat = jac.T @ jac / x.shape[0] + MASS * unit * np.eye(3)
+  expected = np.linalg.solve(g_mat, np.asarray(grads["w"]))
+  np.testing.assert_allclose(np.asarray(geometry.compose(curv, state).solve(grads)["w"]),
+                             expected, rtol=1e-12)
+  assert not np.allclose(np.linalg.solve(jac.T @ jac / x.shape[0] + MASS * np.eye(3),
+                                         np.asarray(grads["w"])), expected, rtol=1e-3)
 
 
 def test_bad_arguments_are_named():
@@ -366,7 +371,8 @@ def test_attention_projections_take_the_kronecker_mass(x64):
   # Query/key/value kernels are (in, heads, head_dim): the Kronecker state must be sized from the
   # bias's shape (heads, head_dim), not from the kernel's last axis (they silently kept the
   # constant mass). Reference: G = K^T K + D, D = mass (A_d (x) S_d) on each dense module's
-  # [bias; kernel] matrix (kernel flattened (fan_in, fan_out), row-major), mass elsewhere; A and
+  # [bias; kernel] matrix (kernel flattened (fan_in, fan_out), row-major), mass * 1e-2 elsewhere
+  # (embeddings, norms: the constant policy's unit); A and
   # S from the module's measured inputs and cotangents, the damping written out again.
   import test_sequence as seq  # pylint: disable=import-outside-toplevel
 
@@ -383,7 +389,8 @@ def test_attention_projections_take_the_kronecker_mass(x64):
   k = seq._rows_matrix(curv)
   sizes = [int(np.prod(s)) for s in curv.leaf_shapes]
   offsets = np.concatenate([[0], np.cumsum(sizes)])
-  d_mat = MASS * np.eye(offsets[-1])
+  unit = riemod.masses.ConstantMass.default_mass / riemod.masses.KroneckerMass.default_mass
+  d_mat = MASS * unit * np.eye(offsets[-1])
   kronecker_modules = []
   for module in curv.modules:
     structure = getattr(module.factor, "structure", None)

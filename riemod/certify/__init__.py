@@ -30,7 +30,8 @@ from riemod.certify.certificate import certify
 from riemod.certify.contraction import (Contraction, cascade_weights, composed_rate,
                                         contraction_factor, contraction_of, coupling_norm,
                                         max_stable_learning_rate, spectrum)
-from riemod.certify.controller import (ControllerState, certified_layerwise_natural_gradient,
+from riemod.certify.controller import (ControllerState, certified_geometry,
+                                       certified_layerwise_natural_gradient,
                                        certified_natural_gradient, controlled)
 from riemod.certify.guard import (GuardState, LevenbergMarquardtState, guarded,
                                   levenberg_marquardt)
@@ -42,7 +43,7 @@ from riemod.certify.report import CertificateReport
 __all__ = [
     "ActionTerms", "CertificateReport", "Contraction", "ControllerState", "FORMULA", "GuardState",
     "LanczosResult", "LevenbergMarquardtState", "LipschitzSummary", "ModuleLipschitz", "StabilityBound", "action_terms",
-    "cascade_weights", "certified_layerwise_natural_gradient", "certified_natural_gradient",
+    "cascade_weights", "certified_geometry", "certified_layerwise_natural_gradient", "certified_natural_gradient",
     "certify", "composed_rate", "contraction_factor", "contraction_of", "controlled",
     "coupling_norm", "generalized_lanczos", "guarded", "levenberg_marquardt", "max_stable_learning_rate",
     "network_lipschitz", "param_lipschitz", "path_action", "spectrum", "stability_bound",

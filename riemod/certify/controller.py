@@ -59,6 +59,7 @@ from jax.flatten_util import ravel_pytree
 from riemod._util import gaussian_like
 from riemod.certify.contraction import gauss_newton_product
 from riemod.certify.lanczos import top_ritz_pair
+from riemod.composer import masses
 from riemod.composer.geometry import Geometry
 from riemod.state import find_state
 from riemod.transforms import (MetricState, alias_geometry, layerwise_natural_gradient,
@@ -127,11 +128,11 @@ def controlled(
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps riemod's step at learning rate 1 with a certified learning rate.
 
-  At each of the first ``warmup`` steps and then every ``every`` steps the controller estimates
+  In a warm-up and then every ``every`` steps the controller estimates
   ``lam_max(G^{-1} H_GN)`` at the current parameters and batch and sets
   ``lr = fraction * 2 / lam_max``; each update is the inner step times that ``lr``. (The warm-up
-  estimates every step because the curvature changes fastest in the first steps: a rate from
-  the initial curvature alone can be past the edge a few steps later.) With ``learning_rate``
+  estimates at steps 0, 1, 3, 7, ... because the curvature changes fastest in the first steps: a
+  rate from the initial curvature alone can be past the edge a few steps later.) With ``learning_rate``
   given, the applied rate is ``min(learning_rate, fraction * 2 / lam_max)``: the certified rate
   is a ceiling, so a learning rate past the edge is brought back under it.
 
@@ -144,8 +145,10 @@ def controlled(
       one the inner step was solved with).
     fraction: the learning rate as a fraction of the edge ``2 / lam_max``, in ``(0, 1)``.
     every: steps between estimates (>= 1).
-    warmup: the first steps, each with an estimate (``None``: ``min(every, 10)``; 0: none but
-      the first).
+    warmup: the first steps, each with an estimate (0: none but the first). ``None``
+      (default): the steps 0, 1, 3, 7, 15, ... below ``every`` (the step count plus one a power
+      of two): the curvature changes fastest early, and a task that converges in ~20 steps
+      would otherwise spend most of its time on estimates.
     recheck_rise: with ``value=`` (the batch loss) given, a step whose loss exceeds this multiple
       of the moving average of the previous steps' losses is estimated at once, off schedule: a
       step past the edge shows as a rising loss, and the curvature may have grown since the last
@@ -189,7 +192,8 @@ def controlled(
                      "stability 2/lam_max must lie in (0, 1), e.g. 0.5.")
   if not isinstance(every, int) or every < 1:
     raise ValueError(f"every={every!r}: steps between estimates, an int >= 1 (e.g. 10).")
-  warmup = min(every, 10) if warmup is None else warmup
+  doubling = warmup is None
+  warmup = 0 if warmup is None else warmup
   if not isinstance(warmup, int) or warmup < 0:
     raise ValueError(f"warmup={warmup!r}: the first steps with an estimate each, an int >= 0.")
   if recheck_rise is not None and not recheck_rise > 1:
@@ -247,6 +251,8 @@ def controlled(
     dtype = state.lam_max.dtype
     # Estimate on schedule, and at every step until a first valid estimate exists.
     due = (state.count % every == 0) | (state.count < warmup) | ~jnp.isfinite(state.lam_max)
+    if doubling:  # steps 1, 3, 7, 15, ... below `every` (count + 1 a power of two)
+      due = due | ((state.count < every) & ((state.count & (state.count + 1)) == 0))
     value = extra_args.get("value")
     smoothed = state.smoothed_value
     if value is not None:
@@ -281,10 +287,29 @@ def controlled(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def certified_geometry(structure: str = "layerwise", mass: optax.ScalarOrSchedule | None = None,
+                       geometry: Geometry | None = None) -> Geometry:
+  """The geometry a certified alias steps with: ``geometry``, or by default the Kronecker mass.
+
+  Example:
+    >>> import riemod
+    >>> certified_geometry().mass_policy == riemod.masses.kronecker()
+    True
+  """
+  if geometry is None:
+    # The Kronecker mass by default: its memory of the curvature outside this batch's rows is
+    # what lets the digits autoencoder (32 sketched rows per step) train without tuning; under
+    # the constant mass 1e-2 its first steps are refused by the precision check
+    # (benchmarks/results/tuning_free.md, rows riemod-certified and riemod-certified-constant).
+    return alias_geometry(structure, None, Geometry(mass=mass, mass_policy=masses.kronecker(),
+                                                    structure=structure))
+  return alias_geometry(structure, mass, geometry)
+
+
 def _certified(structure, builder, mass, geometry, fraction, every, warmup, recheck_rise,
                num_steps, memory, hessian, learning_rate, max_learning_rate, momentum,
                on_nonfinite, max_error):
-  geometry = alias_geometry(structure, mass, geometry)
+  geometry = certified_geometry(structure, mass, geometry)
   inner = builder(1.0, geometry=geometry, momentum=momentum, on_nonfinite=on_nonfinite,
                   max_error=max_error)
   return controlled(inner, geometry, fraction=fraction, every=every, warmup=warmup,
@@ -304,9 +329,11 @@ def certified_layerwise_natural_gradient(
   """:func:`riemod.layerwise_natural_gradient` with no learning rate: the certified one.
 
   ``controlled(layerwise_natural_gradient(1.0, geometry=geometry, ...), geometry, ...)``; the
-  arguments are those of the two (``mass=`` is shorthand for ``geometry=riemod.Geometry(mass)``,
-  default 1e-2), with SPRING ``momentum=0.8`` by default (the certified rate holds with momentum;
-  see the module docs). ``update`` needs ``curvature=``, ``apply_fn=`` and ``loss_fn=`` (see
+  arguments are those of the two, with SPRING ``momentum=0.8`` by default (the certified rate
+  holds with momentum; see the module docs). The default geometry takes the Kronecker mass
+  (``riemod.Geometry(mass, mass_policy=riemod.masses.kronecker())``, mass default 1: ``D =
+  A (x) S`` on dense and convolution modules, ``1e-2 I`` on others); ``mass=`` is shorthand for
+  that geometry with another mass. ``update`` needs ``curvature=``, ``apply_fn=`` and ``loss_fn=`` (see
   :func:`controlled`).
 
   Example:

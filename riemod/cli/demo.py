@@ -149,7 +149,8 @@ def _run_digits(args, results: dict, saved: list, out: pathlib.Path):
   x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
   runs = {
       "riemod": (riemod.certify.certified_layerwise_natural_gradient(
-          DEMO_RIEMOD["mass"], momentum=DEMO_RIEMOD["momentum"], **DEMO_RIEMOD["controller"]),
+          geometry=riemod.Geometry(DEMO_RIEMOD["mass"]), momentum=DEMO_RIEMOD["momentum"],
+          **DEMO_RIEMOD["controller"]),
                  True),
       "adam": (optax.adam(DEMO_ADAM["learning_rate"]), False),
   }

@@ -72,7 +72,10 @@ class Geometry:
 
   Attributes:
     mass: default mass for modules that declare none (> 0), or an optax schedule of the step.
-      ``mass -> inf`` gives ``g / mass`` (SGD with learning rate ``lr / mass``).
+      ``mass -> inf`` gives ``g / mass`` (SGD with learning rate ``lr / mass``). ``None``
+      (default): the policy's own ``default_mass``, 1e-2 for the constant and adaptive masses
+      (``D = 1e-2 I``, in the units of ``K^T K``), 1 for the Kronecker mass (whose ``A (x) S``
+      already carries the curvature's units, so the mass there is a relative weight).
     mass_policy: :func:`riemod.masses.constant` (default), :func:`riemod.masses.adaptive` or
       :func:`riemod.masses.kronecker`.
     structure: ``"layerwise"`` (block diagonal: one block per module) or ``"full"`` (one block
@@ -112,7 +115,7 @@ class Geometry:
     True
   """
 
-  mass: Any = 1e-2
+  mass: Any = None
   mass_policy: Any = dataclasses.field(default_factory=_masses.ConstantMass)
   structure: str = "layerwise"
   space: str = "auto"
@@ -123,8 +126,8 @@ class Geometry:
   seed: int = 0
 
   def __post_init__(self):
-    validate_mass(self.mass)
     _masses._validate(self.mass_policy)
+    validate_mass(self.default_mass)
     if self.structure not in STRUCTURES:
       raise ValueError(f"structure={self.structure!r}: use one of {STRUCTURES}.")
     if self.space not in SPACES:
@@ -149,9 +152,22 @@ class Geometry:
 
   def mass_at(self, state: GeometryState) -> jax.Array:
     """The default mass of the step being taken, before the mass scale."""
-    if callable(self.mass):
-      return jnp.asarray(self.mass(jnp.maximum(state.count - 1, 0)))
-    return jnp.asarray(self.mass)
+    mass = self.default_mass
+    if callable(mass):
+      return jnp.asarray(mass(jnp.maximum(state.count - 1, 0)))
+    return jnp.asarray(mass)
+
+  @property
+  def default_mass(self) -> Any:
+    """The mass of modules that declare none: ``mass``, or the policy's ``default_mass``.
+
+    Example:
+      >>> import riemod
+      >>> riemod.Geometry().default_mass, riemod.Geometry(mass_policy=riemod.masses.kronecker()
+      ...                                                 ).default_mass
+      (0.01, 1.0)
+    """
+    return self.mass if self.mass is not None else self.mass_policy.default_mass
 
   def compose(self, curvature: Curvature, state: GeometryState) -> ComposedMetric:
     """Factors ``G`` for this curvature and state: the only path from curvature to ``G``.
