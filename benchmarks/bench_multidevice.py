@@ -38,6 +38,15 @@ The one-block structure (``--one-block``, :func:`one_block`): ``riemod.natural_g
 The transformer (``--transformer``, :func:`transformer`): the model of ``examples/transformer_lm.py``,
 small (:data:`TRANSFORMER`), with the example's per-token sampled Fisher and adaptive mass, both
 structures, replicated against spread (layerwise) and sharded (one block).
+
+The Kronecker mass (``--kronecker``, :func:`kronecker`): MODELS with ``riemod.masses.kronecker()``,
+replicated against spread (statistics per device and one all-reduce, refreshes on their owners),
+with analytic statistics/refresh FLOPs per device (:func:`kronecker_flops`) and all-reduced
+bytes (:func:`kronecker_bytes`).
+
+Rows to their owners (``--owners``, :func:`owners`): today's all-gathered bytes of the spread
+layerwise step (compiled HLO) against an owner-only ``all_to_all`` (:func:`owner_exchange`,
+analytic) for MODELS and the transformer; compile only.
 """
 
 from __future__ import annotations

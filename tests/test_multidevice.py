@@ -108,6 +108,13 @@ def kronecker_refreshes(hlo: str, devices: int) -> dict:
         f"= (f64[{n},{n}]" in line for n in sizes)
   found = _placed(hlo, devices, matches, descend=True)
   found["per_branch"] = [b for b in found["per_branch"] if any(b)]
+  # What the all-reduces under two-way conditionals (the refresh's) carry.
+  import re
+  reduce = lambda line: " all-reduce(" in line
+  lines = set(_placed(hlo, devices, reduce, descend=True, lines=True)["every_device"]) - set(
+      _placed(hlo, devices, reduce, lines=True)["every_device"])
+  found["shared"] = sorted({shape for line in lines for shape in re.findall(
+      r"f64\[([0-9,]*)\]", line.split("all-reduce(")[0])})
   return found
 
 
@@ -709,8 +716,12 @@ def test_kronecker_refreshes_run_on_their_owners(measured):
   from riemod.curvature import _mesh
   owner = _mesh.assign([float(a ** 3 + s ** 3) for a, s in KRONECKER_FACTORS], DEVICES)
   found = measured["step/kronecker"]["kronecker"]["refreshes"]
+  shared = found.pop("shared")
   assert found == {"every_device": 0,
                    "per_branch": [[2 * owner.count(j) for j in range(DEVICES)]]}, found
+  # Roots and inverses are lower triangular: their n (n + 1) / 2 entries are shared, not n x n.
+  for n in {n for pair in KRONECKER_FACTORS for n in pair}:
+    assert str(n * (n + 1) // 2) in shared and f"{n},{n}" not in shared, (n, shared)
 
 
 def test_split_batch_without_axis_name_is_refused(measured):
