@@ -59,6 +59,8 @@ POLICY_MASS = 1.0
 KRONECKER = ("nnx", "layerwise", "kronecker2")
 # NNX's two dense layers: (1 + fan_in, fan_out) of the Kronecker factors, 16 samples of 3 rows.
 KRONECKER_FACTORS = ((5, 6), (7, 3))
+# The Kronecker policy on a batch where one sample (on the second device) has inputs of 1e200.
+HUGE = "kronecker2/huge"
 # Five dense layers (fan_in, fan_out): five layerwise blocks of unequal cost on four devices.
 DEEP = ((4, 6), (6, 5), (5, 7), (7, 3), (3, 3))
 # At mass 1e-3 this network's blocks reach cond(G) ~ 2e5 and three steps move the parameters by
@@ -275,16 +277,20 @@ def _worker(part: str) -> dict:  # noqa: C901 (one linear script of independent 
 
   def optimizer(structure, mass, policy):
     make = riemod.natural_gradient if structure == "full" else riemod.layerwise_natural_gradient
+    skip = policy == HUGE  # its steps are not finite: skipped, not refused
     policy = {None: riemod.masses.constant, "kronecker": riemod.masses.kronecker,
               "kronecker2": lambda: riemod.masses.kronecker(update_every=2),
+              HUGE: lambda: riemod.masses.kronecker(update_every=2),
               "adaptive": riemod.masses.adaptive}[policy]()
     # The trajectories are compared, not judged: some grow the loss (1.18 -> 8.65 in 3 steps at
     # mass 1e-3), which the default divergence check would refuse.
     return make(0.5, geometry=riemod.Geometry(mass=mass, structure=structure, mass_policy=policy),
-                max_loss_growth=None)
+                max_loss_growth=None, **({"on_nonfinite": "skip"} if skip else {}))
 
   def make_step(frontend, structure, dtype, axis_name=None, policy=None, **kwargs):
     params, d, apply, loss, metric = problem(frontend, dtype)
+    if policy == HUGE:  # one sample's inputs overflow A (x x^T = 1e400): its refresh fails
+      d = dict(d, x=d["x"].at[5].multiply(1e200))
     mass = DEEP_MASS if frontend == "deep" else MASS[dtype] if policy is None else POLICY_MASS
     tx = optimizer(structure, mass, policy)
 
@@ -404,6 +410,18 @@ def _worker(part: str) -> dict:  # noqa: C901 (one linear script of independent 
     # The Kronecker mass: statistics per device and one all-reduce, refreshes spread.
     out["step/kronecker"] = run_both(*KRONECKER[:2], "float64", policy=KRONECKER[2],
                                      hlo="factorisations/kronecker")
+    out["step/kronecker/huge"] = run_both(*KRONECKER[:2], "float64", policy=HUGE)
+    # The first layer's factors after the first step, on every device of the sharded step.
+    params, state, d, step_many = make_step(*KRONECKER[:2], "float64", "batch", policy=HUGE)
+    stacked = sharded(step_many)(params, state, d)[0][1]
+    kept = [m for m in jax.tree.leaves(stacked, is_leaf=lambda m: isinstance(
+        m, riemod.masses.KroneckerMoments)) if isinstance(m, riemod.masses.KroneckerMoments)]
+    out["kronecker/huge/first_layer"] = {
+        "inputs_finite": bool(np.isfinite(np.asarray(kept[0].inputs)).all()),
+        "roots_identity": [bool(np.array_equal(np.asarray(r)[j], np.eye(r.shape[-1])))
+                           for r in (kept[0].inputs_root, kept[0].inputs_inverse,
+                                     kept[0].outputs_root, kept[0].outputs_inverse)
+                           for j in range(DEVICES)]}
     # check_vma=False with axis_name= is the same computation without JAX's type checks.
     out["step/function/layerwise/float64/check_vma=False"] = run_both(
         "function", "layerwise", "float64", check_vma=False,
@@ -708,6 +726,15 @@ def test_kronecker_statistics_are_summed_per_device_and_all_reduced(measured):
   reduced = found["statistics"]["all_reduced"]
   for fan_in, fan_out in KRONECKER_FACTORS:
     assert f"{fan_in - 1},{fan_in - 1}" in reduced and f"{fan_out},{fan_out}" in reduced, reduced
+
+
+def test_kronecker_refresh_keeps_old_factors_where_new_ones_are_not_finite(measured):
+  """One sample's inputs of 1e200 overflow the first layer's A: its refresh fails on its owner,
+  which keeps (and shares) the previous factors, the identity, on every device, as one device
+  does; the steps and state equal one device's."""
+  found = measured["kronecker/huge/first_layer"]
+  assert not found["inputs_finite"] and all(found["roots_identity"]), found
+  _check_step(measured["step/kronecker/huge"], "float64")
 
 
 def test_kronecker_refreshes_run_on_their_owners(measured):
