@@ -367,9 +367,11 @@ class KroneckerMass:
       inputs = self.decay * state.inputs + (1 - self.decay) * inputs.astype(state.inputs.dtype)
       outputs = self.decay * state.outputs + (1 - self.decay) * outputs.astype(state.outputs.dtype)
       averages.append((inputs, outputs))
-    correction = 1 - self.decay ** count.astype(averages[0][0].dtype)
+    # Bias correction in each module's own dtype (modules may differ in precision).
+    correction = lambda a: 1 - self.decay ** count.astype(a.dtype)
     refresh = (count - 1) % self.update_every == 0
-    thunks = [lambda a=a, s=s, state=state: self._factorize(a / correction, s / correction, state)
+    thunks = [lambda a=a, s=s, state=state: self._factorize(a / correction(a), s / correction(s),
+                                                            state)
               for (a, s), (_, state) in zip(averages, eligible)]
 
     def fresh():
