@@ -305,3 +305,31 @@ def test_sampled_softmax_fisher_is_unbiased_for_the_exact_fisher(dtype):
   # Every class is drawn with its probability (the rarest one, p ~ 0.006, included).
   counts = jnp.mean(rows + p, axis=0)
   np.testing.assert_allclose(np.asarray(counts), np.asarray(p), atol=5 * 0.5 / np.sqrt(16000))
+
+
+def test_dense_factor_for_products_forms_rows_only_where_cheaper_and_keeps_every_product():
+  """Per-position factors (P > 2R) are formed once as rows with the same K v, K^T t and Gram;
+  dense layers (P = 1) and rows too large against the implicit form stay implicit."""
+  from riemod.curvature.factors import DenseFactor, RowsFactor
+  from riemod.nn.structure import DenseStructure
+
+  key = jax.random.key(0)
+  structure = DenseStructure(kernel_shape=(3, 2), has_bias=True)
+  x = jax.random.normal(key, (4, 16, 3))
+  c = jax.random.normal(jax.random.fold_in(key, 1), (1, 4, 16, 2))
+  implicit = DenseFactor(x, c, structure, bias_weight=jnp.asarray(0.7))
+  formed = implicit.for_products()
+  assert isinstance(formed, RowsFactor)
+  v = {"kernel": jax.random.normal(jax.random.fold_in(key, 2), (3, 2)),
+       "bias": jax.random.normal(jax.random.fold_in(key, 3), (2,))}
+  t = jax.random.normal(jax.random.fold_in(key, 4), (2, 4))
+  inv = {"kernel": jnp.asarray(0.3), "bias": jnp.asarray(2.0)}
+  np.testing.assert_allclose(formed.matvec(v), implicit.matvec(v), rtol=1e-5, atol=1e-5)
+  for name in ("kernel", "bias"):
+    np.testing.assert_allclose(formed.rmatvec(t)[name], implicit.rmatvec(t)[name], rtol=1e-5,
+                               atol=1e-5)
+  np.testing.assert_allclose(formed.gram(inv), implicit.gram(inv), rtol=1e-5, atol=1e-5)
+  assert isinstance(DenseFactor(x[:, :1], c[:, :, :1], structure).for_products(), DenseFactor)
+  wide = DenseStructure(kernel_shape=(64, 64), has_bias=False)
+  assert isinstance(DenseFactor(jnp.ones((4, 3, 64)), jnp.ones((1, 4, 3, 64)), wide
+                                ).for_products(), DenseFactor)   # 4096 > 4 * 3 * 128

@@ -321,11 +321,11 @@ def compose(curvature: Curvature, scales: list[Any], *, mass: jax.Array, mass_sc
     # One block inside the shard_map its rows were gathered in: nothing to spread, but every
     # device assembles only its samples' slab of the kernel (the factorisation stays replicated).
     members = groups[0]
-    blocks = (factorize_block([curvature.modules[i].factor for i in members],
+    blocks = (factorize_block([curvature.modules[i].factor.for_products() for i in members],
                               [inverse_masses[i] for i in members], space, refinement_steps,
                               axes=curvature.axis_name),)
   else:
-    blocks = tuple(factorize([curvature.modules[i].factor for i in members],
+    blocks = tuple(factorize([curvature.modules[i].factor.for_products() for i in members],
                              [inverse_masses[i] for i in members], space=space,
                              refinement_steps=refinement_steps, cutoff=cutoff, rank=rank,
                              oversampling=oversampling,

@@ -40,6 +40,12 @@ def _take(array: jax.Array, samples: tuple | None, axis: int) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(array, start, size, axis)
 
 
+# Formed rows may hold at most this many times a dense factor's own elements (see
+# DenseFactor.for_products): the char-LM's per-token layers (in x out = 128 x 512, 64 positions,
+# one row per sequence) hold 1.6x.
+_MATERIALISE_RATIO = 4
+
+
 def _row_slab(rows: Leaves, num_samples: int, samples: tuple | None) -> Leaves:
   """Materialised rows ``{name: (R * B, ...)}`` (r-major) restricted to ``samples``."""
   if samples is None:
@@ -159,6 +165,34 @@ class DenseFactor:
       out["bias"] = self.structure.flat_to_bias(jnp.einsum("...rb,rbf->...f", t, self._bias_rows()))
     return out
 
+  def for_products(self) -> "DenseFactor | RowsFactor":
+    """The form a block keeps for its repeated products: the rows formed once where that is
+    cheaper and small.
+
+    A product with the implicit form runs the layer's contraction over every position,
+    ``B P in out`` per vector; formed rows cost ``R B P in out`` once and ``R B in out`` per
+    vector. A step applies ``K`` or ``K^T`` at least four times (range split, remainder,
+    momentum, the batched back-product), so the rows win once ``P > 2 R``; they are kept only
+    while they hold at most ``_MATERIALISE_RATIO`` times the implicit form's own elements
+    (``in out <= 4 P (in / R + out)`` for ``R`` rows; that also keeps their ``d^2 in out`` Gram
+    within a few times the position-summed one). Dense layers (``P = 1``) stay implicit.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from riemod.nn.structure import DenseStructure
+      >>> s = DenseStructure(kernel_shape=(3, 2), has_bias=True)
+      >>> f = DenseFactor(jnp.ones((4, 16, 3)), jnp.ones((1, 4, 16, 2)), s)   # 16 positions
+      >>> type(f.for_products()).__name__
+      'RowsFactor'
+    """
+    r, b, p, fan_out = self.cotangents.shape
+    fan_in = self.structure.fan_in
+    implicit = b * p * fan_in + r * b * p * fan_out
+    if p <= 2 * r or r * b * fan_in * fan_out > _MATERIALISE_RATIO * implicit:
+      return self
+    return RowsFactor({name: rows.reshape((r, b) + rows.shape[1:])
+                       for name, rows in self.rows().items()})
+
   def rows(self) -> dict[str, jax.Array]:
     """``K`` materialised, ``{name: (d, *leaf shape)}`` (for tests and small blocks)."""
     r, b = self.cotangents.shape[:2]
@@ -196,6 +230,10 @@ class RowsFactor:
 
   def rows(self) -> dict[str, jax.Array]:
     return {k: v.reshape((-1,) + v.shape[2:]) for k, v in self.leaf_rows.items()}
+
+  def for_products(self) -> "RowsFactor":
+    """Already formed (see :meth:`DenseFactor.for_products`)."""
+    return self
 
   def gram(self, inv_mass: Leaves, samples: tuple | None = None) -> jax.Array:
     """``K D^{-1} K^T``; with ``samples``, those samples' rows only (see :meth:`DenseFactor.gram`)."""
@@ -272,6 +310,10 @@ class EmbedFactor:
   @property
   def leaf_shapes(self) -> dict[str, tuple[int, ...]]:
     return {"embedding": (self.structure.num_embeddings, self.structure.features)}
+
+  def for_products(self) -> "EmbedFactor":
+    """Kept implicit: a row of the table would be vocabulary-sized."""
+    return self
 
   def scaled(self, scale: jax.Array) -> "EmbedFactor":
     """The factor of ``K S`` for a per-entry scale ``S`` of the table, ``(V, features)``."""
