@@ -32,7 +32,8 @@ def test_demo_trains_both_and_saves_results(tmp_path, capsys):
   # ln 10): with no learning rate given, the certified step size did the training.
   assert curve[-1][2] < curve[0][2] and curve[-1][2] < 0.1 * math.log(10)
   certified = results["certified_step"]
-  assert certified["learning_rate"] > 0 and certified["estimates"] >= 10
+  # The warm-up estimates at steps 0, 1, 3 and 7 (the demo runs past step 10).
+  assert certified["learning_rate"] > 0 and certified["estimates"] >= 4
   # lr = 0.5 * 2 / the lam_max it is set from (the sharpest recent estimate), never above what
   # the latest estimate alone allows.
   np.testing.assert_allclose(certified["learning_rate"] * certified["edge_lam"], 1.0, rtol=1e-5)

@@ -263,9 +263,9 @@ class KroneckerMass:
   """
 
   # A (x) S approximates K^T K itself, so the mass is a relative weight: 1 weighs the
-  # remembered curvature as much as this batch's exact rows. At the constant policy's 1e-2 the
-  # digits autoencoder's first steps were refused by the precision check (estimated error
-  # 0.010-0.019 > 1e-2) and at 1 they train (benchmarks/task_tuning_free.py).
+  # remembered curvature as much as this batch's exact rows. The certified step at this default
+  # trains the digits autoencoder where the constant 1e-2 is refused by the precision check
+  # (benchmarks/results/tuning_free.md).
   default_mass: ClassVar[float] = 1.0
   decay: float = 0.95
   damping: float = 1e-3
