@@ -169,6 +169,84 @@ def test_estimates_every_k_steps_and_jit_equals_eager():
     assert int(run(step, 7)[1].estimates) == 5     # steps 0, 1, 2, 3, 6
 
 
+def _entry_choleskys(tx, f, x, loss_fn, params) -> int:
+  """LAPACK Cholesky calls in the compiled step's top level (the factorisations every step runs;
+  the failure branches' refactorisations live in their own computations)."""
+  hlo = _stepper(tx, f, x, loss_fn).lower(tx.init(params), params).compile().as_text()
+  entry = [c for c in hlo.split("\n\n") if c.startswith("ENTRY")]
+  assert len(entry) == 1
+  return entry[0].count("potrf")
+
+
+def _direct(jaxpr, name) -> int:
+  """Equations ``name`` in ``jaxpr`` outside any cond/while (through jit and custom-JVP calls)."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == name
+    if eqn.primitive.name not in ("cond", "while"):
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        count += _direct(sub, name)
+  return count
+
+
+def _estimate_branch_choleskys(tx, f, x, loss_fn, params) -> list[int]:
+  """Cholesky factorisations directly in the estimate's branch (the cond branch holding the
+  Lanczos ``eigh``), found at the step's top level."""
+  jaxpr = jax.make_jaxpr(lambda s, p: _update(tx, s, f, x, loss_fn, p))(tx.init(params), params)
+  found = []
+
+  def visit(j):
+    for eqn in j.eqns:
+      if eqn.primitive.name == "cond":
+        for branch in eqn.params["branches"]:
+          if _direct(branch.jaxpr, "eigh"):
+            found.append(_direct(branch.jaxpr, "cholesky"))
+      elif eqn.primitive.name != "while":
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+          visit(sub)
+
+  visit(jaxpr.jaxpr)
+  return found
+
+
+def test_estimate_shares_the_inner_steps_factorisation():
+  """The estimate's G is the inner step's, factored once per step: the estimate's branch factors
+  nothing itself, the compiled step runs exactly the inner step's factorisations (XLA merges the
+  two compositions of the same G), and the estimate is the pencil's top eigenvalue (eigh). Fails
+  when the estimate composes its own G inside the cond (one more factorisation per block on
+  estimate steps)."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(B, 3)))
+    t = jnp.asarray(rng.normal(size=(B, 2)))
+    f = lambda p, v: riemod.nn.dense(p["b"], jnp.tanh(riemod.nn.dense(p["a"], v)))
+    loss_fn = lambda y: 0.5 * jnp.mean(jnp.sum((y - t) ** 2, -1))
+    params = {"a": {"kernel": jnp.asarray(rng.normal(size=(3, 4)))},
+              "b": {"kernel": jnp.asarray(rng.normal(size=(4, 2)))}}
+    n = ravel_pytree(params)[0].shape[0]
+    for geometry in (riemod.Geometry(MASS), riemod.certify.certified_geometry()):
+      inner = riemod.layerwise_natural_gradient(1.0, geometry=geometry)
+      plain = _entry_choleskys(inner, f, x, loss_fn, params)
+      assert plain >= 2                                         # two blocks, factored
+      tx = controlled(inner, geometry, num_steps=n)
+      assert _estimate_branch_choleskys(tx, f, x, loss_fn, params) == [0]
+      assert _entry_choleskys(tx, f, x, loss_fn, params) == plain
+      _, state, _, _, curv = _stepper(tx, f, x, loss_fn)(tx.init(params), params)
+      geometry_state = riemod.find_state(state, riemod.MetricState).geometry
+      expected = scipy.linalg.eigh(_dense_gauss_newton(f, x, loss_fn, params),
+                                   _dense_g(geometry, curv, geometry_state, params),
+                                   eigvals_only=True)[-1]
+      np.testing.assert_allclose(float(state.lam_max), expected, rtol=1e-6)
+
+
+def _dense_gauss_newton(f, x, loss_fn, params):
+  flat, unravel = ravel_pytree(params)
+  y = f(params, x)
+  jac = np.asarray(jax.jacrev(lambda v: f(unravel(v), x).ravel())(flat))
+  out = np.asarray(jax.hessian(lambda z: loss_fn(z.reshape(y.shape)))(y.ravel()))
+  return jac.T @ out @ jac
+
+
 def test_default_warmup_estimates_at_doubling_steps():
   """warmup=None: steps 0, 1, 3, 7, 15 below `every` (count + 1 a power of two), then every
   `every`; fails with the old every-step warm-up (10 + 1 estimates) or none (2)."""

@@ -61,6 +61,7 @@ from riemod.certify.contraction import gauss_newton_product
 from riemod.certify.lanczos import top_ritz_pair
 from riemod.composer import masses
 from riemod.composer.geometry import Geometry
+from riemod.curvature import _mesh
 from riemod.state import find_state
 from riemod.transforms import (MetricState, alias_geometry, layerwise_natural_gradient,
                                natural_gradient)
@@ -220,10 +221,10 @@ def controlled(
                            jnp.full((), jnp.nan, dtype), jnp.zeros((), jnp.int32), vector, state,
                            jnp.full((), jnp.nan, dtype), jnp.full((), jnp.nan, dtype))
 
-  def estimate(params, curvature, inner_state, vector, apply_fn, loss_fn, dtype):
+  def estimate(params, metric, vector, apply_fn, loss_fn, dtype):
+    metric = metric() if callable(metric) else metric
     flat, unravel = ravel_pytree(params)
     ravel = lambda tree: ravel_pytree(tree)[0]
-    metric = geometry.compose(curvature, find_state(inner_state, MetricState).geometry)
     solve = lambda v: ravel(metric.solve(unravel(v)))
     matvec = lambda v: ravel(metric.matvec(unravel(v)))
     apply_flat = lambda f: apply_fn(unravel(f))
@@ -263,9 +264,17 @@ def controlled(
       smoothed = jnp.where(~jnp.isfinite(value), smoothed,
                            jnp.where(jnp.isnan(smoothed), value,
                                      SMOOTHING * smoothed + (1 - SMOOTHING) * value))
+    metric = lambda: geometry.compose(curvature, find_state(inner_state, MetricState).geometry)
+    if not _mesh.bound(curvature.axis_name):
+      # The G the inner step was solved with, composed again at the top level of the traced
+      # step: the same operations on the same inputs as the inner step's, which XLA merges into
+      # one factorisation per step, so an estimate adds only its products and solves (composed
+      # inside the cond, the blocks were factored twice on estimate steps). On a mesh the spread
+      # step leaves compose's factors unused and compiles them away; there the estimate composes
+      # its own, inside the cond, as a top-level compose would factor every block every step.
+      metric = metric()
     lam, vector = jax.lax.cond(
-        due, lambda: estimate(params, curvature, inner_state, state.vector, apply_fn, loss_fn,
-                              dtype),
+        due, lambda: estimate(params, metric, state.vector, apply_fn, loss_fn, dtype),
         lambda: (state.lam_max, state.vector))
     valid = jnp.isfinite(lam) & (lam > 0)
     vector = jax.tree.map(lambda new, old: jnp.where(valid, new, old), vector, state.vector)
