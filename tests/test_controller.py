@@ -247,6 +247,60 @@ def _dense_gauss_newton(f, x, loss_fn, params):
   return jac.T @ out @ jac
 
 
+def _conv_net(dtype):
+  """Two convolutions (the second strided) and a dense head on 6x6 images, cross-entropy."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(8, 6, 6, 1)), dtype)
+  labels = jnp.asarray(rng.integers(0, 3, size=8))
+
+  def f(p, v):
+    h = jnp.tanh(riemod.nn.conv(p["c1"], v))
+    h = jnp.tanh(riemod.nn.conv(p["c2"], h, strides=2))
+    return riemod.nn.dense(p["head"], h.reshape(h.shape[0], -1))
+
+  loss_fn = lambda y: -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(y), labels[:, None], 1))
+  shapes = {"c1": (3, 3, 1, 2), "c2": (3, 3, 2, 3), "head": (27, 3)}
+  params = {k: {"kernel": jnp.asarray(0.5 * rng.normal(size=s), dtype),
+                "bias": jnp.asarray(0.1 * rng.normal(size=s[-1:]), dtype)}
+            for k, s in shapes.items()}
+  return f, x, loss_fn, params
+
+
+def test_estimate_on_a_convolutional_net_matches_eigh_with_fast_convolutions():
+  """On a CNN the estimate's Gauss-Newton products run inside a cond, where XLA:CPU does not put
+  convolutions into its fast layout; the controller does. Checked: every convolution of the
+  compiled step (estimate branch included) is in the canonical layout (fails without the
+  rewrite: the transposed convolutions of J^T keep batch/feature-swapped layouts), the rewritten
+  product equals the plain one, and lam_max equals eigh(H_GN, G) with G from the optimizer."""
+  from riemod.certify.contraction import gauss_newton_product
+  from riemod.certify.controller import _fast_convolutions_on_cpu
+
+  f, x, loss_fn, params = _conv_net(jnp.float32)
+  geometry = riemod.Geometry(MASS)
+  tx = controlled(riemod.layerwise_natural_gradient(1.0, geometry=geometry), geometry)
+  hlo = _stepper(tx, f, x, loss_fn).lower(tx.init(params), params).compile().as_text()
+  labels = [line.split("dim_labels=")[1].split(",")[0] for line in hlo.splitlines()
+            if " convolution(" in line]
+  assert len(labels) >= 8          # forward, jvp and J^T convolutions of the step and estimate
+  assert set(labels) == {"b01f_01io->b01f"}, sorted(set(labels))
+  with jax.enable_x64(True):
+    f, x, loss_fn, params = _conv_net(jnp.float64)
+    flat, unravel = ravel_pytree(params)
+    product = gauss_newton_product(lambda w: f(unravel(w), x), flat, loss_fn)
+    v = jnp.asarray(np.random.default_rng(6).normal(size=flat.shape))
+    np.testing.assert_allclose(jax.jit(_fast_convolutions_on_cpu(product))(v), product(v),
+                               rtol=1e-12, atol=1e-12)
+    n = flat.shape[0]
+    tx = controlled(riemod.layerwise_natural_gradient(1.0, geometry=geometry), geometry,
+                    num_steps=n)
+    _, state, _, _, curv = _stepper(tx, f, x, loss_fn)(tx.init(params), params)
+    geometry_state = riemod.find_state(state, riemod.MetricState).geometry
+    expected = scipy.linalg.eigh(_dense_gauss_newton(f, x, loss_fn, params),
+                                 _dense_g(geometry, curv, geometry_state, params),
+                                 eigvals_only=True)[-1]
+    np.testing.assert_allclose(float(state.lam_max), expected, rtol=1e-6)
+
+
 def test_default_warmup_estimates_at_doubling_steps():
   """warmup=None: steps 0, 1, 3, 7, 15 below `every` (count + 1 a power of two), then every
   `every`; fails with the old every-step warm-up (10 + 1 estimates) or none (2)."""
