@@ -25,7 +25,8 @@ files):
 Measured: stable seeds (not diverged, not climbed back; a run that raises counts as unstable),
 steps and seconds (step time only, the harness's protocol) to the task's threshold, the final
 metric, the last certified learning rate, and the controller's overhead: from seed 0's trained
-state, interleaved single steps of the inner step at a fixed learning rate, the controlled step
+state, interleaved single steps of the inner step at a fixed learning rate (the same inner step:
+the controller's SPRING momentum included), the controlled step
 with no estimate due and with one due; a run's overhead is the bookkeeping ratio minus 1 plus
 (estimates per step) x (the extra time of a step with an estimate), over the fixed-lr step. On
 digits-mlp the controller settings of ``CONTROLLER_GRID`` and the tuned riemod are compared on
@@ -137,7 +138,9 @@ def certified_trainer(mlp_task, name: str, hyper: dict, seed: int, *, fixed_lr=N
     if fixed_lr is None:
       tx = riemod.certify.certified_layerwise_natural_gradient(geometry=geometry, **controller)
     else:
-      tx = riemod.layerwise_natural_gradient(fixed_lr, geometry=geometry)
+      # The same inner step: the controller's momentum (its default unless given) included.
+      momentum = controller.get("momentum", CONTROLLER["momentum"])
+      tx = riemod.layerwise_natural_gradient(fixed_lr, geometry=geometry, momentum=momentum)
     metric = riemod_config.output_metric(hyper["output_metric"])
     vgc = {"curvature_batch": hyper["curvature_batch"]} if hyper.get("curvature_batch") else {}
     graphdef = mlp_task.graphdef
