@@ -44,9 +44,10 @@ replicated against spread (statistics per device and one all-reduce, refreshes o
 with analytic statistics/refresh FLOPs per device (:func:`kronecker_flops`) and all-reduced
 bytes (:func:`kronecker_bytes`).
 
-Rows to their owners (``--owners``, :func:`owners`): today's all-gathered bytes of the spread
-layerwise step (compiled HLO) against an owner-only ``all_to_all`` (:func:`owner_exchange`,
-analytic) for MODELS and the transformer; compile only.
+Rows to their owners (``--owners``, :func:`owners`): the spread layerwise step's collectives
+(compiled HLO) with every row gathered to every device (the curvature's shards dropped) against
+each block's rows sent to its owner alone (riemod's default), beside the analytic owner-only
+bytes (:func:`owner_exchange`), for MODELS and the transformer; compile and one step.
 """
 
 from __future__ import annotations
@@ -132,12 +133,14 @@ def _model(name: str):
       x = x if i in linear or i == len(sizes) - 2 else jnp.tanh(x)
     return x
 
-  def step(p, s, x, y, tx, axis_name, curvature_batch, spread=True):
+  def step(p, s, x, y, tx, axis_name, curvature_batch, spread=True, shards=True):
     value, grads, curv = riemod.value_grad_and_curvature(
         model, x, lambda z: loss(z, y), metric, params=p, curvature_batch=curvature_batch,
         axis_name=axis_name)
+    if not shards:  # the spread before rows went to owners only: every device gathers all rows
+      curv = curv.replicated()
     if not spread:  # the scheme before the spread: every device factors every block
-      curv = dataclasses.replace(curv, axis_name=())
+      curv = dataclasses.replace(curv.replicated(), axis_name=())
     updates, s = tx.update(grads, s, p, curvature=curv)
     return optax.apply_updates(p, updates), s, value
 
@@ -174,9 +177,9 @@ def _steps(name: str, devices: int, tx):
   samples = MODELS[name][4]
   one = jax.jit(lambda p, s, x, y: step(p, s, x, y, tx, None, samples))
 
-  def mapped(spread):
+  def mapped(spread, shards=True):
     return jax.jit(jax.shard_map(
-        lambda p, s, x, y: step(p, s, x, y, tx, "batch", samples // devices, spread),
+        lambda p, s, x, y: step(p, s, x, y, tx, "batch", samples // devices, spread, shards),
         mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")), out_specs=(P(), P(), P())))
 
   return params, tx.init(params), x, y, one, mapped
@@ -855,11 +858,15 @@ def _child_owners(devices: int) -> dict:
     tx = riemod.layerwise_natural_gradient(0.1, mass=0.1, momentum=0.8, on_nonfinite="ignore")
     params, state, x, y, _, mapped = _steps(name, devices, tx)
     _, _, _, _, (model, loss, metric) = _model(name)
-    hlo = mapped(True).lower(params, state, x, y).compile().as_text()
+    programs = {"all_rows": (mapped(True, shards=False), (params, state, x, y)),
+                "owners": (mapped(True), (params, state, x, y))}
+    recipes, diff = _compiled(programs)
     curv = jax.jit(lambda p: riemod.value_grad_and_curvature(
         model, x, lambda z: loss(z, y), metric, params=p,
         curvature_batch=MODELS[name][4])[2])(params)
-    out[name] = {"collectives": collectives(hlo), "layout": _rows_layout(curv)}
+    out[name] = {"collectives": recipes["all_rows"]["collectives"],
+                 "owners_collectives": recipes["owners"]["collectives"],
+                 "owners_vs_all_rows": diff("owners", "all_rows"), "layout": _rows_layout(curv)}
   lm, graphdef, params, x, y, metric, key = _transformer_setup()
   tx = riemod.layerwise_natural_gradient(
       0.01, geometry=riemod.Geometry(mass=30.0, structure="layerwise",
@@ -867,20 +874,25 @@ def _child_owners(devices: int) -> dict:
       momentum=0.9, on_nonfinite="ignore")
   mesh = Mesh(np.array(jax.devices()), ("batch",))
 
-  def step(p, s, x, y):
+  def step(p, s, x, y, shards):
     _, grads, curv = riemod.value_grad_and_curvature(
         nnx.merge(graphdef, p), x, lambda logits: lm.cross_entropy(logits, y), metric, key=key,
         axis_name="batch")
-    updates, s = tx.update(grads, s, p, curvature=curv)
+    updates, s = tx.update(grads, s, p, curvature=curv if shards else curv.replicated())
     return optax.apply_updates(p, updates), s
 
-  mapped = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")),
-                                 out_specs=(P(), P())))
-  hlo = mapped.lower(params, tx.init(params), x, y).compile().as_text()
+  mapped = lambda shards: jax.jit(jax.shard_map(
+      lambda p, s, x, y: step(p, s, x, y, shards), mesh=mesh,
+      in_specs=(P(), P(), P("batch"), P("batch")), out_specs=(P(), P())))
+  args = (params, tx.init(params), x, y)
+  recipes, diff = _compiled({"all_rows": (mapped(False), args), "owners": (mapped(True), args)})
   curv = jax.jit(lambda p: riemod.value_grad_and_curvature(
       nnx.merge(graphdef, p), x, lambda logits: lm.cross_entropy(logits, y), metric,
       key=key)[2])(params)
-  out["transformer"] = {"collectives": collectives(hlo), "layout": _rows_layout(curv)}
+  out["transformer"] = {"collectives": recipes["all_rows"]["collectives"],
+                        "owners_collectives": recipes["owners"]["collectives"],
+                        "owners_vs_all_rows": diff("owners", "all_rows"),
+                        "layout": _rows_layout(curv)}
   for row in out.values():
     arrays, costs, coordinates = row.pop("layout")
     row["owners"] = owner_exchange(arrays, costs, devices)
@@ -898,34 +910,39 @@ def owners() -> None:
 def owners_report(rows: list[dict]) -> str:
   """The results page from the rows of ``multidevice_owners.json``."""
   text = (
-      "# Rows to their owners: today's all-gathers against an owner-only exchange\n\n"
-      "The layerwise step inside `jax.shard_map` (the spread scheme, float32): every device "
-      "all-gathers every module's layer inputs and pulled-back rows, although only a block's "
-      "owner factors it. 'today': the result sizes of the compiled program's all-gathers "
-      "(every device holds them; `(n-1)/n` arrive from the other devices). 'factor arrays': "
-      "the whole batch's factor arrays of all blocks, each distinct array once (arrays shared "
-      "by blocks, like the one input of attention's query, key and value, recognised by their "
-      "contents), plus the loss gradient's coordinates: what today's gathers would be if each "
-      "module sent its factor's arrays. 'owner only': the result size of one `all_to_all` of "
-      "per-owner packed buffers padded to the largest owner's share, `max_j S_j` with `S_j` the "
-      "distinct factor arrays of the blocks device `j` owns (owners from the spread's greedy "
-      "assignment), plus the coordinates, still all-gathered "
-      "(`benchmarks.bench_multidevice.owner_exchange`; analytic, not implemented). 'rows per "
-      "owner': `S_j` of every device. Models: the digits MLP and autoencoder of multidevice.md "
-      "(constant mass 0.1) and the transformer of multidevice_transformer.md. Compile only, no "
-      "timing.\nReproduce: `python -m benchmarks.bench_multidevice --owners`.\n\n"
-      "| model | blocks | devices | today (KiB) | factor arrays (KiB) | owner only (KiB) | "
-      "owner only / today | rows per owner (KiB) |\n|---|---|---|---|---|---|---|---|\n")
+      "# Rows to their owners: every row on every device against each block's rows to its owner\n\n"
+      "The layerwise step inside `jax.shard_map` (the spread scheme, float32), compiled twice: "
+      "'all rows' with the curvature's per-device shards dropped (`curvature.replicated()`), so "
+      "every device all-gathers every module's layer inputs and pulled-back rows although only "
+      "a block's owner factors it; 'owners' as riemod runs it, each block's rows sent to its "
+      "owner alone by one `all_to_all` per dtype of per-owner packed buffers "
+      "(`riemod.curvature._mesh.to_owners`). Bytes are the result sizes of the compiled "
+      "program's all-gathers and all-to-alls (each device holds them; `(n-1)/n` arrive from the "
+      "other devices); the loss gradient's coordinates are still all-gathered. 'analytic': the "
+      "owner-only bytes predicted from the whole-batch curvature's shapes, `max_j S_j` plus the "
+      "coordinates, with arrays several blocks share counted once "
+      "(`benchmarks.bench_multidevice.owner_exchange`); riemod sends such an array once per "
+      "block, so the measured bytes exceed it where blocks share inputs (the transformer's "
+      "query, key and value). 'rows per owner': `S_j` of every device. 'max diff': the largest "
+      "relative difference of the parameters after one step, owners against all rows. Models: "
+      "the digits MLP and autoencoder of multidevice.md (constant mass 0.1) and the transformer "
+      "of multidevice_transformer.md. Compile and one step, no timing.\n"
+      "Reproduce: `python -m benchmarks.bench_multidevice --owners`.\n\n"
+      "| model | blocks | devices | all rows: all-gather KiB | owners: all-gather KiB | "
+      "owners: all-to-all KiB | owners / all rows | analytic (KiB) | rows per owner (KiB) | "
+      "max diff |\n|---|---|---|---|---|---|---|---|---|---|\n")
   for name in rows[0]["models"]:
     for row in rows:
       model = row["models"][name]
       today = model["collectives"]["all-gather"]["bytes"]
+      mine = model["owners_collectives"]
+      moved = mine["all-gather"]["bytes"] + mine["all-to-all"]["bytes"]
       found, coordinates = model["owners"], model["coordinates_bytes"]
-      owner_only = found["owner_only"] + coordinates
       per_owner = ", ".join(f"{b / 1024:.0f}" for b in found["per_owner"])
       text += (f"| {name} | {model['blocks']} | {row['devices']} | {today / 1024:.1f} | "
-               f"{(found['gathered'] + coordinates) / 1024:.1f} | {owner_only / 1024:.1f} | "
-               f"{owner_only / today:.2f} | {per_owner} |\n")
+               f"{mine['all-gather']['bytes'] / 1024:.1f} | {mine['all-to-all']['bytes'] / 1024:.1f} | "
+               f"{moved / today:.2f} | {(found['owner_only'] + coordinates) / 1024:.1f} | "
+               f"{per_owner} | {model['owners_vs_all_rows']:.1e} |\n")
   return text
 
 

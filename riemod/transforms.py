@@ -351,6 +351,10 @@ def _track_loss(state: ValidStepState, value: Any, max_loss_growth: float | None
   return first, smoothed, ~diverged
 
 
+def _finite_curvature(curvature: Any) -> jax.Array:
+  return curvature.all_finite() if isinstance(curvature, Curvature) else all_finite(curvature)
+
+
 def apply_if_valid(inner: optax.GradientTransformation, policy: str = "error", *,
                    max_error: float | None = 1e-2, max_loss_growth: float | None = 3.0,
                    ) -> optax.GradientTransformationExtraArgs:
@@ -410,7 +414,7 @@ def apply_if_valid(inner: optax.GradientTransformation, policy: str = "error", *
     first, smoothed, ok_loss = _track_loss(state, value, max_loss_growth)
     if policy == "ignore":
       return out, ValidStepState(state.skipped_steps, inner_state, first, smoothed)
-    ok_grads, ok_curvature, ok_step = all_finite(updates), all_finite(curvature), all_finite(out)
+    ok_grads, ok_curvature, ok_step = all_finite(updates), _finite_curvature(curvature), all_finite(out)
     metric_state = find_state(inner_state, MetricState)
     errors = jnp.zeros((1,)) if metric_state is None else metric_state.report.error
     # NaN marks an invalid mass: refused with or without a precision threshold.

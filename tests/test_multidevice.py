@@ -287,7 +287,7 @@ def _worker(part: str) -> dict:  # noqa: C901 (one linear script of independent 
     return make(0.5, geometry=riemod.Geometry(mass=mass, structure=structure, mass_policy=policy),
                 max_loss_growth=None, **({"on_nonfinite": "skip"} if skip else {}))
 
-  def make_step(frontend, structure, dtype, axis_name=None, policy=None, **kwargs):
+  def make_step(frontend, structure, dtype, axis_name=None, policy=None, shards=True, **kwargs):
     params, d, apply, loss, metric = problem(frontend, dtype)
     if policy == HUGE:  # one sample's inputs overflow A (x x^T = 1e400): its refresh fails
       d = dict(d, x=d["x"].at[5].multiply(1e200))
@@ -298,7 +298,9 @@ def _worker(part: str) -> dict:  # noqa: C901 (one linear script of independent 
       model, extra = apply(params)
       value, grads, curv = riemod.value_grad_and_curvature(
           model, d["x"], lambda y: loss(y, d), metric, axis_name=axis_name, **extra, **kwargs)
-      updates, state = tx.update(grads, state, params, curvature=curv)
+      # shards=False: the curvature without its per-device shards (every row on every device).
+      updates, state = tx.update(grads, state, params,
+                                 curvature=curv if shards else curv.replicated())
       return optax.apply_updates(params, updates), state, value, curv
 
     return params, tx.init(params), d, step
@@ -308,7 +310,8 @@ def _worker(part: str) -> dict:  # noqa: C901 (one linear script of independent 
     stacked from every device."""
     def body(params, state, d):
       params, state, value, curv = step(params, state, d)
-      return jax.tree.map(lambda a: a[None], (params, state)), value, curv
+      # The shards differ between devices: the replicated curvature leaves the shard_map.
+      return jax.tree.map(lambda a: a[None], (params, state)), value, curv.replicated()
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P("batch")),
                                  out_specs=(P("batch"), P(), P()), check_vma=check_vma))
 
@@ -407,6 +410,54 @@ def _worker(part: str) -> dict:  # noqa: C901 (one linear script of independent 
     out["step/deep/layerwise/float64"] = run_both(
         "deep", "layerwise", "float64", hlo="factorisations/deep/layerwise")
     out["assignment/deep"] = list(_deep_assignment())
+    # Each block's rows go to its owner alone: the program of the deep step (the curvature not
+    # among its outputs) against the same step with the per-device shards dropped.
+    def collected(hlo):
+      import re
+      found = {"all-gather": [], "all-to-all": []}
+      for line in hlo.splitlines():
+        for op in found:
+          match = re.search(rf"\s{op}(-start)?\(", line.split("=", 1)[-1]) if "=" in line else None
+          if match:
+            result = line.split("=", 1)[1][:match.start()]
+            found[op] += re.findall(r"([fs](?:32|64)\[[0-9,]*\])", result)[-1:]
+      return found
+
+    for shards in (True, False):
+      params, state, d, step_many = make_step("deep", "layerwise", "float64", "batch",
+                                              shards=shards)
+      program = jax.jit(jax.shard_map(lambda p, s, d: step_many(p, s, d)[0], mesh=mesh,
+                                      in_specs=(P(), P(), P("batch")), out_specs=P()))
+      out[f"owners/deep/shards={shards}"] = {
+          "collectives": collected(program.lower(params, state, d).compile().as_text()),
+          "params": tree_rel(program(params, state, d),
+                             reference("deep", "layerwise", "float64")[0][0])}
+    # to_owners itself: every block's factors (dense, rows, an embedding's integer ids: two
+    # dtypes, two all-to-alls) arrive on the owner equal, bit for bit and in sample order, to
+    # their all-gather; the spread returns them to every device.
+    from riemod.curvature import _mesh
+    from riemod.curvature.factors import DenseFactor, EmbedFactor, RowsFactor
+    from riemod.nn.structure import DenseStructure, EmbedStructure
+
+    def exchange(x):
+      ids = jnp.floor(jnp.abs(x[:, :3]) * 10).astype(jnp.int32) % 7
+      blocks = [[DenseFactor(x[:, None, :4], jnp.stack([x[:, None, 1:3], 2 * x[:, None, :2]]),
+                             DenseStructure(kernel_shape=(4, 2), has_bias=True))],
+                [RowsFactor({"w": x[None, :, :3]}), RowsFactor({"b": x[None, :, 3:]})],
+                [EmbedFactor(jnp.stack([x[:, :3, None] * jnp.ones(2)]), ids,
+                             EmbedStructure(num_embeddings=7, features=2))]]
+      got = _mesh.spread(("batch",), [3.0, 2.0, 1.0], [lambda f: f] * len(blocks), blocks)
+      want = [[_mesh.gather_samples(f, ("batch",)) for f in block] for block in blocks]
+      return got, want
+
+    got, want = jax.jit(jax.shard_map(exchange, mesh=mesh, in_specs=P("batch"),
+                                      out_specs=P()))(jnp.asarray(data["x"] @ rng.randn(4, 5)))
+    out["owners/exchange"] = {
+        "equal": all(bool(np.array_equal(u, v)) for u, v in zip(jax.tree.leaves(got),
+                                                                 jax.tree.leaves(want))),
+        "dtypes": sorted({str(np.asarray(u).dtype) for u in jax.tree.leaves(got)}),
+        "assignment": list(_mesh.assign([3.0, 2.0, 1.0], DEVICES))}
+    out["owners/deep/shard_elements"] = [[4 * i, 12 * o] for i, o in DEEP]  # 4 samples, 3 rows
     # The Kronecker mass: statistics per device and one all-reduce, refreshes spread.
     out["step/kronecker"] = run_both(*KRONECKER[:2], "float64", policy=KRONECKER[2],
                                      hlo="factorisations/kronecker")
@@ -573,6 +624,34 @@ def test_layerwise_blocks_are_factored_once_on_their_device(measured):
   assert found["per_branch"] == [[owner.count(j) for j in range(DEVICES)]], (found, owner)
 
 
+def test_rows_sent_to_owners_equal_their_gather(measured):
+  """Dense, rows and embedding factors (float and integer arrays), three blocks on three of four
+  devices: what each owner receives equals the all-gather bit for bit."""
+  found = measured["owners/exchange"]
+  assert found["equal"] and found["dtypes"] == ["float64", "int32"], found
+  assert sorted(found["assignment"]) == [0, 1, 2], found
+
+
+def test_each_blocks_rows_reach_its_owner_only(measured):
+  """The deep step's program (the curvature not among its outputs) sends each block's rows to
+  its owner alone: one all-to-all of per-owner packs as wide as the largest owner's share
+  (features 4 x fan_in and cotangents 3 x 4 x fan_out per device and block), and no row is
+  all-gathered; only the loss gradient's coordinates (16 samples x 3 rows). Dropping the shards
+  (every row to every device) all-gathers every layer's features and cotangents instead. Both
+  steps equal one device's."""
+  owner = measured["assignment/deep"]
+  sizes = [sum(elements) for elements in measured["owners/deep/shard_elements"]]
+  width = max(sum(n for n, o in zip(sizes, owner) if o == j) for j in range(DEVICES))
+  owners = measured["owners/deep/shards=True"]
+  assert owners["collectives"]["all-gather"] == ["f64[16,3]"], owners
+  assert len(owners["collectives"]["all-to-all"]) == 1, owners
+  assert owners["collectives"]["all-to-all"][0] in (f"f64[1,{width}]", f"f64[{DEVICES},{width}]")
+  every = measured["owners/deep/shards=False"]
+  assert every["collectives"]["all-to-all"] == [], every
+  assert len(every["collectives"]["all-gather"]) == 1 + 2 * len(DEEP), every
+  assert owners["params"] <= TOLERANCE["float64"] and every["params"] <= TOLERANCE["float64"]
+
+
 @pytest.mark.parametrize("frontend", FRONTENDS)
 def test_two_blocks_on_four_devices_and_one_block_everywhere(measured, frontend):
   """Two layerwise blocks: two devices factor one each, two none. The one-block structure keeps
@@ -663,8 +742,12 @@ def test_curvature_used_outside_its_shard_map_is_solved_in_place():
         model, x, lambda y: 0.5 * jnp.mean(jnp.sum(y ** 2, -1)), riemod.metrics.identity(),
         params=p, axis_name=axis_name)
 
-  _, grads, curv = jax.jit(jax.shard_map(lambda p, x: measure(p, x, "batch"), mesh=mesh,
-                                         in_specs=(P(), P("batch")), out_specs=P()))(params, x)
+  def measured(p, x):
+    loss, grads, curv = measure(p, x, "batch")
+    return loss, grads, curv.replicated()  # without the per-device shards, to leave shard_map
+
+  _, grads, curv = jax.jit(jax.shard_map(measured, mesh=mesh, in_specs=(P(), P("batch")),
+                                         out_specs=P()))(params, x)
   assert curv.axis_name == ("batch",)
   tx = riemod.layerwise_natural_gradient(0.1, mass=0.1)
   update = jax.jit(lambda g, c: tx.update(g, tx.init(params), params, curvature=c)[0])

@@ -193,23 +193,30 @@ class AdaptiveMass:
         continue
       v = {name: second_moment[i] for name, i in zip(module.leaf_names, module.leaf_indices)}
       if isinstance(module.factor, DenseFactor):
-        factor, leaf_scales = _dense_scaling(module.factor, v, self.eps)
+        leaf_scales, in_scale, out_scale, bias_weight = _dense_scaling(module.factor.structure,
+                                                                       v, self.eps)
+        scale = lambda f: DenseFactor(f.features * in_scale, f.cotangents * out_scale,
+                                      f.structure, bias_weight)
       else:
         leaf_scales = {name: jax.lax.rsqrt(jnp.sqrt(value) + self.eps) for name, value in v.items()}
-        factor = module.factor
-        if isinstance(factor, RowsFactor):
-          factor = RowsFactor({name: rows * leaf_scales[name]
-                               for name, rows in factor.leaf_rows.items()})
-        elif isinstance(factor, EmbedFactor):
-          factor = factor.scaled(leaf_scales["embedding"])
+        scale = lambda f: _diagonally_scaled(f, leaf_scales)
       changes.append(DiagonalChange(leaf_scales))
-      modules.append(dataclasses.replace(module, factor=factor))
+      modules.append(module.map_factor(scale))
     return dataclasses.replace(curvature, modules=tuple(modules)), changes
 
 
-def _dense_scaling(factor: DenseFactor, v: dict[str, jax.Array], eps: float):
-  """``K S`` and ``S`` of a dense module with the rank-one second moment of its kernel."""
-  structure = factor.structure
+def _diagonally_scaled(factor: Any, leaf_scales: dict[str, jax.Array]) -> Any:
+  """The factor of ``K S`` for a diagonal ``S`` given leaf by leaf (no dense structure)."""
+  if isinstance(factor, RowsFactor):
+    return RowsFactor({name: rows * leaf_scales[name] for name, rows in factor.leaf_rows.items()})
+  if isinstance(factor, EmbedFactor):
+    return factor.scaled(leaf_scales["embedding"])
+  return factor
+
+
+def _dense_scaling(structure, v: dict[str, jax.Array], eps: float):
+  """``S`` of a dense module with the rank-one second moment of its kernel: the leaves' scales,
+  and the input, output and bias scales that give ``K S`` from ``K``."""
   flat_v = structure.kernel_to_flat(v["kernel"])  # (fan_in, fan_out)
   rows, cols = flat_v.mean(axis=1), flat_v.mean(axis=0)
   tiny = eps * eps
@@ -224,9 +231,7 @@ def _dense_scaling(factor: DenseFactor, v: dict[str, jax.Array], eps: float):
     s = jnp.mean(jnp.sqrt(v["bias"]) + eps) / jnp.mean(b)
     scales["bias"] = structure.flat_to_bias(jax.lax.rsqrt(s * b))
     bias_weight = jax.lax.rsqrt(s)
-  scaled = DenseFactor(factor.features * in_scale, factor.cotangents * out_scale, structure,
-                       bias_weight)
-  return scaled, scales
+  return scales, in_scale, out_scale, bias_weight
 
 
 class KroneckerMoments(NamedTuple):
@@ -341,8 +346,8 @@ class KroneckerMass:
     steps (``count``: steps folded in, this one included).
 
     Inside the ``jax.shard_map`` whose axes the curvature's rows were gathered over
-    (``curvature.axis_name``), every device forms the statistics of its own share of the samples
-    and one all-reduce of the ``(1 + fan_in)^2`` and ``fan_out^2`` matrices joins them, and each
+    (``curvature.axis_name``), every device forms the statistics of its own samples (the
+    modules' shards) and one all-reduce of the ``(1 + fan_in)^2`` and ``fan_out^2`` matrices joins them, and each
     module's refresh runs on one device (:func:`riemod.curvature._mesh.spread`, balanced by the
     factors' cubed sizes) and is shared by one all-reduce. Elsewhere every device computes all.
     """
@@ -357,10 +362,12 @@ class KroneckerMass:
                 if (state := self._eligible(module, moments)) is not None]
     if not eligible:
       return dict(moments)
-    # Each device's share of the sums (all of them without axes), one all-reduce for all modules.
-    partial = [_batch_sums(module.factor, axes) for module, _ in eligible]
-    if axes:
-      partial = jax.lax.psum(partial, axes)
+    if axes and all(module.shard is not None for module, _ in eligible):
+      # Each device sums its own samples (its shard); one all-reduce for all modules.
+      devices = _mesh.size(axes)
+      partial = jax.lax.psum([_batch_sums(module.shard, devices) for module, _ in eligible], axes)
+    else:
+      partial = [_batch_sums(module.factor) for module, _ in eligible]
     averages = []
     for (module, state), sums in zip(eligible, partial):
       inputs, outputs = _batch_factors(module.factor, sums)
@@ -432,28 +439,28 @@ class KroneckerMass:
         # default mass 1 such a module gets the constant policy's default mass 1e-2, not 1).
         # As a change of variables: S = sqrt(default / constant default) on every leaf.
         scale = math.sqrt(self.default_mass / ConstantMass.default_mass)
-        modules.append(dataclasses.replace(module, factor=_uniformly_scaled(module.factor,
-                                                                             scale)))
+        modules.append(module.map_factor(lambda f, scale=scale: _uniformly_scaled(f, scale)))
         changes.append(DiagonalChange({name: jnp.asarray(scale) for name in module.leaf_names}))
         continue
-      factor = module.factor
-      dtype = factor.features.dtype
-      inverse_in = state.inputs_inverse.astype(dtype)
-      inverse_out = state.outputs_inverse.astype(factor.cotangents.dtype)
-      bias_weight = None
-      if factor.structure.has_bias:
-        # L_A^{-1} [1; x]: a constant bias entry L_A^{-1}[0, 0] (lower triangular, bias first)
-        # and features L_A^{-1}[1:, 1:] x + L_A^{-1}[1:, 0].
-        features = factor.features @ inverse_in[1:, 1:].T + inverse_in[1:, 0]
-        bias_weight = inverse_in[0, 0]
-      else:
-        features = factor.features @ inverse_in.T
-      cotangents = factor.cotangents @ inverse_out.T
-      modules.append(dataclasses.replace(
-          module, factor=DenseFactor(features, cotangents, factor.structure, bias_weight)))
+      modules.append(module.map_factor(lambda f, state=state: _whitened(f, state)))
       changes.append(KroneckerChange(state.inputs_root, state.inputs_inverse, state.outputs_root,
-                                     state.outputs_inverse, factor.structure))
+                                     state.outputs_inverse, module.factor.structure))
     return dataclasses.replace(curvature, modules=tuple(modules)), changes
+
+
+def _whitened(factor: DenseFactor, state: KroneckerMoments) -> DenseFactor:
+  """The factor of ``K S`` for the Kronecker change ``S = L_A^{-T} (x) L_S^{-T}``."""
+  inverse_in = state.inputs_inverse.astype(factor.features.dtype)
+  inverse_out = state.outputs_inverse.astype(factor.cotangents.dtype)
+  bias_weight = None
+  if factor.structure.has_bias:
+    # L_A^{-1} [1; x]: a constant bias entry L_A^{-1}[0, 0] (lower triangular, bias first)
+    # and features L_A^{-1}[1:, 1:] x + L_A^{-1}[1:, 0].
+    features = factor.features @ inverse_in[1:, 1:].T + inverse_in[1:, 0]
+    bias_weight = inverse_in[0, 0]
+  else:
+    features = factor.features @ inverse_in.T
+  return DenseFactor(features, factor.cotangents @ inverse_out.T, factor.structure, bias_weight)
 
 
 def _uniformly_scaled(factor: Any, scale: float) -> Any:
@@ -467,26 +474,13 @@ def _uniformly_scaled(factor: Any, scale: float) -> Any:
   raise TypeError(f"riemod.masses.kronecker: no uniform scaling for a {type(factor).__name__}.")
 
 
-def _batch_sums(factor: DenseFactor, axes: tuple = ()) -> tuple[jax.Array, ...]:
-  """``(sum x x^T, sum x, sum c c^T)`` over this device's samples, the first two over the batch's
-  sample-position count already (so that summing over the devices gives the batch's means).
-
-  With ``axes`` (bound, gathered rows: the samples in device order) device ``j`` takes the
-  ``j``-th of ``devices`` equal chunks of the samples, ``1/devices`` of the products; without,
-  all samples. A count the devices do not divide falls back to all samples on device 0 only.
+def _batch_sums(factor: DenseFactor, devices: int = 1) -> tuple[jax.Array, ...]:
+  """``(sum x x^T, sum x, sum c c^T)`` over the factor's samples, the first two divided by the
+  sample-position count of a batch of ``devices`` such factors (a device's shard: summing over
+  the devices then gives the whole batch's means; the cotangents carry the ``1/sqrt(B)`` already).
   """
   x, c = factor.features, factor.cotangents
-  samples = x.shape[0] * x.shape[1]
-  devices = _mesh.size(axes)
-  if devices > 1:
-    own = x.shape[0] // devices
-    if own * devices == x.shape[0]:
-      start = jax.lax.axis_index(axes) * own
-      x = jax.lax.dynamic_slice_in_dim(x, start, own, axis=0)
-      c = jax.lax.dynamic_slice_in_dim(c, start, own, axis=1)
-    else:
-      first = (jax.lax.axis_index(axes) == 0).astype(x.dtype)
-      x, c = x * first, c * first.astype(c.dtype)
+  samples = x.shape[0] * x.shape[1] * devices
   second = jnp.einsum("bpi,bpj->ij", x, x) / samples
   mean = x.sum(axis=(0, 1)) / samples
   outputs = jnp.einsum("rbpf,rbpg->fg", c, c)

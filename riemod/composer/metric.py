@@ -235,14 +235,16 @@ def _spread_steps(metric: ComposedMetric, rhs: Any, prev_leaves, momentum) -> di
   factored and solved on one device of the curvature's mapped axes (``{}``: replicated step).
 
   Spread when the curvature was gathered over mapped axes (``axis_name``) that are bound here,
-  the structure is layerwise and there are several Cholesky blocks and devices: every device holds
-  every block's
-  rows, so block ``b`` is factored and solved only on the device :func:`_mesh.assign` gives it
-  (balanced by :func:`_mesh.factorisation_flops`) and the directions and diagnostics are summed
-  over the devices (one all-reduce of parameter-sized pieces). The factor ``compose`` made is
-  then unused by the step and compiled away. A single block is factored on every device (its
-  sample-space kernel assembled in slabs over the devices, see :func:`compose`); truncated or
-  Nystrom blocks stay replicated.
+  the structure is layerwise and there are several Cholesky blocks and devices: block ``b`` is
+  factored and solved only on the device :func:`_mesh.assign` gives it (balanced by
+  :func:`_mesh.factorisation_flops`), and the directions and diagnostics are summed over the
+  devices (one all-reduce of parameter-sized pieces). The block's rows reach its owner alone:
+  the modules' shards (each device's own samples) go to the owner in one ``all_to_all``
+  (:func:`_mesh.to_owners`), so the whole batch's factors ``compose`` made, their gather and
+  their factorisation are unused by the step and compiled away. (A curvature without shards,
+  :meth:`Curvature.replicated`, uses the gathered rows on every device.) A single block is
+  factored on every device (its sample-space kernel assembled in slabs over the devices, see
+  :func:`compose`); truncated or Nystrom blocks stay replicated.
   """
   axes = metric.curvature.axis_name
   if (not _mesh.bound(axes) or metric.structure != "layerwise" or len(metric.blocks) < 2
@@ -253,20 +255,24 @@ def _spread_steps(metric: ComposedMetric, rhs: Any, prev_leaves, momentum) -> di
   modules = metric.curvature.modules
 
   def solve(block, members):
-    def run():
+    def run(factors=None):
       inputs = [metric._module_leaves(leaves, modules[i]) for i in members]
       prev = (None if prev_leaves is None else
               [metric._module_leaves(prev_leaves, modules[i]) for i in members])
+      factors = block.factors if factors is None else [f.for_products() for f in factors]
       # Factored here, inside the owner's branch, so the other devices skip it.
-      own = factorize_block(block.factors, block.inv_masses, block.space, block.refinement_steps)
+      own = factorize_block(factors, block.inv_masses, block.space, block.refinement_steps)
       return own.step(inputs, metric.curvature.coordinates, prev, momentum)
     return run
 
   costs = [_mesh.factorisation_flops(sum(f.num_params for f in block.factors),
                                      block.factors[0].num_rows, block.space)
            for block in metric.blocks]
+  shards = [[modules[i].shard for i in members] for members in metric.block_modules]
+  if any(f is None for block in shards for f in block):
+    shards = None
   results = _mesh.spread(axes, costs, [solve(block, members) for block, members
-                                       in zip(metric.blocks, metric.block_modules)])
+                                       in zip(metric.blocks, metric.block_modules)], shards)
   return dict(zip(metric.block_modules, results))
 
 

@@ -52,8 +52,14 @@ def cholesky_with_jitter(matrix: jax.Array | Callable[[jax.Array], jax.Array]
   else:
     build = lambda shift: matrix + shift * jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
   chol = _cholesky(build(0.0))
-  return jax.lax.cond(_finite_factor(chol), lambda: (chol, jnp.zeros((), chol.dtype)),
+  return jax.lax.cond(_finite_factor(chol), lambda: (chol, _zero_like(chol)),
                       lambda: _escalate(build))
+
+
+def _zero_like(chol: jax.Array) -> jax.Array:
+  """A zero jitter typed like the factor (varying inside ``shard_map`` where the factor is one
+  device's own: the branches of a ``cond`` must agree)."""
+  return _mesh.vary_like(jnp.zeros((), chol.dtype), chol)
 
 
 def _escalate(build: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -79,7 +85,8 @@ def _escalate(build: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, jax.A
     jitter = (scale * jnp.finfo(dtype).eps * 10.0 ** level).astype(dtype)
     return level, _cholesky(plain(jitter)), jitter
 
-  jitter = jax.lax.while_loop(failed, retry, (jnp.asarray(0), chol, jnp.zeros((), dtype)))[2]
+  start = (jnp.asarray(0), chol, _zero_like(chol))
+  jitter = jax.lax.while_loop(failed, retry, start)[2]
   return _cholesky(build(jax.lax.stop_gradient(jitter))), jitter
 
 
@@ -180,7 +187,9 @@ def _largest_eigenvalue(chol: jax.Array) -> jax.Array:
 
   # A loop, not unrolled Python: the unrolled iterations were about a third of a layerwise
   # step's compile time (benchmarks/results/compile.md).
-  return jax.lax.fori_loop(0, _POWER_ITERATIONS, iteration, (v, jnp.ones((), chol.dtype)))[1]
+  # Typed like the factor (varying inside shard_map when the factor is one device's own).
+  start = _mesh.vary_like((v, jnp.ones((), chol.dtype)), chol)
+  return jax.lax.fori_loop(0, _POWER_ITERATIONS, iteration, start)[1]
 
 
 
@@ -197,7 +206,9 @@ def _smallest_eigenvalue(chol: jax.Array) -> jax.Array:
     lam = 1.0 / jnp.where(norm > 0, norm, 1)
     return w * lam, lam
 
-  return jax.lax.fori_loop(0, _POWER_ITERATIONS, iteration, (v, jnp.ones((), chol.dtype)))[1]
+  # Typed like the factor (varying inside shard_map when the factor is one device's own).
+  start = _mesh.vary_like((v, jnp.ones((), chol.dtype)), chol)
+  return jax.lax.fori_loop(0, _POWER_ITERATIONS, iteration, start)[1]
 
 
 
@@ -305,12 +316,12 @@ class BlockFactorization:
       chol, jitter = self._jittered_factor()
       return fn(chol), jitter
 
-    return jax.lax.cond(self.factored, lambda: (plain, jnp.zeros((), self.chol.dtype)), jittered)
+    return jax.lax.cond(self.factored, lambda: (plain, _zero_like(self.chol)), jittered)
 
   @property
   def jitter(self) -> jax.Array:
     """The jitter the factorisation needed (0 when the plain factor was finite)."""
-    return jax.lax.cond(self.factored, lambda: jnp.zeros((), self.chol.dtype),
+    return jax.lax.cond(self.factored, lambda: _zero_like(self.chol),
                         lambda: self._jittered_factor()[1])
 
   def _jittered_factor(self) -> tuple[jax.Array, jax.Array]:

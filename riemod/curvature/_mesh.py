@@ -1,4 +1,5 @@
-"""The curvature of the global batch inside ``jax.shard_map``: mapped axes, checks, gathers.
+"""The curvature of the global batch inside ``jax.shard_map``: mapped axes, checks, gathers,
+and the layerwise blocks spread over the devices with their rows sent to their owners.
 
 Inside ``shard_map`` every device sees its shard of the batch. The metric is a mean over the whole
 batch, so its factor rows are the rows of every shard stacked, each scaled by ``1 / sqrt(B)`` with
@@ -164,6 +165,15 @@ def gather(tree: Any, axes: tuple, axis: int) -> Any:
       lambda a: jax.lax.all_gather(a, axes, axis=axis, tiled=True, to="invarying"), tree)
 
 
+def gather_samples(factor: Any, axes: tuple) -> Any:
+  """The factor of every device's samples, in device order (the order of the batch), the same
+  on every device."""
+  if not axes:
+    return factor
+  return factor.map_samples(
+      lambda a, axis: jax.lax.all_gather(a, axes, axis=axis, tiled=True, to="invarying"))
+
+
 def fold_key(key: jax.Array | None, axes: tuple) -> jax.Array | None:
   """A different PRNG key on every device, so random rows are drawn independently per shard."""
   if key is None or not axes:
@@ -215,7 +225,7 @@ def assign(costs: tuple[float, ...] | list[float], devices: int) -> tuple[int, .
   return tuple(owner)
 
 
-def spread(axes: tuple, costs: list[float], thunks: list) -> list:
+def spread(axes: tuple, costs: list[float], thunks: list, shards: list | None = None) -> list:
   """Every ``thunks[b]()``, each evaluated on one device only, returned on every device.
 
   Inside ``shard_map`` over ``axes``: block ``b`` goes to device ``assign(costs)[b]``; a
@@ -227,26 +237,108 @@ def spread(axes: tuple, costs: list[float], thunks: list) -> list:
   Args:
     axes: the mapped axes (from :func:`resolve`).
     costs: one cost per thunk (e.g. :func:`factorisation_flops`), for the balance.
-    thunks: functions of no arguments returning pytrees of arrays.
+    thunks: functions of no arguments returning pytrees of arrays; with ``shards``, functions of
+      one argument, the block's factors of the whole batch.
+    shards: per block, this device's factors (those with ``map_samples``): each block's are
+      sent to its owner only (:func:`to_owners`) and handed to its thunk there.
 
   Returns:
     ``[thunk() for thunk in thunks]``, the same on every device.
   """
   devices = size(axes)
   owner = assign(costs, devices)
-  shapes = [jax.eval_shape(thunk) for thunk in thunks]
+  if shards is not None:
+    owned = to_owners(axes, owner, shards)
+    shapes = [jax.eval_shape(thunk, _whole_shape(block, devices))
+              for thunk, block in zip(thunks, shards)]
+  else:
+    shapes = [jax.eval_shape(thunk) for thunk in thunks]
   zeros = lambda shape: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
 
   def branch(device):
     def run():
-      results = [thunk() if owner[b] == device else zeros(shapes[b])
-                 for b, thunk in enumerate(thunks)]
+      if shards is not None:
+        mine = owned(device)
+        results = [thunks[b](mine[b]) if owner[b] == device else zeros(shapes[b])
+                   for b in range(len(thunks))]
+      else:
+        results = [thunk() if owner[b] == device else zeros(shapes[b])
+                   for b, thunk in enumerate(thunks)]
       # Each device holds different values here: typed as varying, so the psum adds them.
       return vary(results, axes)
     return run
 
   results = jax.lax.switch(jax.lax.axis_index(axes), [branch(j) for j in range(devices)])
   return jax.lax.psum(results, axes)
+
+
+def _whole_shape(factors: list, devices: int) -> list:
+  """Abstract factors with ``devices`` times the samples (for ``eval_shape``)."""
+  def grow(a, axis):
+    shape = list(a.shape)
+    shape[axis] *= devices
+    return jax.ShapeDtypeStruct(tuple(shape), a.dtype)
+  return [f.map_samples(grow) for f in factors]
+
+
+def to_owners(axes: tuple, owner: tuple[int, ...], shards: list) -> Any:
+  """Sends every block's per-device factors to the block's owner alone, in one ``all_to_all``
+  per dtype; returns ``owned(device)``, to be called in ``device``'s branch of a switch: there it
+  gives ``{block: that block's factors of the whole batch}`` for the blocks ``device`` owns.
+
+  Each device packs, for every destination, the flattened sample arrays of the blocks that
+  destination owns (padded to the largest destination's length) and the ``all_to_all`` hands
+  destination ``j`` the ``j``-th pack of every device, in device order: the order of the batch.
+  A device receives its own blocks' rows only, about ``1 / devices`` of what an all-gather of
+  every block's rows sends it.
+
+  Args:
+    axes: the mapped axes.
+    owner: the device of every block (:func:`assign`).
+    shards: per block, a list of factors holding this device's samples.
+  """
+  devices = size(axes)
+  # Every per-sample array, with its sample axis and its block, in a fixed order.
+  entries: list[tuple[int, jax.Array, int]] = []
+  for b, factors in enumerate(shards):
+    for factor in factors:
+      factor.map_samples(lambda a, axis, b=b: entries.append((b, a, axis)) or a)
+  dtypes = sorted({jnp.result_type(a).name for _, a, _ in entries})
+  received, offsets = {}, {}
+  for dtype in dtypes:
+    lengths = [0] * devices
+    packs = [[] for _ in range(devices)]
+    for n, (b, a, _) in enumerate(entries):
+      if jnp.result_type(a).name == dtype:
+        offsets[n] = lengths[owner[b]]
+        lengths[owner[b]] += a.size
+        packs[owner[b]].append(a.reshape(-1))
+    width = max(lengths)
+    buffer = jnp.stack([jnp.concatenate(p + [jnp.zeros(width - n, dtype)]) if p
+                        else jnp.zeros(width, dtype) for p, n in zip(packs, lengths)])
+    received[dtype] = jax.lax.all_to_all(buffer, axes, 0, 0)  # (devices, width): row i from i
+
+  def owned(device: int) -> dict[int, list]:
+    arrays = {}
+    for n, (b, a, axis) in enumerate(entries):
+      if owner[b] != device:
+        continue
+      rows = received[jnp.result_type(a).name][:, offsets[n]:offsets[n] + a.size]
+      arrays[n] = jnp.concatenate([rows[i].reshape(a.shape) for i in range(devices)], axis=axis)
+    out, n = {}, 0
+    for b, factors in enumerate(shards):
+      rebuilt = []
+      for factor in factors:
+        def take(a, axis, b=b):
+          nonlocal n
+          n += 1
+          return arrays[n - 1] if owner[b] == device else a
+        rebuilt.append(factor.map_samples(take))
+      if owner[b] == device:
+        out[b] = rebuilt
+    return out
+
+  return owned
 
 
 # --- the one-block kernel assembled in slabs over the devices of the batch axis -------------------

@@ -193,6 +193,22 @@ class DenseFactor:
     return RowsFactor({name: rows.reshape((r, b) + rows.shape[1:])
                        for name, rows in self.rows().items()})
 
+  def map_samples(self, fn) -> "DenseFactor":
+    """The factor with ``fn(array, sample axis)`` applied to every per-sample array (features
+    and cotangents; the bias weight is the same for every sample). Gathering and slicing the
+    samples of any factor go through this, so they cannot miss an array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from riemod.nn.structure import DenseStructure
+      >>> f = DenseFactor(jnp.ones((4, 1, 3)), jnp.ones((2, 4, 1, 5)),
+      ...                 DenseStructure(kernel_shape=(3, 5), has_bias=False))
+      >>> f.map_samples(lambda a, axis: a[(slice(None),) * axis + (slice(0, 1),)]).num_rows
+      2
+    """
+    return dataclasses.replace(self, features=fn(self.features, 0),
+                               cotangents=fn(self.cotangents, 1))
+
   def rows(self) -> dict[str, jax.Array]:
     """``K`` materialised, ``{name: (d, *leaf shape)}`` (for tests and small blocks)."""
     r, b = self.cotangents.shape[:2]
@@ -234,6 +250,10 @@ class RowsFactor:
   def for_products(self) -> "RowsFactor":
     """Already formed (see :meth:`DenseFactor.for_products`)."""
     return self
+
+  def map_samples(self, fn) -> "RowsFactor":
+    """``fn(rows, 1)`` on every leaf's ``(R, B, ...)`` rows (see :meth:`DenseFactor.map_samples`)."""
+    return RowsFactor({name: fn(rows, 1) for name, rows in self.leaf_rows.items()})
 
   def gram(self, inv_mass: Leaves, samples: tuple | None = None) -> jax.Array:
     """``K D^{-1} K^T``; with ``samples``, those samples' rows only (see :meth:`DenseFactor.gram`)."""
@@ -314,6 +334,11 @@ class EmbedFactor:
   def for_products(self) -> "EmbedFactor":
     """Kept implicit: a row of the table would be vocabulary-sized."""
     return self
+
+  def map_samples(self, fn) -> "EmbedFactor":
+    """``fn`` on the cotangents (sample axis 1) and the ids (axis 0); see
+    :meth:`DenseFactor.map_samples`."""
+    return dataclasses.replace(self, cotangents=fn(self.cotangents, 1), ids=fn(self.ids, 0))
 
   def scaled(self, scale: jax.Array) -> "EmbedFactor":
     """The factor of ``K S`` for a per-entry scale ``S`` of the table, ``(V, features)``."""

@@ -204,7 +204,9 @@ def value_grad_and_curvature(
       (or a tuple of names): the result is then the curvature of the whole global batch, the
       same on every device (factor rows gathered over the axis and scaled by the global batch
       size, loss and gradients averaged over it), equal to one device's result on the whole
-      batch. The parameters must be replicated over the axis. ``None`` (default): one device,
+      batch; each module also keeps this device's own rows (``shard``; drop them with
+      :meth:`Curvature.replicated` to return the curvature from the ``shard_map``). The
+      parameters must be replicated over the axis. ``None`` (default): one device,
       or ``jax.jit`` with sharded arrays. Without it, a call inside ``shard_map`` on a split
       batch is refused (see docs/multidevice.md).
     check_metric: when the output metric claims to be the loss's exact Gauss-Newton factor
@@ -288,11 +290,6 @@ def value_grad_and_curvature(
   generic = [g for g in frontend.groups
              if g.declaration.kind == "riemannian" and g.path not in taps]
   generic_rows = _generic_rows(frontend, params, x_curv, rows, generic) if generic else {}
-  # Every device's rows, in the order of the global batch (samples are axis 0 of the layer
-  # inputs, axis 1 of the (k, B, ...) cotangents and rows).
-  inputs = _mesh.gather(inputs, axes, axis=0)
-  tap_cotangents = _mesh.gather(tap_cotangents, axes, axis=1)
-  generic_rows = _mesh.gather(generic_rows, axes, axis=1)
 
   modules = []
   for group in frontend.groups:
@@ -309,10 +306,15 @@ def value_grad_and_curvature(
       _check_leaf_names(group, factor.leaf_names)
     elif group.path in generic_rows:
       factor = RowsFactor(generic_rows[group.path])
+    # With axes, this device's factor is its shard; the factor of the whole batch has every
+    # device's rows, in the order of the global batch (a gather XLA drops if nothing reads it).
+    shard = factor if axes and factor is not None else None
+    if shard is not None:
+      factor = _mesh.gather_samples(shard, axes)
     modules.append(ModuleCurvature(
         factor=factor, mass=_mass_leaves(group, leaves), name=module_name(group.path),
         kind=group.declaration.kind, leaf_indices=tuple(group.leaf_indices),
-        leaf_names=tuple(group.leaf_names)))
+        leaf_names=tuple(group.leaf_names), shard=shard))
   modules.sort(key=lambda m: m.leaf_indices[0])
   coordinates = None
   if output_metric.coordinates is not None:

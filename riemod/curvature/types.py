@@ -11,7 +11,10 @@ import dataclasses
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 
+from riemod._util import all_finite
+from riemod.curvature import _mesh
 from riemod.curvature.factors import DenseFactor, Factor, RowsFactor
 
 
@@ -27,6 +30,11 @@ class ModuleCurvature:
     kind: ``"riemannian"``, ``"euclidean"`` or ``"frozen"``.
     leaf_indices: positions of its parameters in ``jax.tree.leaves(params)``.
     leaf_names: the parameters' names (``"kernel"``, ``"bias"``, ...), aligned with ``leaf_indices``.
+    shard: inside the ``jax.shard_map`` the curvature was measured in (``axis_name``), the same
+      factor on this device's samples only (``None`` elsewhere). ``factor`` holds every device's
+      rows; a consumer that needs only some of them (the spread layerwise step gathers each
+      block's rows to its owner alone, the Kronecker statistics sum their own samples) reads the
+      shard, and XLA drops the gather of ``factor`` where nothing reads it.
   """
 
   factor: Factor | None
@@ -35,6 +43,19 @@ class ModuleCurvature:
   kind: str = dataclasses.field(metadata=dict(static=True))
   leaf_indices: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
   leaf_names: tuple[str, ...] = dataclasses.field(metadata=dict(static=True))
+  shard: Factor | None = None
+
+  def map_factor(self, fn) -> "ModuleCurvature":
+    """The module with ``fn`` applied to its factor and to its shard alike.
+
+    Every change of a factor goes through here (a mass policy's change of variables, a
+    restriction to some leaves): ``fn`` acts sample by sample, so the shard stays this device's
+    part of the new factor.
+    """
+    if self.factor is None:
+      return self
+    return dataclasses.replace(self, factor=fn(self.factor),
+                               shard=None if self.shard is None else fn(self.shard))
 
 
 @jax.tree_util.register_dataclass
@@ -74,6 +95,31 @@ class Curvature:
                                                           metadata=dict(static=True))
   axis_name: tuple = dataclasses.field(default=(), metadata=dict(static=True))
   value: jax.Array | None = None
+
+  def replicated(self) -> "Curvature":
+    """The curvature without the modules' per-device shards: the same on every device.
+
+    Return this from a ``jax.shard_map`` with ``out_specs=P()`` (the shards differ between
+    devices, which JAX's replication check refuses). Steps taken with it are the same, gathered
+    in full on every device.
+    """
+    return dataclasses.replace(self, modules=tuple(
+        dataclasses.replace(m, shard=None) for m in self.modules))
+
+  def all_finite(self) -> jax.Array:
+    """Whether every number in the curvature is finite (the same answer on every device).
+
+    Inside the ``jax.shard_map`` it was measured in, the devices check their own shards and
+    agree by one ``pmin``: the gathered rows hold nothing else, and reading them would keep
+    their gather alive where the step needs only each block's rows on its owner.
+    """
+    axes = self.axis_name
+    if _mesh.bound(axes) and all(m.shard is not None for m in self.modules
+                                 if m.factor is not None):
+      own = all_finite([dataclasses.replace(m, factor=None) for m in self.modules]) & all_finite(
+          (self.coordinates, self.value))
+      return jax.lax.pmin(own.astype(jnp.int32), axes) > 0
+    return all_finite(self)
 
   def restrict(self, paths: Sequence[str]) -> "Curvature":
     """The curvature of the selected parameters only: ``K`` restricted to their columns.
@@ -120,13 +166,11 @@ class Curvature:
       if not kept:
         continue
       names = tuple(name for name, _ in kept)
-      factor = module.factor
-      if factor is not None and len(kept) != len(module.leaf_names):
-        factor = _restrict_factor(factor, names)
+      if len(kept) != len(module.leaf_names):
+        module = module.map_factor(lambda factor: _restrict_factor(factor, names))
       mass = None if module.mass is None else {n: module.mass[n] for n in names}
       modules.append(dataclasses.replace(
-          module, factor=factor, mass=mass, leaf_indices=tuple(j for _, j in kept),
-          leaf_names=names))
+          module, mass=mass, leaf_indices=tuple(j for _, j in kept), leaf_names=names))
     modules.sort(key=lambda m: min(m.leaf_indices))
     return dataclasses.replace(
         self, modules=tuple(modules), leaf_shapes=tuple(self.leaf_shapes[position[p]] for p in paths),
@@ -141,7 +185,10 @@ def _restrict_factor(factor: Factor, names: tuple[str, ...]) -> Factor:
                                                                      has_bias=False),
                                bias_weight=None)
   rows = factor.rows()  # (d, *leaf shape), rows r-major over (factor row, sample)
-  return RowsFactor({n: rows[n][None] for n in names})
+  # Kept as (R, B, ...): the sample axis stays its own, so a shard's restriction is this
+  # device's samples of the whole batch's restriction.
+  lead = (factor.num_rows // factor.num_samples, factor.num_samples)
+  return RowsFactor({n: rows[n].reshape(lead + rows[n].shape[1:]) for n in names})
 
 
 def _path_name(entries: tuple[Any, ...]) -> str:
