@@ -254,6 +254,63 @@ def whole_run_overhead(cost: dict, estimates: int, steps: int) -> float:
   return max(r["controlled, no estimate"] - 1, 0.0) + estimates / steps * extra
 
 
+ACCURACY_STEPS = (1, 2, 3, 5)   # Lanczos steps compared (the default is 5)
+ACCURACY_REFERENCE = 30        # the reference estimate's Lanczos steps
+
+
+def estimate_accuracy(task: str, seed: int, num_steps: int) -> dict:
+  """How close a warm-started estimate with fewer Lanczos steps comes to ``lam_max``: along a run
+  at the defaults, at every step that estimates (after the first), the same step from the same
+  state (so from the same warm start) with ``num_steps`` in ``ACCURACY_STEPS`` and a
+  ``ACCURACY_REFERENCE``-step reference; the ratios estimate / reference (a Ritz value is a
+  lower estimate, so below 1 is an underestimate and a rate set too high)."""
+  module, _, mlp_task = _digits_task(task, False)
+  tuned = tuned_config(task, module)
+  keys = {k: tuned.get(k) for k in ("output_metric", "curvature_batch")}
+  run = certified_trainer(mlp_task, "riemod-certified", dict(keys), seed)
+  variants = {m: certified_trainer(mlp_task, "riemod-certified", dict(keys), seed,
+                                   controller={"num_steps": m})
+              for m in ACCURACY_STEPS + (ACCURACY_REFERENCE,)}
+  lam = lambda state: riemod.find_state(state[1], riemod.certify.ControllerState)
+  state, rows = run.init(), []
+  for i in range(num_steps):
+    new, _ = run.step(state, i)
+    if i > 0 and int(lam(new).estimates) > int(lam(state).estimates):
+      values = {m: float(lam(t.step(state, i)[0]).lam_max) for m, t in variants.items()}
+      reference = values.pop(ACCURACY_REFERENCE)
+      rows.append({"step": i, "reference": reference,
+                   "ratio": {str(m): v / reference for m, v in values.items()}})
+      _log(f"accuracy {task} step {i}: reference {reference:.4g}, {rows[-1]['ratio']}")
+    state = new
+  ratios = {str(m): [r["ratio"][str(m)] for r in rows] for m in ACCURACY_STEPS}
+  return {"task": task, "seed": seed, "num_steps": num_steps, "reference_steps": ACCURACY_REFERENCE,
+          "rows": rows, "min": {m: min(v) for m, v in ratios.items()},
+          "median": {m: statistics.median(v) for m, v in ratios.items()}}
+
+
+def write_accuracy(results: list[dict], out: Path) -> None:
+  """``tuning_free_estimate_accuracy.{json,md}``."""
+  harness.write_json(out / f"{NAME}_estimate_accuracy.json", {
+      "results": results, "machine": harness.machine_info(), "loadavg_end": list(os.getloadavg())})
+  lines = ["# Warm-started estimates with fewer Lanczos steps", "",
+           f"Estimate / {ACCURACY_REFERENCE}-step reference of `lam_max(G^-1 H_GN)` at every "
+           "estimate after the first along a run of the certified defaults, each from the same "
+           "state and warm start (`python -m benchmarks.task_tuning_free --estimate-accuracy`). "
+           "1 Lanczos step is the Rayleigh quotient of the previous estimate's Ritz vector.", "",
+           "| task | seed | Lanczos steps | min | median |", "|---|---|---|---|---|"]
+  for r in results:
+    for m in r["min"]:
+      lines.append(f"| {r['task']} | {r['seed']} | {m} | {harness.fmt(r['min'][m])} | "
+                   f"{harness.fmt(r['median'][m])} |")
+  lines += ["", "Per estimate (step: ratios for " + ", ".join(map(str, ACCURACY_STEPS))
+            + " steps):", ""]
+  for r in results:
+    lines.append(f"- {r['task']} seed {r['seed']}: " + "; ".join(
+        f"{row['step']}: " + "/".join(harness.fmt(v) for v in row["ratio"].values())
+        for row in r["rows"]))
+  (out / f"{NAME}_estimate_accuracy.md").write_text("\n".join(lines) + "\n")
+
+
 def tune_controller(mlp_task, metric_keys: dict, spec, thresholds, tuned: dict) -> list[dict]:
   """The controller settings of ``CONTROLLER_GRID`` on the tuning seeds: stability, steps and
   seconds to the threshold and estimates per run (the current defaults were chosen from this
@@ -632,7 +689,16 @@ def main(argv=None) -> None:
   parser.add_argument("--adaptive", action="store_true",
                       help="also the certified step with riemod.masses.adaptive()")
   parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+  parser.add_argument("--estimate-accuracy", action="store_true",
+                      help="instead: warm-started estimates with 1, 2, 3, 5 Lanczos steps against "
+                      "a 30-step reference along a default run (digits-mlp 200 steps, digits-cnn "
+                      "70 steps, tuning seed 100)")
   args = parser.parse_args(argv)
+  if args.estimate_accuracy:
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_accuracy([estimate_accuracy("digits-mlp", TUNING_SEEDS[0], 200),
+                    estimate_accuracy("digits-cnn", TUNING_SEEDS[0], 70)], args.out)
+    return
   seeds = (0,) if args.quick else SEEDS
   for task in args.tasks:
     if task == "engd-poisson" and not jax.config.jax_enable_x64:

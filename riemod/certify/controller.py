@@ -22,11 +22,15 @@ target for a few Lanczos steps.
 (:func:`~riemod.certify.lanczos.top_ritz_pair`): ``num_steps`` Gauss-Newton products (one
 linearised forward pass shared by all), ``G^{-1} v`` and ``G v`` through
 ``geometry.compose(curvature, geometry state)``, the very ``G`` the inner step was solved with
-(mass policy, mass scale and moments included, so an adaptive mass is honoured). Lanczos is
-warm-started from the previous estimate's Ritz vector, kept in the state: the top direction
-moves slowly between estimates, so a few steps suffice. A Ritz value is a lower estimate of
-``lam_max``; ``fraction < 1`` is the margin for that and for the change of ``lam_max`` between
-estimates. The estimate runs under ``jax.lax.cond``: steps without one pay only a comparison.
+(mass policy, mass scale and moments included, so an adaptive mass is honoured), and factored
+once: the estimate reuses the inner step's factorisation, so it adds only its products and
+solves. Lanczos is warm-started from the previous estimate's Ritz vector, kept in the state.
+That saves little: between estimates (another batch, other parameters) the top direction moves
+far, so ``num_steps`` stays at 5 for every estimate (fewer warm-started steps underestimated
+``lam_max`` by up to 2x on the digits MLP, ``benchmarks/results/
+tuning_free_estimate_accuracy.md``). A Ritz value is a lower estimate of ``lam_max``;
+``fraction < 1`` is the margin for that and for the change of ``lam_max`` between estimates.
+The estimate runs under ``jax.lax.cond``: steps without one pay only a comparison.
 Each estimate sees one batch, while the rate it sets serves the batches of the next ``every``
 steps; ``memory`` keeps the rate of the sharpest recent batch (the reference is the larger of
 the new estimate and ``memory`` times the previous reference).
@@ -216,7 +220,8 @@ def controlled(
       of the moving average of the previous steps' losses is estimated at once, off schedule: a
       step past the edge shows as a rising loss, and the curvature may have grown since the last
       estimate (``None``: off).
-    num_steps: Lanczos steps per estimate (>= 1; warm-started, so a few suffice).
+    num_steps: Lanczos steps per estimate (>= 1; each estimate is warm-started, but the top
+      direction moves between estimates, so fewer than 5 underestimate ``lam_max``).
     memory: in ``[0, 1)``: the rate is set from ``max(new estimate, memory * the previous
       reference)``, so one flat batch does not raise the rate for all the steps to come, whose
       batches may be as sharp as the earlier ones (0: the latest estimate alone).
