@@ -410,7 +410,7 @@ def _child_transformer(devices: int) -> dict:
           nnx.merge(graphdef, p), x, lambda logits: lm.cross_entropy(logits, y), metric, key=key,
           axis_name=axis_name)
       if not keep_axes:  # every device factors (and assembles) everything
-        curv = dataclasses.replace(curv, axis_name=())
+        curv = dataclasses.replace(curv.replicated(), axis_name=())
       updates, s = tx.update(grads, s, p, curvature=curv)
       return optax.apply_updates(p, updates), s, loss
 
@@ -477,8 +477,8 @@ def transformer_report(rows: list[dict]) -> str:
       f"and overhead, not a speed-up. Load averages (1 min) around the runs: {', '.join(loads)}."
       "\nReproduce: `python -m benchmarks.bench_multidevice --transformer`.\n\n"
       "| structure | devices | scheme | work per device | all-gathers | KiB all-gathered | "
-      "all-reduces | KiB all-reduced | step time (ms) | vs replicated | parameters vs "
-      "replicated |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+      "KiB all-to-all | all-reduces | KiB all-reduced | step time (ms) | vs replicated | "
+      "parameters vs replicated |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
   for structure, scheme in (("layerwise", "spread"), ("full", "sharded")):
     for row in rows:
       model = row["models"][structure]
@@ -499,6 +499,7 @@ def transformer_report(rows: list[dict]) -> str:
         text += (
             f"| {structure} | {devices} | {recipe.replace('_', ' ')} | {work} | "
             f"{c['all-gather']['count']} | {c['all-gather']['bytes'] / 1024:.1f} | "
+            f"{c['all-to-all']['bytes'] / 1024:.1f} | "
             f"{c['all-reduce']['count']} | {c['all-reduce']['bytes'] / 1024:.1f} | "
             f"{1e3 * r['median_seconds']:.1f} | {r['ratio']:.2f} "
             f"({r['ratio_spread'][0]:.2f}-{r['ratio_spread'][1]:.2f}) | {same} |\n")
@@ -508,8 +509,8 @@ def transformer_report(rows: list[dict]) -> str:
 def _table(rows: list[dict], name: str) -> str:
   lines = [
       "| devices | recipe | factorisation GFLOP per device (max) | all-gathers | KiB all-gathered "
-      "| all-reduces | KiB all-reduced | step time (ms) | vs one device |",
-      "|---|---|---|---|---|---|---|---|---|"]
+      "| KiB all-to-all | all-reduces | KiB all-reduced | step time (ms) | vs one device |",
+      "|---|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
     model = row["models"][name]
     flops = model["flops_per_device"]
@@ -519,7 +520,8 @@ def _table(rows: list[dict], name: str) -> str:
       work = flops["spread_max"] if recipe == "spread" else flops["replicated"]
       lines.append(
           f"| {row['devices']} | {recipe} | {work / 1e9:.3f} | {c['all-gather']['count']} | "
-          f"{c['all-gather']['bytes'] / 1024:.1f} | {c['all-reduce']['count']} | "
+          f"{c['all-gather']['bytes'] / 1024:.1f} | {c['all-to-all']['bytes'] / 1024:.1f} | "
+          f"{c['all-reduce']['count']} | "
           f"{c['all-reduce']['bytes'] / 1024:.1f} | {1e3 * r['median_seconds']:.1f} | "
           f"{r['ratio']:.2f} ({r['ratio_spread'][0]:.2f}-{r['ratio_spread'][1]:.2f}) |")
   return "\n".join(lines)
@@ -565,7 +567,8 @@ def report(rows: list[dict]) -> str:
       "device': analytic, `d^3/3 + n d^2` (sample space) or `n^3/3 + d n^2` (parameter space) "
       "summed over the blocks a device factors (replicated: all; spread: the most loaded "
       "device under the greedy assignment). Collectives and bytes are read from the compiled "
-      "HLO; each device receives `(n-1)/n` of the all-gathered bytes. Step times: medians of 5 "
+      "HLO (result sizes); each device receives `(n-1)/n` of the all-gathered and all-to-all "
+      "bytes (the spread sends each block's rows to its owner only). Step times: medians of 5 "
       "interleaved rounds of 5 steps; 'vs one device': the same step compiled for one device in "
       "the same process (median ratio and its range over rounds). The devices share two cores, "
       "so the times measure overhead, not speed-up. Load averages (1 min) around the runs: "
@@ -766,8 +769,9 @@ def kronecker_report(rows: list[dict]) -> str:
         + "; ".join(f"{row['devices']}: {row['models'][name]['kronecker_flops']['owner']}"
                     for row in rows) + ".\n\n"
         "| devices | scheme | statistics MFLOP per device | refresh MFLOP per device | blocks "
-        "GFLOP per device | all-gathers | KiB all-gathered | all-reduces | KiB all-reduced | "
-        "step time (ms) | vs replicated |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+        "GFLOP per device | all-gathers | KiB all-gathered | KiB all-to-all | all-reduces | "
+        "KiB all-reduced | step time (ms) | vs replicated |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for row in rows:
       model = row["models"][name]
       flops = model["kronecker_flops"]
@@ -781,7 +785,8 @@ def kronecker_report(rows: list[dict]) -> str:
             f"| {1 if recipe == 'one_device' else row['devices']} | {recipe.replace('_', ' ')} | "
             f"{flops['statistics'][work] / 1e6:.2f} | {flops['refresh'][work] / 1e6:.2f} | "
             f"{model['block_flops'][work] / 1e9:.3f} | {c['all-gather']['count']} | "
-            f"{c['all-gather']['bytes'] / 1024:.1f} | {c['all-reduce']['count']} | "
+            f"{c['all-gather']['bytes'] / 1024:.1f} | {c['all-to-all']['bytes'] / 1024:.1f} | "
+            f"{c['all-reduce']['count']} | "
             f"{c['all-reduce']['bytes'] / 1024:.1f} | {1e3 * r['median_seconds']:.1f} | "
             f"{r['ratio']:.2f} ({r['ratio_spread'][0]:.2f}-{r['ratio_spread'][1]:.2f}) |\n")
   return text
