@@ -333,13 +333,15 @@ def controlled(
                            jnp.where(jnp.isnan(smoothed), value,
                                      SMOOTHING * smoothed + (1 - SMOOTHING) * value))
     metric = lambda: geometry.compose(curvature, find_state(inner_state, MetricState).geometry)
-    if not _mesh.bound(curvature.axis_name):
+    traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(updates))
+    if traced and not _mesh.bound(curvature.axis_name):
       # The G the inner step was solved with, composed again at the top level of the traced
       # step: the same operations on the same inputs as the inner step's, which XLA merges into
       # one factorisation per step, so an estimate adds only its products and solves (composed
-      # inside the cond, the blocks were factored twice on estimate steps). On a mesh the spread
-      # step leaves compose's factors unused and compiles them away; there the estimate composes
-      # its own, inside the cond, as a top-level compose would factor every block every step.
+      # inside the cond, the blocks were factored twice on estimate steps). Not when running
+      # eagerly (nothing would merge the two) nor on a mesh, where the spread step leaves
+      # compose's factors unused and compiles them away: there a top-level compose would factor
+      # every block every step, so the estimate composes its own inside the cond.
       metric = metric()
     lam, vector = jax.lax.cond(
         due, lambda: estimate(params, metric, state.vector, apply_fn, loss_fn, dtype),
