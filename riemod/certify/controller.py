@@ -116,7 +116,7 @@ SMOOTHING = 0.9
 def _canonical_convolution(eqn, lhs, rhs):
   """One ``conv_general_dilated`` equation computed in the layout XLA:CPU's fast convolution
   takes (input batch-spatial-feature, kernel spatial-in-out), with transposes around it: the
-  same sums in the same order, so the same values."""
+  same convolution with its axes relabelled (equal up to the order of summation)."""
   numbers = eqn.params["dimension_numbers"]
   n = lhs.ndim
   lhs_order = (numbers.lhs_spec[0], *numbers.lhs_spec[2:], numbers.lhs_spec[1])
