@@ -163,9 +163,9 @@ def _fast_convolutions_on_cpu(product: Callable[[jax.Array], jax.Array]
   program's top-level computation, and the estimate runs inside a ``lax.cond``. There the
   transposed convolutions of ``J^T`` in the Gauss-Newton product (kernel gradients with batch and
   feature swapped, input gradients with a flipped kernel layout) fall to a generic loop several
-  times slower; rewritten here as XLA does at the top level, they take the fast path with the
-  same values (the digits CNN's estimate cost before and after: benchmarks/results/
-  tuning_free.md).
+  times slower; rewritten here as XLA does at the top level, they take the fast path (values
+  equal up to summation order; the digits CNN's estimate cost before and after:
+  benchmarks/results/tuning_free.md).
   """
   def canonical(v):
     closed = jax.make_jaxpr(product)(v)
