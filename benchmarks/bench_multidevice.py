@@ -669,17 +669,17 @@ def kronecker_flops(name: str, devices: int) -> dict:
 def kronecker_bytes(name: str, itemsize: int = 4) -> dict:
   """Bytes each all-reduce of the spread Kronecker mass carries for MODELS[name] (result sizes).
 
-  ``statistics``: per dense layer ``sum x x^T`` (``fan_in^2``), ``sum x`` (``fan_in``) and
-  ``sum c c^T`` (``fan_out^2``), every step; ``refresh``: the lower triangles of both damped
-  factors' Cholesky roots and inverses (``2 (n (n + 1) / 2)`` for ``n = 1 + fan_in`` and
-  ``fan_out``), on refresh steps only.
+  ``statistics``: per dense layer the lower triangles of ``sum x x^T`` (``fan_in (fan_in + 1)
+  / 2``) and ``sum c c^T`` (``fan_out (fan_out + 1) / 2``) and ``sum x`` (``fan_in``), every
+  step; ``refresh``: the lower triangles of both damped factors' Cholesky roots and inverses
+  (``2 (n (n + 1) / 2)`` for ``n = 1 + fan_in`` and ``fan_out``), on refresh steps only.
 
   Example:
     >>> kronecker_bytes("mlp")["statistics"]
-    280208
+    141916
   """
   layers = list(zip(MODELS[name][0][:-1], MODELS[name][0][1:]))
-  statistics = sum(a * a + a + b * b for a, b in layers)
+  statistics = sum(a * (a + 1) // 2 + a + b * (b + 1) // 2 for a, b in layers)
   refresh = sum((a + 1) * (a + 2) + b * (b + 1) for a, b in layers)
   return {"statistics": itemsize * statistics, "refresh": itemsize * refresh}
 

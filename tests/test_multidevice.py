@@ -800,15 +800,19 @@ def test_kronecker_mass_state_equals_one_device(measured):
 def test_kronecker_statistics_are_summed_per_device_and_all_reduced(measured):
   """Every device forms A and S from its own quarter of the samples (each statistic's dot sums
   1/4 of the terms one device sums), and one all-reduce outside conditionals carries the
-  statistics' shapes (sum x x^T: fan_in^2, sum c c^T: fan_out^2). Replicated statistics
+  statistics' lower triangles (sum x x^T: fan_in (fan_in + 1) / 2, sum c c^T: fan_out (fan_out + 1)
+  / 2). Replicated statistics
   (every device summing all 16 samples) fail both."""
   found = measured["step/kronecker"]["kronecker"]
   one, many = found["statistics_one_device"]["terms"], found["statistics"]["terms"]
   assert one == {"inputs": [16, 16], "outputs": [48, 48]}, one  # 16 samples x 3 rows, 2 layers
   assert many == {k: [n // DEVICES for n in v] for k, v in one.items()}, found
+  # The sums x x^T and c c^T are symmetric: only their lower triangles travel.
   reduced = found["statistics"]["all_reduced"]
   for fan_in, fan_out in KRONECKER_FACTORS:
-    assert f"{fan_in - 1},{fan_in - 1}" in reduced and f"{fan_out},{fan_out}" in reduced, reduced
+    assert str((fan_in - 1) * fan_in // 2) in reduced and str(fan_out * (fan_out + 1) // 2) in \
+        reduced, reduced
+    assert f"{fan_in - 1},{fan_in - 1}" not in reduced and f"{fan_out},{fan_out}" not in reduced
 
 
 def test_kronecker_refresh_keeps_old_factors_where_new_ones_are_not_finite(measured):

@@ -363,9 +363,16 @@ class KroneckerMass:
     if not eligible:
       return dict(moments)
     if axes and all(module.shard is not None for module, _ in eligible):
-      # Each device sums its own samples (its shard); one all-reduce for all modules.
+      # Each device sums its own samples (its shard); one all-reduce for all modules, of the
+      # symmetric sums' lower triangles only (n (n + 1) / 2 of their n^2 entries).
       devices = _mesh.size(axes)
-      partial = jax.lax.psum([_batch_sums(module.shard, devices) for module, _ in eligible], axes)
+      triangle = lambda m: m[jnp.tril_indices(m.shape[0])]
+      partial = jax.lax.psum([(triangle(second), mean, triangle(outputs)) for second, mean, outputs
+                              in (_batch_sums(module.shard, devices) for module, _ in eligible)],
+                             axes)
+      partial = [(_symmetric(second, module.shard.features.shape[-1]), mean,
+                  _symmetric(outputs, module.shard.cotangents.shape[-1]))
+                 for (second, mean, outputs), (module, _) in zip(partial, eligible)]
     else:
       partial = [_batch_sums(module.factor) for module, _ in eligible]
     averages = []
@@ -485,6 +492,13 @@ def _batch_sums(factor: DenseFactor, devices: int = 1) -> tuple[jax.Array, ...]:
   mean = x.sum(axis=(0, 1)) / samples
   outputs = jnp.einsum("rbpf,rbpg->fg", c, c)
   return second, mean, outputs
+
+
+def _symmetric(lower: jax.Array, n: int) -> jax.Array:
+  """The symmetric ``n x n`` matrix with lower triangle ``lower`` (``jnp.tril_indices`` order)."""
+  rows, cols = jnp.tril_indices(n)
+  matrix = jnp.zeros((n, n), lower.dtype).at[rows, cols].set(lower)
+  return matrix.at[cols, rows].set(lower)
 
 
 def _batch_factors(factor: DenseFactor, sums: tuple[jax.Array, ...] | None = None
