@@ -301,6 +301,64 @@ def test_estimate_on_a_convolutional_net_matches_eigh_with_fast_convolutions():
     _assert_first_estimate_is_eigh(tx, geometry, f, x, loss_fn, params)
 
 
+_MESH_SCRIPT = """
+import json, os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax, jax.numpy as jnp, numpy as np, optax
+jax.config.update("jax_enable_x64", True)
+from jax.sharding import NamedSharding, PartitionSpec as P
+import riemod
+from riemod.certify import controlled
+rng = np.random.default_rng(0)
+x, t = jnp.asarray(rng.normal(size=(8, 3))), jnp.asarray(rng.normal(size=(8, 2)))
+f = lambda p, v: riemod.nn.dense(p["b"], jnp.tanh(riemod.nn.dense(p["a"], v)))
+params = {"a": {"kernel": jnp.asarray(rng.normal(size=(3, 4)))},
+          "b": {"kernel": jnp.asarray(rng.normal(size=(4, 2)))}}
+geometry = riemod.Geometry(1e-2)
+tx = controlled(riemod.layerwise_natural_gradient(1.0, geometry=geometry), geometry, num_steps=12)
+mesh = jax.make_mesh((2,), ("batch",))
+
+def steps(p, s, xs, ts, axis_name=None):
+  loss_fn = lambda y: 0.5 * jnp.mean(jnp.sum((y - ts) ** 2, -1))
+  for _ in range(2):
+    value, g, curv = riemod.value_grad_and_curvature(f, xs, loss_fn, riemod.metrics.identity(),
+                                                     params=p, axis_name=axis_name)
+    u, s = tx.update(g, s, p, curvature=curv, value=value, apply_fn=lambda q: f(q, xs),
+                     loss_fn=loss_fn)
+    p = optax.apply_updates(p, u)
+  return p, s.lam_max
+
+one = jax.jit(steps)(params, tx.init(params), x, t)
+xs, ts = (jax.device_put(a, NamedSharding(mesh, P("batch"))) for a in (x, t))
+out = {"lam_one": float(one[1])}
+for vma in (True, False):
+  body = lambda p, s, a, b: jax.tree.map(lambda z: z[None], steps(p, s, a, b, "batch"))
+  got = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")),
+                              out_specs=P("batch"), check_vma=vma))(params, tx.init(params), xs, ts)
+  diff = max(float(np.max(np.abs(np.asarray(a)[d] - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+             for a, b in zip(jax.tree.leaves(got[0]), jax.tree.leaves(one[0])) for d in range(2))
+  out[str(vma)] = {"lam": np.asarray(got[1]).tolist(), "params": diff}
+print(json.dumps(out))
+"""
+
+
+def test_estimate_on_a_mesh_is_the_whole_batchs():
+  """Inside shard_map (2 host devices, a subprocess: the device count is fixed when JAX starts)
+  each device's apply_fn/loss_fn see its shard of the batch; the estimate is the whole batch's,
+  the same on every device, so two controlled steps equal one device's, with check_vma on and
+  off. Fails without the devices' products combined: the devices' sum with check_vma=True (3.84
+  against 1.97), each device its own shard's estimate with check_vma=False."""
+  import json, os, subprocess, sys
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+  run = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], capture_output=True, text=True,
+                       env=env, timeout=600)
+  assert run.returncode == 0, run.stderr[-2000:]
+  out = json.loads(run.stdout.strip().splitlines()[-1])
+  for vma in ("True", "False"):
+    np.testing.assert_allclose(out[vma]["lam"], [out["lam_one"]] * 2, rtol=1e-10)
+    assert out[vma]["params"] < 1e-10, out
+
+
 def test_default_warmup_estimates_at_doubling_steps():
   """warmup=None: steps 0, 1, 3, 7, 15 below `every` (count + 1 a power of two), then every
   `every`; fails with the old every-step warm-up (10 + 1 estimates) or none (2)."""

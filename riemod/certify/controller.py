@@ -174,6 +174,31 @@ def _fast_convolutions_on_cpu(product: Callable[[jax.Array], jax.Array]
   return lambda v: jax.lax.platform_dependent(v, cpu=canonical, default=product)
 
 
+def _whole_batch_product(product: Callable[[jax.Array], jax.Array], axes: tuple
+                         ) -> Callable[[jax.Array], jax.Array]:
+  """``product`` of one device's shard of the batch made the whole batch's, inside ``shard_map``.
+
+  Each device holds its shard (``apply_fn`` and ``loss_fn`` give its outputs and mean loss) while
+  ``G`` is the whole batch's (the curvature gathered over ``axes``); the product of the whole
+  batch's mean loss is the mean of the devices' products, the same on every device, so every
+  device estimates the same ``lam_max`` and sets the same rate. Where ``shard_map`` types values
+  by the axes they vary over (``check_vma=True``), differentiating through the replicated
+  parameters already sums the devices' products (the transpose of the parameters' broadcast is a
+  sum), so that sum is divided by the device count; elsewhere the per-device products are
+  averaged.
+  """
+  def whole(v):
+    out = product(v)
+    varying = _mesh.varying_axes(out)
+    per_device = tuple(a for a in axes if a in varying or not _mesh._check_vma())
+    summed = tuple(a for a in axes if a not in per_device)
+    if per_device:
+      out = jax.lax.pmean(out, per_device)
+    return out / _mesh.size(summed) if summed else out
+
+  return whole
+
+
 def _schedule_value(learning_rate, count):
   return learning_rate(count) if callable(learning_rate) else learning_rate
 
@@ -288,7 +313,7 @@ def controlled(
                            jnp.full((), jnp.nan, dtype), jnp.zeros((), jnp.int32), vector, state,
                            jnp.full((), jnp.nan, dtype), jnp.full((), jnp.nan, dtype))
 
-  def estimate(params, metric, vector, apply_fn, loss_fn, dtype):
+  def estimate(params, metric, vector, apply_fn, loss_fn, dtype, axes):
     metric = metric() if callable(metric) else metric
     flat, unravel = ravel_pytree(params)
     ravel = lambda tree: ravel_pytree(tree)[0]
@@ -301,6 +326,8 @@ def controlled(
       grad = jax.grad(lambda f: loss_fn(apply_flat(f)))
       hvp = lambda v: jax.jvp(grad, (flat,), (v,))[1]
     hvp = _fast_convolutions_on_cpu(hvp)
+    if axes:
+      hvp = _whole_batch_product(hvp, axes)
     lam, ritz = top_ritz_pair(hvp, solve, matvec, ravel(vector).astype(flat.dtype), num_steps)
     return lam.astype(dtype), jax.tree.map(lambda r, v: r.astype(v.dtype), unravel(ritz), vector)
 
@@ -344,7 +371,8 @@ def controlled(
       # every block every step, so the estimate composes its own inside the cond.
       metric = metric()
     lam, vector = jax.lax.cond(
-        due, lambda: estimate(params, metric, state.vector, apply_fn, loss_fn, dtype),
+        due, lambda: estimate(params, metric, state.vector, apply_fn, loss_fn, dtype,
+                              curvature.axis_name if _mesh.bound(curvature.axis_name) else ()),
         lambda: (state.lam_max, state.vector))
     valid = jnp.isfinite(lam) & (lam > 0)
     vector = jax.tree.map(lambda new, old: jnp.where(valid, new, old), vector, state.vector)
