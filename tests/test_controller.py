@@ -348,7 +348,10 @@ def test_estimate_on_a_mesh_is_the_whole_batchs():
   the same on every device, so two controlled steps equal one device's, with check_vma on and
   off. Fails without the devices' products combined: the devices' sum with check_vma=True (3.84
   against 1.97), each device its own shard's estimate with check_vma=False."""
-  import json, os, subprocess, sys
+  import json
+  import os
+  import subprocess
+  import sys
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
   run = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], capture_output=True, text=True,
                        env=env, timeout=600)
