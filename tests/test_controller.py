@@ -585,3 +585,102 @@ def test_certify_alone_judges_the_step_on_the_gauss_newton_edge():
     report = certified(10.0)
     assert report.verdict.startswith("unstable") and "Gauss-Newton" in report.verdict
     assert "Gauss-Newton model" in report.table()
+
+
+def _exponential_fit(n=40):
+  """An exponential-sum fit with an ill-conditioned Gauss-Newton Gramian (float64)."""
+  x = jnp.linspace(0.0, 1.0, n)
+  f = lambda p, x: (p["a"][0] * jnp.exp(p["b"][0] * x) + p["a"][1] * jnp.exp(p["b"][1] * x)
+                    + p["c"] * x ** 3)
+  target = 2.0 * jnp.exp(-x) + 0.5 * jnp.exp(-1.1 * x) + 0.1 * x ** 3
+  loss_fn = lambda y: 0.5 * jnp.mean((y - target) ** 2)
+  params = {"a": jnp.array([1.0, 0.3]), "b": jnp.array([-0.5, -1.0]), "c": jnp.asarray(0.0)}
+  return f, x, loss_fn, params
+
+
+def test_precision_cutoff_keeps_what_the_precision_check_accepts():
+  from riemod.composer import precision_cutoff
+  with jax.enable_x64(True):
+    # A degree-11 polynomial fit on [0, 1]: the Gramian's eigenvalues span ~17 decades.
+    x = jnp.linspace(0.0, 1.0, 40)
+    f = lambda p, x: jnp.vander(x, 12) @ p["w"]
+    loss_fn = lambda y: 0.5 * jnp.mean((y - jnp.sin(3.0 * x)) ** 2)
+    params = {"w": jnp.zeros(12)}
+    gram = np.asarray(jnp.vander(x, 12).T @ jnp.vander(x, 12) / x.shape[0])
+    s = np.linalg.eigvalsh(gram)
+    cut = precision_cutoff(1e-2)
+    assert cut == pytest.approx(4 * np.finfo(np.float64).eps / 1e-2)
+    assert s[0] < 1e-3 * cut * s[-1]  # directions far below the cut-off exist
+
+    def step(cutoff):
+      geometry = riemod.Geometry(mass=cutoff * 1e-6, structure="full", cutoff=cutoff)
+      tx = riemod.natural_gradient(1.0, geometry=geometry, max_error=1e-2)
+      loss, g, curv = riemod.value_grad_and_curvature(f, x, loss_fn, riemod.metrics.identity(),
+                                                      params=params)
+      u, _ = tx.update(g, tx.init(params), params, curvature=curv)
+      return np.asarray(g["w"]), np.asarray(u["w"])
+
+    g, u = step(cut)
+    # Dense reference: the minimum-norm least-squares step with the same relative cut-off
+    # (the mass, 1e-6 of the smallest kept eigenvalue, changes it below the tolerance).
+    expected = -np.linalg.lstsq(gram, g, rcond=cut)[0]
+    np.testing.assert_allclose(u, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    # A 100x smaller cut-off keeps directions the check cannot trust: refused.
+    with pytest.raises(riemod.StepRefusedError, match="relative error"):
+      step(cut / 100)
+
+
+def test_certified_gauss_newton_first_step_is_the_searched_least_squares_step():
+  from riemod.composer import precision_cutoff
+  with jax.enable_x64(True):
+    f, x, loss_fn, params = _exponential_fit()
+    tx = riemod.certify.certified_gauss_newton()
+    cut = precision_cutoff(1e-2)
+    loss, g, curv = riemod.value_grad_and_curvature(f, x, loss_fn, riemod.metrics.identity(),
+                                                    params=params)
+    value_fn = lambda p: loss_fn(f(p, x))
+    u, state = tx.update(g, tx.init(params), params, curvature=curv, value=loss,
+                         value_fn=value_fn, apply_fn=lambda p: f(p, x), loss_fn=loss_fn)
+    flat, unravel = ravel_pytree(params)
+    jac = np.asarray(jax.jacrev(lambda v: f(unravel(v), x))(flat))
+    gram = jac.T @ jac / x.shape[0]
+    # The Gauss-Newton direction on the kept eigenvalues lam >= cut lam_max, each damped by the
+    # mass (= the cut-off): sum v v^T g / (lam + mass) ...
+    lam, vec = np.linalg.eigh(gram)
+    keep = lam >= cut * lam[-1]
+    coefficients = vec.T @ np.asarray(ravel_pytree(g)[0]) / (lam + cut)
+    direction = -vec[:, keep] @ coefficients[keep]
+    # ... at the certified rate 2 * 0.5 / lam_max(G^+ H_GN) = 1 ...
+    controller = riemod.find_state(state, ControllerState)
+    assert float(controller.lam_max) == pytest.approx(1.0, abs=1e-8)
+    assert float(controller.learning_rate) == pytest.approx(1.0, abs=1e-8)
+    # ... scaled by the grid point 2 * 0.5^k with the lowest loss (ties to the larger).
+    losses = [float(value_fn(unravel(flat + 2.0 * 0.5 ** k * direction))) for k in range(31)]
+    best = 2.0 * 0.5 ** int(np.argmin(losses))
+    # (eps times the Gramian's condition ~1e10: agreement to ~1e-6 of the step's size.)
+    np.testing.assert_allclose(np.asarray(ravel_pytree(u)[0]), best * direction, rtol=0,
+                               atol=1e-5 * np.abs(best * direction).max())
+    lm = riemod.find_state(state, riemod.certify.LevenbergMarquardtState)
+    assert np.isfinite(float(lm.ratio))
+    # Training reaches the fit's noise-free optimum.
+    @jax.jit
+    def step(p, s):
+      value, grads, curvature = riemod.value_grad_and_curvature(
+          f, x, loss_fn, riemod.metrics.identity(), params=p)
+      u, s = tx.update(grads, s, p, curvature=curvature, value=value, value_fn=value_fn,
+                       apply_fn=lambda q: f(q, x), loss_fn=loss_fn)
+      return optax.apply_updates(p, u), s
+
+    p, s = params, tx.init(params)
+    for _ in range(40):
+      p, s = step(p, s)
+    assert float(value_fn(p)) < 1e-12
+
+
+def test_certified_gauss_newton_clear_errors():
+  with pytest.raises(ValueError, match="fraction"):
+    riemod.certify.certified_gauss_newton(fraction=1.5)
+  with pytest.raises(ValueError, match="num="):
+    riemod.certify.certified_gauss_newton(num=0)
+  with pytest.raises(ValueError, match="max_error"):
+    riemod.certify.certified_gauss_newton(max_error=0.0)

@@ -15,7 +15,8 @@ step rejection; :func:`levenberg_marquardt` adapts the mass from the step actual
 search included), without rejection (both in :mod:`riemod.certify.guard`). :func:`controlled` wraps riemod's step with a
 certified learning rate, a fixed fraction of the edge of stability ``2 / lam_max(G^{-1} H_GN)``
 measured every few steps (:mod:`riemod.certify.controller`); :func:`certified_natural_gradient`
-and :func:`certified_layerwise_natural_gradient` are the aliases that need no learning rate.
+and :func:`certified_layerwise_natural_gradient` are the aliases that need no learning rate, and
+:func:`certified_gauss_newton` the recipe for full-batch least squares (PINNs).
 
 References:
   Pehle & Slotine, *Riemannian Optimization in Modular Systems* (arXiv 2603.03610), sec. 5-6.
@@ -30,7 +31,8 @@ from riemod.certify.certificate import certify
 from riemod.certify.contraction import (Contraction, cascade_weights, composed_rate,
                                         contraction_factor, contraction_of, coupling_norm,
                                         max_stable_learning_rate, spectrum)
-from riemod.certify.controller import (ControllerState, certified_geometry,
+from riemod.certify.controller import (ControllerState, certified_gauss_newton,
+                                       certified_geometry,
                                        certified_layerwise_natural_gradient,
                                        certified_natural_gradient, controlled)
 from riemod.certify.guard import (GuardState, LevenbergMarquardtState, guarded,
@@ -43,7 +45,7 @@ from riemod.certify.report import CertificateReport
 __all__ = [
     "ActionTerms", "CertificateReport", "Contraction", "ControllerState", "FORMULA", "GuardState",
     "LanczosResult", "LevenbergMarquardtState", "LipschitzSummary", "ModuleLipschitz", "StabilityBound", "action_terms",
-    "cascade_weights", "certified_geometry", "certified_layerwise_natural_gradient", "certified_natural_gradient",
+    "cascade_weights", "certified_gauss_newton", "certified_geometry", "certified_layerwise_natural_gradient", "certified_natural_gradient",
     "certify", "composed_rate", "contraction_factor", "contraction_of", "controlled",
     "coupling_norm", "generalized_lanczos", "guarded", "levenberg_marquardt", "max_stable_learning_rate",
     "network_lipschitz", "param_lipschitz", "path_action", "spectrum", "stability_bound",

@@ -63,10 +63,13 @@ from jax.flatten_util import ravel_pytree
 
 from riemod._util import gaussian_like
 from riemod.certify.contraction import gauss_newton_product
+from riemod.certify.guard import levenberg_marquardt
 from riemod.certify.lanczos import top_ritz_pair
 from riemod.composer import masses
 from riemod.composer.geometry import Geometry
+from riemod.composer.spectral import precision_cutoff
 from riemod.curvature import _mesh
+from riemod.linesearch import scale_by_grid_linesearch
 from riemod.state import find_state
 from riemod.transforms import (MetricState, alias_geometry, layerwise_natural_gradient,
                                natural_gradient)
@@ -476,3 +479,91 @@ def certified_natural_gradient(
   return _certified("full", natural_gradient, mass, geometry, fraction, every, warmup,
                     recheck_rise, num_steps, memory, hessian, learning_rate, max_learning_rate,
                     momentum, on_nonfinite, max_error)
+
+
+def certified_gauss_newton(
+    mass: float | None = None, *, cutoff: float | None = None, max_error: float = 1e-2,
+    fraction: float = 0.5, every: int = 30, warmup: int | None = None, num_steps: int = 5,
+    num: int = 31, on_nonfinite: str = "error") -> optax.GradientTransformationExtraArgs:
+  """The certified step at the Gauss-Newton limit, for full-batch least squares (PINNs).
+
+  A whole-network step (``structure="full"``) whose mass starts where it damps nothing the
+  solve can resolve, the certified learning rate, a grid line search up to the edge of
+  stability, and Levenberg-Marquardt adaptation of the mass::
+
+    levenberg_marquardt(chain(certified_natural_gradient(geometry=Geometry(mass, cutoff=cutoff),
+                                                         momentum=None),
+                              scale_by_grid_linesearch(1 / fraction, 0.5, num)), geometry)
+
+  The solve's constants follow from the precision asked for, not from the problem:
+
+  * ``cutoff`` (default :func:`riemod.composer.precision_cutoff` of ``max_error``): the truncated
+    solve keeps exactly the directions it can solve to ``max_error`` in the working dtype
+    (``8.9e-14`` in float64), so a step is never refused for its conditioning;
+  * ``mass`` (default: the cut-off): below the smallest kept eigenvalue of a Gramian whose
+    largest is ``>= 1``, so the kept directions get the undamped Gauss-Newton step (the
+    minimum-norm least-squares step ``lstsq(J^T J, g, rcond=cutoff)``);
+  * at that limit ``lam_max(G^+ H_GN) = 1``, so the certified rate is ``2 fraction``; the grid
+    ``max_step = 1 / fraction`` times ``0.5^k`` (``k < num``; ENGD's grid) runs from the edge
+    of stability ``2 / lam_max`` down, and the candidate with the lowest loss is taken;
+  * :func:`riemod.certify.levenberg_marquardt` at its defaults raises the mass by decades, up to
+    ``1e4`` times its start, while even the searched step recovers under 1% of the model's
+    decrease, and lowers it again when the model is good (those defaults were chosen on the
+    Poisson PINN's tuning seeds; ``benchmarks/task_engd_poisson.py``).
+
+  No momentum: on these deterministic full-batch losses the line search already picks the
+  step length, and SPRING momentum reached the threshold later or not at all on the Poisson
+  PINN's tuning seeds (``benchmarks/results/tuning_free.md``).
+
+  Args:
+    mass: the starting (and smallest) constant mass; default ``cutoff``.
+    cutoff: the truncated solve's relative cut-off; default ``precision_cutoff(max_error)`` in
+      JAX's default float dtype at construction.
+    max_error: the precision check's largest accepted relative error (see
+      :func:`riemod.apply_if_valid`).
+    fraction, every, warmup, num_steps: the controller's (see :func:`controlled`).
+    num: the line search's grid size.
+    on_nonfinite: the refusal policy of the inner step (see :func:`riemod.apply_if_valid`).
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` whose ``update`` needs ``curvature=``, ``value=``
+    (the loss at ``params``), ``value_fn=`` (``params -> loss`` on the same batch), and
+    ``apply_fn=``/``loss_fn=`` (see :func:`controlled`).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, riemod
+    >>> x = jnp.linspace(0.0, 1.0, 8)
+    >>> f = lambda p, x: p["a"] * jnp.exp(p["b"] * x)
+    >>> loss_fn = lambda y: 0.5 * jnp.mean((y - 2.0 * jnp.exp(-x)) ** 2)
+    >>> params = {"a": jnp.asarray(1.0), "b": jnp.asarray(0.0)}
+    >>> tx = riemod.certify.certified_gauss_newton()
+    >>> state = tx.init(params)
+    >>> for _ in range(8):
+    ...   loss, g, curv = riemod.value_grad_and_curvature(f, x, loss_fn, riemod.metrics.identity(),
+    ...                                                   params=params)
+    ...   u, state = tx.update(g, state, params, curvature=curv, value=loss,
+    ...                        value_fn=lambda p: loss_fn(f(p, x)), apply_fn=lambda p: f(p, x),
+    ...                        loss_fn=loss_fn)
+    ...   params = optax.apply_updates(params, u)
+    >>> round(float(params["a"]), 4), round(float(params["b"]), 4)
+    (2.0, -1.0)
+
+  References:
+    J. Mueller and M. Zeinhofer, *Achieving High Accuracy with PINNs via Energy Natural Gradient
+    Descent*, ICML 2023 (the Gauss-Newton least-squares step with a cut-off, and its grid line
+    search).
+    D. Marquardt, *An algorithm for least-squares estimation of nonlinear parameters*, SIAM J.
+    Appl. Math. 11 (1963).
+  """
+  if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
+    raise ValueError(f"fraction={fraction!r}: the learning rate as a fraction of the edge of "
+                     "stability 2/lam_max must lie in (0, 1), e.g. 0.5.")
+  if not isinstance(num, int) or num < 1:
+    raise ValueError(f"num={num!r}: the line search's grid size, an int >= 1 (e.g. 31).")
+  cutoff = precision_cutoff(max_error) if cutoff is None else cutoff
+  geometry = Geometry(mass=cutoff if mass is None else mass, structure="full", cutoff=cutoff)
+  step = certified_natural_gradient(geometry=geometry, fraction=fraction, every=every,
+                                    warmup=warmup, num_steps=num_steps, momentum=None,
+                                    on_nonfinite=on_nonfinite, max_error=max_error)
+  searched = optax.chain(step, scale_by_grid_linesearch(1.0 / fraction, 0.5, num))
+  return levenberg_marquardt(searched, geometry)

@@ -8,9 +8,10 @@ refinement); :meth:`Geometry.compose` factors it into a :class:`ComposedMetric`,
 from riemod.composer import masses
 from riemod.composer.geometry import SPACES, Geometry, GeometryState, validate_mass
 from riemod.composer.metric import STRUCTURES, ComposedMetric, StepReport
+from riemod.composer.spectral import precision_cutoff
 from riemod.composer.woodbury import (BlockFactorization, BlockStep, cholesky_with_jitter,
                                       factorize_block)
 
 __all__ = ["BlockFactorization", "BlockStep", "ComposedMetric", "Geometry", "GeometryState",
            "SPACES", "STRUCTURES", "StepReport", "cholesky_with_jitter", "factorize_block",
-           "masses", "validate_mass"]
+           "masses", "precision_cutoff", "validate_mass"]
