@@ -126,9 +126,12 @@ def _lanczos(hvp, solve, matvec, start, num_steps):
     w = orthogonalise(w0, basis, gbasis)
     # G w = H q - G Q^T c without a metric product, to decide on a restart.
     beta_sq = jnp.vdot(w, hq - gbasis.T @ (gbasis @ w0))
-    fresh = orthogonalise(_pattern(n, j, dtype), basis, gbasis)
     breakdown = ~(beta_sq > (jnp.sqrt(eps) * scale) ** 2)
-    w = jnp.where(breakdown, fresh, w)
+    # A branch, not a select: computed on every step, the restart direction and its two
+    # Gram-Schmidt passes were half of what five steps spend outside their operators on 25,000
+    # parameters (benchmarks/bench_lanczos.py).
+    w = jax.lax.cond(breakdown, lambda: orthogonalise(_pattern(n, j, dtype), basis, gbasis),
+                     lambda: w)
     gw = matvec(w)
     wnorm = jnp.sqrt(jnp.maximum(jnp.vdot(w, gw), jnp.finfo(dtype).tiny))
     basis = basis.at[j + 1].set(w / wnorm)
