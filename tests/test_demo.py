@@ -49,17 +49,20 @@ def test_demo_pinn_panel_is_reproducible(tmp_path, capsys):
   a second run prints the same errors and losses (times differ)."""
   runs = []
   for sub in ("a", "b"):
-    printed, results = _run(tmp_path / sub, capsys, "--panels", "pinn", "--pinn-steps", "20")
+    printed, results = _run(tmp_path / sub, capsys, "--panels", "pinn", "--pinn-steps", "60")
     assert "results" not in results  # no digits panel
     runs.append((printed, results["pinn"]))
   printed, pinn = runs[0]
   rows = {r["optimizer"]: r for r in pinn["results"]}
-  assert rows["riemod"]["steps"] == 20
-  assert rows["adam"]["steps"] == 20 * demo.PINN_ADAM_STEPS_PER_STEP
+  assert rows["riemod"]["steps"] == 60
+  assert rows["adam"]["steps"] == 60 * demo.PINN_ADAM_STEPS_PER_STEP
   curves = pinn["curves"]
   assert curves["riemod"][0][2] == curves["adam"][0][2]  # the same init
-  # 0.46 at seed 0's init; twenty of riemod's ENGD steps reach about 5e-3, far below Adam.
-  assert rows["riemod"]["final_l2_error"] < 0.05 * curves["riemod"][0][2]
+  # 0.46 at seed 0's init. certified_gauss_newton first leaves the u ~ 0 plateau (the error
+  # rises to ~1 over 20 steps while the Levenberg-Marquardt rule raises the mass), then falls
+  # fast: 2e-5 at step 60 here, 3e-7 in a `riemod demo` run (where that exit goes depends on
+  # round-off); Adam is near 5e-2 after its 1200 steps.
+  assert rows["riemod"]["final_l2_error"] < 1e-3 * curves["riemod"][0][2]
   assert rows["riemod"]["final_l2_error"] < rows["adam"]["final_l2_error"]
   assert (tmp_path / "a" / "pinn_error_vs_time.png").stat().st_size > 10_000
   assert "abs. L2 error" in printed and "compile s" in printed

@@ -149,7 +149,8 @@ def l2_error(params: list, prob: Problem) -> jax.Array:
 
 def riemod_step(tx, prob: Problem):
   """A jitted step ``(params, state) -> (params, state, loss)`` of an optax transform ``tx`` that
-  takes riemod's curvature (and, for a chained line search, ``value_fn``)."""
+  takes riemod's curvature (and, for a chained line search, ``value_fn``; for the certified
+  controller, ``apply_fn`` and ``loss_fn``)."""
   import optax
 
   import riemod
@@ -166,7 +167,8 @@ def riemod_step(tx, prob: Problem):
     value, grads, curvature = riemod.value_grad_and_curvature(
         residuals, prob.batch, half_mean_square, metric, params=params)
     updates, state = tx.update(grads, state, params, curvature=curvature, value=value,
-                               value_fn=loss_of)
+                               value_fn=loss_of, apply_fn=lambda p: residuals(p, prob.batch),
+                               loss_fn=half_mean_square)
     return optax.apply_updates(params, updates), state, value
 
   return step

@@ -6,8 +6,10 @@
    initialisation and batches, steps interleaved; the demo prints the certified step size the run
    ended with.
 2. **PINN**: the energy natural gradient paper's Poisson problem (2-32-1 tanh, 784 + 116 collocation
-   points, float64; :mod:`riemod.cli._pinn`), riemod's Gauss-Newton step with the paper's grid line
-   search beside Adam on the same budget: Adam runs ``PINN_ADAM_STEPS_PER_STEP`` of its (much
+   points, float64; :mod:`riemod.cli._pinn`), riemod's least-squares recipe
+   (:func:`riemod.certify.certified_gauss_newton`: the Gauss-Newton step at the cut-off the
+   precision check accepts, the certified rate, the paper's grid line search, Levenberg-Marquardt
+   mass adaptation; nothing to tune) beside Adam on the same budget: Adam runs ``PINN_ADAM_STEPS_PER_STEP`` of its (much
    cheaper) steps per riemod step, interleaved, so it gets at least riemod's step time on this
    machine; absolute L2 error against step time, one plot and one table.
 
@@ -35,12 +37,9 @@ DEMO_RIEMOD = dict(mass=0.1, momentum=0.8, curvature_batch=None,
                    metric=("sampled_softmax_fisher", 1), controller=dict(fraction=0.5, every=10))
 DEMO_ADAM = dict(learning_rate=1e-2)
 LOSS_THRESHOLD = 0.05
-# The PINN panel (benchmarks/task_engd_poisson.py runs the same riemod setting beside the paper's
-# authors' method): ENGD's step with a tiny mass and the paper's 31-point grid line search.
-# max_error=None: at this mass the solve's precision estimate can pass riemod's default 1e-2; the
-# line search tolerates an inexact direction (non-finite steps still raise).
-PINN_RIEMOD = dict(mass=1e-8, momentum=None, max_error=None,
-                   line_search=dict(max_step=2.0, factor=0.5, num=31))
+# The PINN panel: riemod.certify.certified_gauss_newton at its defaults (no learning rate, mass or
+# cut-off to choose; benchmarks/task_tuning_free.py compares it with the tuned ENGD setting).
+PINN_RIEMOD = dict(recipe="riemod.certify.certified_gauss_newton()")
 PINN_ADAM = dict(learning_rate=1e-3)
 PINN_ADAM_STEPS_PER_STEP = 20
 PINN_EVAL_EVERY = 10  # riemod steps between error evaluations (not timed)
@@ -227,7 +226,8 @@ def _run_digits(args, results: dict, saved: list, out: pathlib.Path):
 
 
 def _run_pinn(args, results: dict, saved: list, out: pathlib.Path) -> None:
-  """The PINN panel: riemod's ENGD step vs Adam, error against step time (float64)."""
+  """The PINN panel: riemod's certified Gauss-Newton step vs Adam, error against step time
+  (float64)."""
   import jax
   import optax
 
@@ -237,10 +237,7 @@ def _run_pinn(args, results: dict, saved: list, out: pathlib.Path) -> None:
   with jax.enable_x64(True):
     prob = _pinn.problem()
     params0 = _pinn.init_params(args.seed)
-    riemod_tx = optax.chain(
-        riemod.natural_gradient(1.0, mass=PINN_RIEMOD["mass"], momentum=PINN_RIEMOD["momentum"],
-                                max_error=PINN_RIEMOD["max_error"]),
-        riemod.scale_by_grid_linesearch(**PINN_RIEMOD["line_search"]))
+    riemod_tx = riemod.certify.certified_gauss_newton()
     adam_tx = optax.adam(PINN_ADAM["learning_rate"])
     trainers = {
         "riemod": dict(step=_pinn.riemod_step(riemod_tx, prob), state=riemod_tx.init(params0),
