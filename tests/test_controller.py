@@ -278,7 +278,7 @@ def test_estimate_on_a_convolutional_net_matches_eigh_with_fast_convolutions():
   rewrite: the transposed convolutions of J^T keep batch/feature-swapped layouts), the rewritten
   product equals the plain one, and lam_max equals eigh(H_GN, G) with G from the optimizer."""
   from riemod.certify.contraction import gauss_newton_product
-  from riemod.certify.controller import _fast_convolutions_on_cpu
+  from riemod._convolutions import fast_convolutions_on_cpu
 
   f, x, loss_fn, params = _conv_net(jnp.float32)
   geometry = riemod.Geometry(MASS)
@@ -293,7 +293,7 @@ def test_estimate_on_a_convolutional_net_matches_eigh_with_fast_convolutions():
     flat, unravel = ravel_pytree(params)
     product = gauss_newton_product(lambda w: f(unravel(w), x), flat, loss_fn)
     v = jnp.asarray(np.random.default_rng(6).normal(size=flat.shape))
-    np.testing.assert_allclose(jax.jit(_fast_convolutions_on_cpu(product))(v), product(v),
+    np.testing.assert_allclose(jax.jit(fast_convolutions_on_cpu(product))(v), product(v),
                                rtol=1e-12, atol=1e-12)
     n = flat.shape[0]
     tx = controlled(riemod.layerwise_natural_gradient(1.0, geometry=geometry), geometry,

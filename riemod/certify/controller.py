@@ -58,9 +58,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.extend import core as jax_core
 from jax.flatten_util import ravel_pytree
 
+from riemod._convolutions import fast_convolutions_on_cpu
 from riemod._util import gaussian_like
 from riemod.certify.contraction import gauss_newton_product
 from riemod.certify.guard import levenberg_marquardt
@@ -116,67 +116,6 @@ class ControllerState(NamedTuple):
 SMOOTHING = 0.9
 
 
-def _canonical_convolution(eqn, lhs, rhs):
-  """One ``conv_general_dilated`` equation computed in the layout XLA:CPU's fast convolution
-  takes (input batch-spatial-feature, kernel spatial-in-out), with transposes around it: the
-  same convolution with its axes relabelled (equal up to the order of summation)."""
-  numbers = eqn.params["dimension_numbers"]
-  n = lhs.ndim
-  lhs_order = (numbers.lhs_spec[0], *numbers.lhs_spec[2:], numbers.lhs_spec[1])
-  rhs_order = (*numbers.rhs_spec[2:], numbers.rhs_spec[1], numbers.rhs_spec[0])
-  out_order = (numbers.out_spec[0], *numbers.out_spec[2:], numbers.out_spec[1])
-  if lhs_order == rhs_order == out_order == tuple(range(n)):
-    return eqn.primitive.bind(lhs, rhs, **eqn.params)
-  canonical = jax.lax.ConvDimensionNumbers((0, n - 1, *range(1, n - 1)),
-                                           (n - 1, n - 2, *range(n - 2)),
-                                           (0, n - 1, *range(1, n - 1)))
-  out = eqn.primitive.bind(jnp.transpose(lhs, lhs_order), jnp.transpose(rhs, rhs_order),
-                           **dict(eqn.params, dimension_numbers=canonical))
-  return jnp.transpose(out, [out_order.index(i) for i in range(n)])
-
-
-def _eval_canonical(jaxpr, consts, *args):
-  """``jax.core.eval_jaxpr`` with every convolution (also inside nested ``jit``) canonical."""
-  env = {}
-  read = lambda v: v.val if isinstance(v, jax_core.Literal) else env[v]
-  env.update(zip(jaxpr.constvars, consts))
-  env.update(zip(jaxpr.invars, args))
-  for eqn in jaxpr.eqns:
-    values = [read(v) for v in eqn.invars]
-    if eqn.primitive.name in ("pjit", "jit"):
-      inner = eqn.params["jaxpr"]
-      outs = _eval_canonical(inner.jaxpr, inner.consts, *values)
-    else:
-      with eqn.ctx.manager:
-        if eqn.primitive.name == "conv_general_dilated":
-          outs = _canonical_convolution(eqn, *values)
-        else:
-          outs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
-      outs = outs if eqn.primitive.multiple_results else [outs]
-    env.update(zip(eqn.outvars, outs))
-  return [read(v) for v in jaxpr.outvars]
-
-
-def _fast_convolutions_on_cpu(product: Callable[[jax.Array], jax.Array]
-                              ) -> Callable[[jax.Array], jax.Array]:
-  """``product`` (flat vector to flat vector) with its convolutions in the canonical layout when
-  compiled for a CPU, unchanged elsewhere.
-
-  Why: XLA:CPU rewrites convolutions into the layout its fast (Eigen) convolution takes only in a
-  program's top-level computation, and the estimate runs inside a ``lax.cond``. There the
-  transposed convolutions of ``J^T`` in the Gauss-Newton product (kernel gradients with batch and
-  feature swapped, input gradients with a flipped kernel layout) fall to a generic loop several
-  times slower; rewritten here as XLA does at the top level, they take the fast path (values
-  equal up to summation order; the digits CNN's estimate cost before and after:
-  benchmarks/results/tuning_free.md).
-  """
-  def canonical(v):
-    closed = jax.make_jaxpr(product)(v)
-    return _eval_canonical(closed.jaxpr, closed.consts, v)[0]
-
-  return lambda v: jax.lax.platform_dependent(v, cpu=canonical, default=product)
-
-
 def _whole_batch_product(product: Callable[[jax.Array], jax.Array], axes: tuple
                          ) -> Callable[[jax.Array], jax.Array]:
   """``product`` of one device's shard of the batch made the whole batch's, inside ``shard_map``.
@@ -193,7 +132,7 @@ def _whole_batch_product(product: Callable[[jax.Array], jax.Array], axes: tuple
   def whole(v):
     out = product(v)
     varying = _mesh.varying_axes(out)
-    per_device = tuple(a for a in axes if a in varying or not _mesh._check_vma())
+    per_device = tuple(a for a in axes if a in varying or not _mesh.checks_vma())
     summed = tuple(a for a in axes if a not in per_device)
     if per_device:
       out = jax.lax.pmean(out, per_device)
@@ -328,7 +267,7 @@ def controlled(
     else:
       grad = jax.grad(lambda f: loss_fn(apply_flat(f)))
       hvp = lambda v: jax.jvp(grad, (flat,), (v,))[1]
-    hvp = _fast_convolutions_on_cpu(hvp)
+    hvp = fast_convolutions_on_cpu(hvp)
     if axes:
       hvp = _whole_batch_product(hvp, axes)
     lam, ritz = top_ritz_pair(hvp, solve, matvec, ravel(vector).astype(flat.dtype), num_steps)

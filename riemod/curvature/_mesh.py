@@ -42,7 +42,7 @@ def varying_axes(tree: Any) -> frozenset:
   return out
 
 
-def _check_vma() -> bool:
+def checks_vma() -> bool:
   """Whether the enclosing ``shard_map`` types values by the axes they vary over."""
   try:
     from jax._src import config
@@ -87,7 +87,7 @@ def resolve(axis_name: Hashable | tuple | None, x: Any, params: Any) -> tuple:
           "to get the curvature of the whole batch (rows gathered, loss and gradients "
           "averaged) on every device.")
     manual = _manual_axes()
-    if manual and not _check_vma():
+    if manual and not checks_vma():
       name = manual[0] if len(manual) == 1 else tuple(manual)
       raise ValueError(
           f"value_grad_and_curvature runs inside jax.shard_map(..., check_vma=False) over mesh "
@@ -104,7 +104,7 @@ def resolve(axis_name: Hashable | tuple | None, x: Any, params: Any) -> tuple:
         f"{list(bound)}). Call value_grad_and_curvature inside jax.shard_map over a mesh with "
         "that axis and the batch split over it (in_specs P(axis) for x); on one device or under "
         "jax.jit with sharded arrays, leave axis_name=None.")
-  if _check_vma():
+  if checks_vma():
     unsplit = [a for a in axes if a not in varying_axes(x)]
     if unsplit:
       raise ValueError(
@@ -134,7 +134,7 @@ def size(axes: tuple) -> int:
 
 def vary(tree: Any, axes: frozenset | tuple) -> Any:
   """``tree`` made varying over ``axes`` (where it is not already), so cotangents stay per device."""
-  if not axes or not _check_vma():
+  if not axes or not checks_vma():
     return tree
 
   def one(leaf):
