@@ -7,7 +7,9 @@ with non-finite values, an estimated error above ``max_error`` or a diverging lo
 callback; ``"ignore"`` checks nothing. This times the certified inner step (the Kronecker
 default geometry, SPRING momentum 0.8, a fixed learning rate, no controller) under each policy
 against the task's tuned riemod step (which uses ``"ignore"``), seed 0, from step 30, in
-interleaved bursts of 20 steps.
+interleaved bursts of 20 steps; and how long each call takes to return, the step's results not
+yet awaited (JAX dispatches asynchronously, except that a program with a host callback is run
+before the call returns, and on its slower Python dispatch path).
 
 Run: ``python -m benchmarks.bench_refusal_check`` -> ``results/refusal_check.{json,md}``.
 """
@@ -63,11 +65,22 @@ def measure(task: str) -> dict:
         state, loss = trainers[name].step(state, i)
       jax.block_until_ready(loss)
       seconds[name].append((time.perf_counter() - start) / BURST)
+  # How long the call itself takes to return (the step not yet finished, unless the program
+  # runs synchronously): a program with a host callback is executed before the call returns.
+  dispatch = {name: [] for name in trainers}
+  for name in names:
+    state = states[name]
+    for i in range(WARM, WARM + BURST):
+      start = time.perf_counter()
+      state, loss = trainers[name].step(state, i)
+      dispatch[name].append(time.perf_counter() - start)
+      jax.block_until_ready(loss)
   out = {}
   for name in names:
     ratios = [s / t for s, t in zip(seconds[name], seconds["tuned"])]
     out[name] = {"median_ms": 1e3 * float(np.median(seconds[name])),
-                 "ratio": float(np.median(ratios)), "ratio_range": [min(ratios), max(ratios)]}
+                 "ratio": float(np.median(ratios)), "ratio_range": [min(ratios), max(ratios)],
+                 "dispatch_ms": 1e3 * float(np.median(dispatch[name]))}
   return out
 
 
@@ -75,11 +88,13 @@ def report(payload: dict) -> str:
   text = ("# The step-refusal policy's cost\n\n" + __doc__.split("\n\n")[1].replace("\n", " ")
           + f"\n\nLoad (1 min) before and after: {payload['load']}. 2-core CPU, "
           "`OPENBLAS_NUM_THREADS=1`.\nReproduce: `python -m benchmarks.bench_refusal_check`.\n\n"
-          "| task | step | ms per step | vs tuned (median, range over rounds) |\n|---|---|---|---|\n")
+          "| task | step | ms per step | vs tuned (median, range over rounds) | ms until the call "
+          "returns |\n|---|---|---|---|---|\n")
   for task, rows in payload["tasks"].items():
     for name, row in rows.items():
       text += (f"| {task} | {name} | {row['median_ms']:.2f} | {row['ratio']:.2f} "
-               f"({row['ratio_range'][0]:.2f}-{row['ratio_range'][1]:.2f}) |\n")
+               f"({row['ratio_range'][0]:.2f}-{row['ratio_range'][1]:.2f}) | "
+               f"{row['dispatch_ms']:.2f} |\n")
   return text
 
 
