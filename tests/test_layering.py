@@ -10,7 +10,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "riemod"
 
 # Lower layers first; a part may import its own layer and the layers below, never above.
 LAYERS = [
-    {"_tape", "_threads", "_util", "data", "state", "metrics", "nn"},
+    {"_convolutions", "_tape", "_threads", "_util", "data", "state", "metrics", "nn"},
     {"curvature"},
     {"composer"},
     {"transforms", "linesearch"},
