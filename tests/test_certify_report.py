@@ -131,3 +131,44 @@ def test_cli_certify_help_shows_defaults(capsys, monkeypatch):
     main(["certify", "--help"])
   text = capsys.readouterr().out
   assert "riemod-output/certify" in text and "(default: 20)" in text and "``" not in text
+
+
+def test_state_of_the_certified_default_optimizer_and_its_smallest_mass():
+  """The Kronecker mass (the certified aliases' default) keeps per-module statistics, not
+  parameter-shaped moments, and is not diagonal: its state belongs to its model (it was refused as
+  another model's), mu is lam_min(D_a) from a dense eigh of D_a (it was the smallest row sum of
+  D, negative after one step), and another model's state is still refused."""
+  if True:  # float32, as the model's parameters
+    model, x, y, loss_fn = _setup()
+    metric = riemod.metrics.softmax_fisher()
+    tx = riemod.certify.certified_layerwise_natural_gradient()
+    geometry = riemod.certify.certified_geometry()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    state = tx.init(params)
+    for _ in range(3):
+      loss, grads, curv = riemod.value_grad_and_curvature(nnx.merge(graphdef, params, rest), x,
+                                                          loss_fn, metric)
+      u, state = tx.update(grads, state, params, curvature=curv, value=loss,
+                           apply_fn=lambda p: nnx.merge(graphdef, p, rest)(x), loss_fn=loss_fn)
+      params = optax.apply_updates(params, u)
+    nnx.update(model, params)
+    report = certify(model, x, loss_fn, metric, learning_rate=float(state.learning_rate),
+                     opt_state=state, geometry=geometry)
+    # Dense D from the geometry's own mass product, its smallest eigenvalue per module.
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    composed = geometry.compose(curv, riemod.find_state(state, riemod.MetricState).geometry)
+    dense = np.stack([np.asarray(jax.flatten_util.ravel_pytree(
+        composed.mass_times(unravel(e)))[0]) for e in np.eye(flat.shape[0])], 1)
+    sizes = [int(np.prod(np.shape(v))) for v in jax.tree.leaves(params)]
+    starts = np.cumsum([0] + sizes)
+    expected = []
+    for module in curv.modules:
+      index = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in module.leaf_indices])
+      expected.append(np.linalg.eigvalsh(dense[np.ix_(index, index)])[0])
+    assert min(expected) > 0
+    np.testing.assert_allclose(report.bound["constants"]["mu"], min(expected), rtol=1e-4)
+    other = riemod.nn.Sequential(riemod.nn.Dense(4, 3, rngs=nnx.Rngs(0)))
+    other_state = tx.init(nnx.state(other, nnx.Param))
+    with pytest.raises(ValueError, match="does not belong to this model"):
+      certify(model, x, loss_fn, metric, learning_rate=0.1, opt_state=other_state,
+              geometry=geometry)

@@ -106,10 +106,10 @@ def _measure(model_kind, model_static, loss_fn, output_metric, geometry, num_lan
     g_blocks = jax.vmap(lambda m, v: generalized_lanczos(
         lambda u: m * matvec_lw(m * u), lambda u: m * u, lambda u: m * u, m * v, steps))(
             stack, starts[1 + k:1 + 2 * k])
-    # The smallest mass of each module, in the parameters' own coordinates (policy included).
-    mass_diagonal = ravel(layerwise.mass_times(unravel(jnp.ones((size,), dtype))))
-    min_mass = jnp.stack([jnp.min(jnp.where(jnp.asarray(masks[i]) > 0, mass_diagonal, jnp.inf))
-                          for i in active])
+    # The smallest mass of each module, in the parameters' own coordinates (policy included;
+    # lam_min(D_a), not the smallest entry of D 1: the Kronecker mass is not diagonal).
+    smallest = layerwise.smallest_masses()
+    min_mass = jnp.stack([smallest[i].astype(dtype) for i in active])
     conditions = (g_blocks.lam_max, min_mass)
     if pairs:
       pa = jnp.asarray(np.stack([masks[a] for a, _ in pairs]), dtype)
@@ -248,11 +248,16 @@ def certify(model: Any, x: Any, loss_fn: Callable[[jax.Array], jax.Array], outpu
                        "riemod.layerwise_natural_gradient / natural_gradient (or a chain or guard "
                        "around it), or leave opt_state=None.")
     geometry_state = metric_state.geometry
-    own = [np.shape(v) for v in jax.tree.leaves(params)]
-    tracked = [np.shape(v) for v in jax.tree.leaves((geometry_state.moments,
-                                                     metric_state.momentum))]
+    shapes = lambda tree: [np.shape(v) for v in jax.tree.leaves(tree)]
+    own = shapes(params)
+    # Parameter-shaped state: SPRING's momentum, and the adaptive mass's moments (the Kronecker
+    # mass keeps per-module statistics instead: there the module count is what is compared).
+    tracked = [shapes(metric_state.momentum)]
+    kronecker = lambda node: isinstance(node, masses.KroneckerMoments)
+    if not any(map(kronecker, jax.tree.leaves(geometry_state.moments, is_leaf=kronecker))):
+      tracked.append(shapes(geometry_state.moments))
     slots = metric_state.report.condition.shape[0]
-    if (tracked and tracked[:len(own)] != own) or slots != diagnostic_slots(params, structure):
+    if any(t and t != own for t in tracked) or slots != diagnostic_slots(params, structure):
       raise ValueError("opt_state does not belong to this model: it was initialised for other "
                        "parameters. Pass the state of the optimizer that trains this model.")
     inner = find_state(opt_state, ActionState)

@@ -130,7 +130,9 @@ def _lanczos(hvp, solve, matvec, start, num_steps):
     # A branch, not a select: computed on every step, the restart direction and its two
     # Gram-Schmidt passes were half of what five steps spend outside their operators on 25,000
     # parameters (benchmarks/bench_lanczos.py).
-    w = jax.lax.cond(breakdown, lambda: orthogonalise(_pattern(n, j, dtype), basis, gbasis),
+    # (As w's dtype: an operator may return a wider float than the start vector.)
+    w = jax.lax.cond(breakdown,
+                     lambda: orthogonalise(_pattern(n, j, dtype), basis, gbasis).astype(w.dtype),
                      lambda: w)
     gw = matvec(w)
     wnorm = jnp.sqrt(jnp.maximum(jnp.vdot(w, gw), jnp.finfo(dtype).tiny))

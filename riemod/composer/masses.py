@@ -77,6 +77,14 @@ class DiagonalChange:
       out[name] = x if s is None else (x / s.astype(x.dtype) if inverse else x * s.astype(x.dtype))
     return out
 
+  def smallest_mass(self, inverse_masses: dict[str, jax.Array]) -> jax.Array:
+    """``lam_min`` of the module's mass ``S^{-T} diag(1 / inverse_masses) S^{-1}`` (exact: it
+    is diagonal)."""
+    scaled = [1.0 / (jnp.asarray(inverse) * (1.0 if self.leaf_scales.get(name) is None
+                                             else jnp.asarray(self.leaf_scales[name]) ** 2))
+              for name, inverse in inverse_masses.items()]
+    return jnp.min(jnp.stack([jnp.min(v) for v in scaled]))
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +129,15 @@ class KroneckerChange:
     if structure.has_bias:
       out["bias"] = structure.flat_to_bias(theta[..., 0, :])
     return out
+
+  def smallest_mass(self, inverse_masses: dict[str, jax.Array]) -> jax.Array:
+    """A lower bound on ``lam_min`` of the module's mass ``S^{-T} diag(1 / inverse_masses)
+    S^{-1}``: ``min(1 / inverse_masses) sigma_min(L_A)^2 sigma_min(L_S)^2`` (the singular
+    values of ``S^{-1} = L_A^T (x) L_S`` are products of the factors'), exact when the module
+    has one mass, as under the Kronecker policy."""
+    floor = jnp.min(jnp.stack([jnp.min(1.0 / jnp.asarray(v)) for v in inverse_masses.values()]))
+    sigma = lambda root: jnp.linalg.svd(root, compute_uv=False)[-1]
+    return floor * (sigma(self.inputs_root) * sigma(self.outputs_root)) ** 2
 
 
 def _identity_changes(curvature: Curvature) -> list[Any]:

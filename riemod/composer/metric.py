@@ -197,6 +197,30 @@ class ComposedMetric:
                       else leaves[index] / inverse[name])
     return self._rescale(jax.tree.unflatten(treedef, out), inverse=True, transpose=True)
 
+  def smallest_masses(self) -> list[jax.Array]:
+    """Per module (in ``curvature.modules`` order), ``lam_min`` of its mass ``D_a`` in the
+    parameters' own coordinates (policy and mass scale included; frozen modules too, though their
+    rows of ``G`` are zero): exact for diagonal masses, and for the Kronecker mass
+    ``mass lam_min(A) lam_min(S)`` (a lower bound if a module carried several masses).
+
+    Example:
+      >>> import jax.numpy as jnp, riemod
+      >>> f = lambda p, x: x @ p["w"]
+      >>> _, _, curv = riemod.value_grad_and_curvature(
+      ...     f, jnp.ones((4, 3)), lambda y: 0.5 * jnp.mean(y**2), riemod.metrics.identity(),
+      ...     params={"w": jnp.ones((3, 1))})
+      >>> geometry = riemod.Geometry(mass=0.5)
+      >>> [float(m) for m in geometry.compose(curv, geometry.init({"w": jnp.ones((3, 1))})).smallest_masses()]
+      [0.5]
+    """
+    out = []
+    for change, inverse in zip(self.scales, self.inverse_masses):
+      if change is None:
+        out.append(jnp.min(jnp.stack([jnp.min(1.0 / jnp.asarray(v)) for v in inverse.values()])))
+      else:
+        out.append(change.smallest_mass(inverse))
+    return out
+
   def sample(self, key: jax.Array, like: Any) -> Any:
     """An exact draw from ``N(0, G^{-1})`` shaped like ``like`` (frozen modules: zero).
 
