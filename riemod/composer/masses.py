@@ -135,9 +135,13 @@ class KroneckerChange:
     S^{-1}``: ``min(1 / inverse_masses) sigma_min(L_A)^2 sigma_min(L_S)^2`` (the singular
     values of ``S^{-1} = L_A^T (x) L_S`` are products of the factors'), exact when the module
     has one mass, as under the Kronecker policy."""
-    floor = jnp.min(jnp.stack([jnp.min(1.0 / jnp.asarray(v)) for v in inverse_masses.values()]))
     sigma = lambda root: jnp.linalg.svd(root, compute_uv=False)[-1]
-    return floor * (sigma(self.inputs_root) * sigma(self.outputs_root)) ** 2
+    return (UNSCALED.smallest_mass(inverse_masses)
+            * (sigma(self.inputs_root) * sigma(self.outputs_root)) ** 2)
+
+
+# No change of variables (``S = I``): what a module without one has.
+UNSCALED = DiagonalChange({})
 
 
 def _identity_changes(curvature: Curvature) -> list[Any]:

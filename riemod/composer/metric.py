@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from riemod.composer.masses import UNSCALED
 from riemod.composer.spectral import factorize
 from riemod.composer.woodbury import BlockFactorization, factorize_block
 from riemod.curvature import _mesh
@@ -213,13 +214,8 @@ class ComposedMetric:
       >>> [float(m) for m in geometry.compose(curv, geometry.init({"w": jnp.ones((3, 1))})).smallest_masses()]
       [0.5]
     """
-    out = []
-    for change, inverse in zip(self.scales, self.inverse_masses):
-      if change is None:
-        out.append(jnp.min(jnp.stack([jnp.min(1.0 / jnp.asarray(v)) for v in inverse.values()])))
-      else:
-        out.append(change.smallest_mass(inverse))
-    return out
+    return [(UNSCALED if change is None else change).smallest_mass(inverse)
+            for change, inverse in zip(self.scales, self.inverse_masses)]
 
   def sample(self, key: jax.Array, like: Any) -> Any:
     """An exact draw from ``N(0, G^{-1})`` shaped like ``like`` (frozen modules: zero).
