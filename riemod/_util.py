@@ -18,9 +18,11 @@ def all_finite(tree: Any) -> jax.Array:
     >>> bool(all_finite({"a": jnp.ones(2), "b": jnp.array([1.0, jnp.nan])}))
     False
   """
-  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-           if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  if not leaves:
+    return jnp.asarray(True)
+  dtype = jnp.result_type(*leaves)
+  return jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])))
 
 
 def prng_key(key: Any, name: str = "key") -> jax.Array:

@@ -255,3 +255,20 @@ def test_integer_and_bfloat16_inputs_give_float32_features(dtype):
   assert factors[0].features.dtype == jnp.float32
   inv_mass = {"kernel": jnp.asarray(10.0), "bias": jnp.asarray(10.0)}
   np.testing.assert_allclose(factors[0].gram(inv_mass), factors[1].gram(inv_mass), rtol=1e-6)
+
+
+def test_all_finite_reads_every_leaf_at_its_own_precision():
+  # The step's refusal check: one reduction over all leaves (cast to their common dtype), so a
+  # float64 value beyond float32's range is finite, and integer leaves are not read.
+  from riemod._util import all_finite
+  leaves = {"a": jnp.ones((3, 2)), "n": jnp.arange(4), "b": jnp.zeros(5)}
+  assert bool(all_finite(leaves)) and bool(jax.jit(all_finite)(leaves))
+  assert bool(all_finite({"n": jnp.arange(3)})) and bool(all_finite({}))
+  for bad in (jnp.nan, jnp.inf, -jnp.inf):
+    for name in ("a", "b"):
+      broken = dict(leaves, **{name: leaves[name].at[-1].set(bad)})
+      assert not bool(all_finite(broken)) and not bool(jax.jit(all_finite)(broken))
+  with jax.enable_x64(True):
+    wide = {"f32": jnp.ones(2, jnp.float32), "f64": jnp.full(2, 1e300, jnp.float64)}
+    assert bool(all_finite(wide))
+    assert not bool(all_finite(dict(wide, f32=jnp.array([1.0, jnp.inf], jnp.float32))))

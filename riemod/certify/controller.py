@@ -270,7 +270,10 @@ def controlled(
     hvp = fast_convolutions_on_cpu(hvp)
     if axes:
       hvp = _whole_batch_product(hvp, axes)
-    lam, ritz = top_ritz_pair(hvp, solve, matvec, ravel(vector).astype(flat.dtype), num_steps)
+    # Where the solve is G^{-1}, the basis's G products come from the solves (one metric
+    # product per estimate instead of num_steps; measured: ... ).
+    lam, ritz = top_ritz_pair(hvp, solve, matvec, ravel(vector).astype(flat.dtype), num_steps,
+                              metric_products=not geometry.exact_solve)
     return lam.astype(dtype), jax.tree.map(lambda r, v: r.astype(v.dtype), unravel(ritz), vector)
 
   def update_fn(updates, state, params=None, *, curvature=None,

@@ -41,6 +41,10 @@ class LanczosResult(NamedTuple):
   orthogonality: jax.Array
 
 
+# metric_products=False takes G w from the solve unless |w|_G < CANCELLATION |G^{-1} H q|_G.
+CANCELLATION = 0.1
+
+
 def _pattern(n: int, j, dtype) -> jax.Array:
   """A deterministic spread-out direction (restart after a breakdown; no RNG to compile)."""
   k = jnp.arange(n, dtype=dtype) + 1
@@ -74,11 +78,19 @@ def generalized_lanczos(hvp: Operator, solve: Operator, matvec: Operator, start:
 
 
 def top_ritz_pair(hvp: Operator, solve: Operator, matvec: Operator, start: jax.Array,
-                  num_steps: int) -> tuple[jax.Array, jax.Array]:
+                  num_steps: int, *, metric_products: bool = True
+                  ) -> tuple[jax.Array, jax.Array]:
   """The largest Ritz value of ``G^{-1} H`` and its Ritz vector (``G``-normalised).
 
   The same Lanczos as :func:`generalized_lanczos`; the Ritz vector is what a warm start of the
   next estimate needs (the step-size controller keeps it between estimates).
+
+  With ``metric_products=False`` the basis's ``G`` products come from the solves instead of
+  ``matvec``: a new direction is ``w = G^{-1} H q - Q c``, so ``G w = H q - (G Q) c`` with
+  ``G Q`` already known, and ``matvec`` is called once (on ``start``) instead of once per step.
+  That is exact when ``solve`` inverts ``matvec`` exactly; in floating point the basis is
+  ``G``-orthonormal only to the solve's relative error, and so are the Ritz values. Pass it only
+  when ``solve`` is ``G^{-1}`` (not a truncated or sketched inverse).
 
   Example:
     >>> import jax.numpy as jnp
@@ -88,11 +100,11 @@ def top_ritz_pair(hvp: Operator, solve: Operator, matvec: Operator, start: jax.A
     >>> round(float(lam), 4), [round(abs(float(c)), 4) for c in v]
     (2.0, [0.0, 0.7071])
   """
-  result, basis, vectors = _lanczos(hvp, solve, matvec, start, num_steps)
+  result, basis, vectors = _lanczos(hvp, solve, matvec, start, num_steps, metric_products)
   return result.lam_max, basis.T @ vectors[:, -1]
 
 
-def _lanczos(hvp, solve, matvec, start, num_steps):
+def _lanczos(hvp, solve, matvec, start, num_steps, metric_products=True):
   """``(LanczosResult, G-orthonormal basis (m, n), eigenvectors of the projected matrix)``."""
   start = jnp.asarray(start)
   if start.ndim != 1:
@@ -105,11 +117,13 @@ def _lanczos(hvp, solve, matvec, start, num_steps):
   eps = jnp.finfo(dtype).eps
 
   def orthogonalise(w, basis, gbasis):
-    # Two classical Gram-Schmidt passes in the G inner product: rows beyond the current step are
-    # zero and contribute nothing.
+    """``(w - Q c, c)``: two classical Gram-Schmidt passes in the G inner product (rows beyond
+    the current step are zero and contribute nothing)."""
+    total = 0.0
     for _ in range(2):
-      w = w - basis.T @ (gbasis @ w)
-    return w
+      c = gbasis @ w
+      w, total = w - basis.T @ c, total + c
+    return w, total
 
   gstart = matvec(start)
   norm = jnp.sqrt(jnp.maximum(jnp.vdot(start, gstart), jnp.finfo(dtype).tiny))
@@ -123,18 +137,33 @@ def _lanczos(hvp, solve, matvec, start, num_steps):
     hbasis = hbasis.at[j].set(hq)
     w0 = solve(hq)
     scale = jnp.sqrt(jnp.abs(jnp.vdot(w0, hq)))
-    w = orthogonalise(w0, basis, gbasis)
-    # G w = H q - G Q^T c without a metric product, to decide on a restart.
-    beta_sq = jnp.vdot(w, hq - gbasis.T @ (gbasis @ w0))
+    w, c = orthogonalise(w0, basis, gbasis)
+    # G w = H q - G Q^T c without a metric product (exact up to the solve's error).
+    gw = hq - gbasis.T @ c
+    beta_sq = jnp.vdot(w, gw)
     breakdown = ~(beta_sq > (jnp.sqrt(eps) * scale) ** 2)
+
+    def fresh():
+      # As w's dtype: an operator may return a wider float than the start vector.
+      return orthogonalise(_pattern(n, j, dtype), basis, gbasis)[0].astype(w.dtype)
+
+    def restart():
+      new = fresh()
+      return new, matvec(new).astype(gw.dtype)
+
     # A branch, not a select: computed on every step, the restart direction and its two
     # Gram-Schmidt passes were half of what five steps spend outside their operators on 25,000
     # parameters (benchmarks/bench_lanczos.py).
-    # (As w's dtype: an operator may return a wider float than the start vector.)
-    w = jax.lax.cond(breakdown,
-                     lambda: orthogonalise(_pattern(n, j, dtype), basis, gbasis).astype(w.dtype),
-                     lambda: w)
-    gw = matvec(w)
+    if metric_products:
+      w = jax.lax.cond(breakdown, fresh, lambda: w)
+      gw = matvec(w)
+    else:
+      # The identity's error is the solve's relative error over |w|_G / |G^{-1} H q|_G: where
+      # orthogonalisation cancelled most of the solve (a nearly invariant Krylov space), the
+      # product is taken.
+      cancelled = ~(beta_sq > CANCELLATION ** 2 * scale ** 2)
+      w, gw = jax.lax.cond(breakdown, restart, lambda: jax.lax.cond(
+          cancelled, lambda: (w, matvec(w).astype(gw.dtype)), lambda: (w, gw)))
     wnorm = jnp.sqrt(jnp.maximum(jnp.vdot(w, gw), jnp.finfo(dtype).tiny))
     basis = basis.at[j + 1].set(w / wnorm)
     gbasis = gbasis.at[j + 1].set(gw / wnorm)

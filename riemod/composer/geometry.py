@@ -169,6 +169,18 @@ class Geometry:
     """
     return self.mass if self.mass is not None else self.mass_policy.default_mass
 
+  @property
+  def exact_solve(self) -> bool:
+    """Whether the composed ``solve`` inverts the composed ``matvec`` (up to round-off): not
+    with a ``cutoff`` (a truncated pseudo-inverse) nor ``space="nystrom"`` (a sketched kernel).
+
+    Example:
+      >>> import riemod
+      >>> riemod.Geometry().exact_solve, riemod.Geometry(cutoff=1e-12).exact_solve
+      (True, False)
+    """
+    return self.cutoff is None and self.space != "nystrom"
+
   def compose(self, curvature: Curvature, state: GeometryState) -> ComposedMetric:
     """Factors ``G`` for this curvature and state: the only path from curvature to ``G``.
 
