@@ -152,8 +152,8 @@ def _lanczos(hvp, solve, matvec, start, num_steps, metric_products=True):
       return new, matvec(new).astype(gw.dtype)
 
     # A branch, not a select: computed on every step, the restart direction and its two
-    # Gram-Schmidt passes were half of what five steps spend outside their operators on 25,000
-    # parameters (benchmarks/bench_lanczos.py).
+    # Gram-Schmidt passes were more than half of what five steps spend outside their operators
+    # on 25,000 parameters (benchmarks/results/lanczos.md).
     if metric_products:
       w = jax.lax.cond(breakdown, fresh, lambda: w)
       gw = matvec(w)
