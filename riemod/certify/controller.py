@@ -25,7 +25,8 @@ linearised forward pass shared by all), ``G^{-1} v`` and ``G v`` through
 (mass policy, mass scale and moments included, so an adaptive mass is honoured), and factored
 once: the estimate reuses the inner step's factorisation, so it adds only its products and
 solves. Where ``geometry.exact_solve``, the ``G`` products of the Lanczos basis come from the
-solves (``G G^{-1} H q = H q``), so an estimate makes one ``G v`` instead of ``num_steps``. Lanczos is warm-started from the previous estimate's Ritz vector, kept in the state.
+solves (``G G^{-1} H q = H q``), so an estimate makes one ``G v`` instead of ``num_steps``.
+Lanczos is warm-started from the previous estimate's Ritz vector, kept in the state.
 That saves little: between estimates (another batch, other parameters) the top direction moves
 far, so ``num_steps`` stays at 5 for every estimate (fewer warm-started steps underestimated
 ``lam_max`` by up to 2x on the digits MLP, ``benchmarks/results/

@@ -89,8 +89,10 @@ def top_ritz_pair(hvp: Operator, solve: Operator, matvec: Operator, start: jax.A
   ``matvec``: a new direction is ``w = G^{-1} H q - Q c``, so ``G w = H q - (G Q) c`` with
   ``G Q`` already known, and ``matvec`` is called once (on ``start``) instead of once per step.
   That is exact when ``solve`` inverts ``matvec`` exactly; in floating point the basis is
-  ``G``-orthonormal only to the solve's relative error, and so are the Ritz values. Pass it only
-  when ``solve`` is ``G^{-1}`` (not a truncated or sketched inverse).
+  ``G``-orthonormal only to the solve's relative error times ``|G^{-1} H q|_G / |w|_G`` (what the
+  orthogonalisation cancelled), and so are the Ritz values; where that factor would exceed
+  ``1 / CANCELLATION`` (10) the product is taken after all. Pass it only when ``solve`` is
+  ``G^{-1}`` (not a truncated or sketched inverse).
 
   Example:
     >>> import jax.numpy as jnp
