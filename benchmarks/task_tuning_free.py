@@ -43,10 +43,11 @@ kfac-jax's adaptive mode (learning rate, momentum and damping adapted by kfac-ja
 with the date and load of that run; this script does not re-run it.
 
 Replays (digits tasks): a run of ~0.2 s moves by tens of percent with the machine (in the
-committed results the CNN's single-run ratio is 1.65 where its replays give 1.27), so the tuned and certified
-runs of each seed are replayed to their thresholds (the same steps: the runs are deterministic)
-``REPLAYS`` times in lockstep (one step of each in turn, so a change of the machine's speed reaches
-both alike), and the median over repeats is the seed's time; ``time / tuned (replayed)`` is the ratio of the medians over seeds.
+committed results the CNN's single-run ratio is 1.65 where its replays give 1.27), so the tuned
+and certified runs of each seed are replayed to their thresholds (the same steps: the runs are
+deterministic) ``REPLAYS`` times in lockstep (one step of each in turn, so a change of the
+machine's speed reaches both alike), and the median over repeats is the seed's time;
+``time / tuned (replayed)`` is the ratio of the medians over seeds.
 
 Targets (issue 16): ``riemod-certified`` stable on 3/3 seeds and its median time to threshold
 within 1.5x of ``riemod-tuned``'s (on the digits tasks the replayed times).
@@ -687,12 +688,9 @@ def summarise(payload: dict) -> dict:
   for name in (replays[0]["seconds"] if replays else ()):
     per_seed = [statistics.median(r["seconds"][name]) for r in replays]
     replayed[name] = {"per_seed": per_seed, "seconds": _median(per_seed)}
-    if name in out:
-      out[name]["replayed_per_seed"] = per_seed
-      out[name]["replayed_seconds"] = _median(per_seed)
-  if replays and "riemod-certified" in out:
+  if "riemod-certified" in replayed:
     out["riemod-certified"]["replayed_ratio_to_tuned"] = (
-        out["riemod-certified"]["replayed_seconds"] / out["riemod-tuned"]["replayed_seconds"])
+        replayed["riemod-certified"]["seconds"] / replayed["riemod-tuned"]["seconds"])
   kfac = payload.get("kfac")
   if kfac and kfac["runs"]:
     rs = kfac["runs"]
@@ -788,21 +786,21 @@ def write_markdown(out: Path) -> None:
                      f"{harness.fmt(row['steps'])} | {harness.fmt(row.get('seconds'))} | "
                      f"{harness.fmt(row['estimates'])} | {harness.fmt(row['final'])} |")
       lines.append("")
-    if payload.get("replays"):
-      rows = summary["rows"]
+    replayed = summary["replayed"]
+    if replayed:
+      certified = summary["rows"]["riemod-certified"]
       lines.append(
           f"- replayed to the threshold ({REPLAYS} repeats per seed, the runs in lockstep; "
           "median over repeats, per seed): riemod-tuned "
-          + ", ".join(harness.fmt(v) for v in rows["riemod-tuned"]["replayed_per_seed"])
+          + ", ".join(harness.fmt(v) for v in replayed["riemod-tuned"]["per_seed"])
           + " s, riemod-certified "
-          + ", ".join(harness.fmt(v) for v in rows["riemod-certified"]["replayed_per_seed"])
-          + f" s; medians {harness.fmt(rows['riemod-tuned']['replayed_seconds'])} and "
-          f"{harness.fmt(rows['riemod-certified']['replayed_seconds'])} s: **time / tuned "
-          f"(replayed) {harness.fmt(rows['riemod-certified']['replayed_ratio_to_tuned'])}** "
-          f"(the single run above: {harness.fmt(rows['riemod-certified']['time_ratio_to_tuned'])}"
-          ").")
-      base = summary["replayed"]["riemod-tuned"]["seconds"]
-      others = [(k, v) for k, v in summary["replayed"].items()
+          + ", ".join(harness.fmt(v) for v in replayed["riemod-certified"]["per_seed"])
+          + f" s; medians {harness.fmt(replayed['riemod-tuned']['seconds'])} and "
+          f"{harness.fmt(replayed['riemod-certified']['seconds'])} s: **time / tuned "
+          f"(replayed) {harness.fmt(certified['replayed_ratio_to_tuned'])}** "
+          f"(the single run above: {harness.fmt(certified['time_ratio_to_tuned'])}).")
+      base = replayed["riemod-tuned"]["seconds"]
+      others = [(k, v) for k, v in replayed.items()
                 if k not in ("riemod-tuned", "riemod-certified")]
       if others:
         lines.append("- the same certified steps replayed with another refusal policy (median "
